@@ -1,0 +1,175 @@
+"""The kernel-level ops shared by the ``triton`` and ``cuda`` backends.
+
+Both backends implement the same ops with the same schemas: ``torch.ops.llm_kernels_triton.*``
+(Python launchers from ``llm_kernels.kernels``, defined here on first use) and
+``torch.ops.llm_kernels.*`` (the compiled extension, ``csrc/bindings.cpp``). The autograd
+Functions in this package call either namespace, so the math around the kernels is shared.
+Every op returns freshly allocated contiguous tensors; an absent optional output (no residual,
+no weight, no bias) is an empty tensor. Fake implementations make the ops traceable by
+``torch.compile``.
+
+Conventions: attention ``q (B, H, Lq, D)``, ``k/v (B, Hkv, Lk, D)``, stride(-1) == 1, any other
+strides; ``mask`` None or a floating additive mask of shape ``(B, H, Lq, Lk)`` with any strides
+(0 on broadcast dims); ``causal`` means query ``i`` sees key ``j`` iff ``j <= i + causal_offset``;
+``lse (B, H, Lq)`` float32. Norms, softmax, feed-forward and cross-entropy take contiguous 2D
+``(N, C)`` inputs; statistics (``mean``, ``rstd``, ``lse``, per-row ``loss``) are float32.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import threading
+
+import torch
+
+SCHEMAS = {
+    "attention_forward": "(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, "
+                         "int causal_offset, float scale) -> (Tensor, Tensor)",
+    "attention_backward": "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+                          "Tensor lse, Tensor? mask, bool causal, int causal_offset, "
+                          "float scale) -> (Tensor, Tensor, Tensor)",
+    "layer_norm_forward": "(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+                          "float eps, bool rms) -> (Tensor, Tensor, Tensor, Tensor)",
+    "layer_norm_backward": "(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor? weight, "
+                           "Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
+                           "-> (Tensor, Tensor, Tensor)",
+    "softmax_forward": "(Tensor x) -> Tensor",
+    "softmax_backward": "(Tensor grad_y, Tensor y) -> Tensor",
+    "feed_forward_forward": "(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+                            "str activation) -> (Tensor, Tensor)",
+    "feed_forward_backward": "(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, "
+                             "Tensor? b2, Tensor pre, str activation) "
+                             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "swiglu_forward": "(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down) "
+                      "-> (Tensor, Tensor, Tensor)",
+    "swiglu_backward": "(Tensor grad_out, Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down, "
+                       "Tensor gate, Tensor up) -> (Tensor, Tensor, Tensor, Tensor)",
+    "cross_entropy_forward": "(Tensor logits, Tensor target, int ignore_index) "
+                             "-> (Tensor, Tensor)",
+    "cross_entropy_backward": "(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
+                              "int ignore_index) -> Tensor",
+}
+
+TRITON_NAMESPACE = "llm_kernels_triton"
+CUDA_NAMESPACE = "llm_kernels"
+
+
+def kernel_module_name(op: str) -> str:
+    """``attention_forward`` -> ``llm_kernels.kernels.attention``."""
+    return "llm_kernels.kernels." + op.rsplit("_", 1)[0]
+
+
+def triton_kernel_reason(op: str) -> str | None:
+    """None when the Triton launchers of ``op`` exist, else why not."""
+    name = kernel_module_name(op + "_forward")
+    if importlib.util.find_spec(name) is None:
+        return f"no Triton kernel for {op} yet ({name} is missing)"
+    return None
+
+
+def _empty(ref: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype or ref.dtype, device=ref.device)
+
+
+def _empty_or(t, ref):
+    return _empty(ref, (0,)) if t is None else _empty(t, t.shape)
+
+
+def _fake_attention_forward(q, k, v, mask, causal, causal_offset, scale):
+    return _empty(q, q.shape), _empty(q, q.shape[:-1], torch.float32)
+
+
+def _fake_attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset, scale):
+    return _empty(q, q.shape), _empty(k, k.shape), _empty(v, v.shape)
+
+
+def _fake_layer_norm_forward(x, weight, bias, residual, eps, rms):
+    n = x.shape[0]
+    return (_empty(x, x.shape), _empty(x, x.shape if residual is not None else (0,)),
+            _empty(x, (0,) if rms else (n,), torch.float32), _empty(x, (n,), torch.float32))
+
+
+def _fake_layer_norm_backward(grad_y, grad_h, h, weight, bias, mean, rstd, rms):
+    return _empty(h, h.shape), _empty_or(weight, h), _empty_or(bias, h)
+
+
+def _fake_softmax_forward(x):
+    return _empty(x, x.shape)
+
+
+def _fake_softmax_backward(grad_y, y):
+    return _empty(y, y.shape)
+
+
+def _fake_feed_forward_forward(x, w1, b1, w2, b2, activation):
+    return _empty(x, (x.shape[0], w2.shape[0])), _empty(x, (x.shape[0], w1.shape[0]))
+
+
+def _fake_feed_forward_backward(grad_out, x, w1, b1, w2, b2, pre, activation):
+    return (_empty(x, x.shape), _empty(w1, w1.shape), _empty_or(b1, x), _empty(w2, w2.shape),
+            _empty_or(b2, x))
+
+
+def _fake_swiglu_forward(x, w_gate, w_up, w_down):
+    n, d_ff = x.shape[0], w_gate.shape[0]
+    return _empty(x, (n, w_down.shape[0])), _empty(x, (n, d_ff)), _empty(x, (n, d_ff))
+
+
+def _fake_swiglu_backward(grad_out, x, w_gate, w_up, w_down, gate, up):
+    return tuple(_empty(t, t.shape) for t in (x, w_gate, w_up, w_down))
+
+
+def _fake_cross_entropy_forward(logits, target, ignore_index):
+    n = logits.shape[0]
+    return _empty(logits, (n,), torch.float32), _empty(logits, (n,), torch.float32)
+
+
+def _fake_cross_entropy_backward(grad_loss, logits, target, lse, ignore_index):
+    return _empty(logits, logits.shape)
+
+
+FAKES = {name: globals()["_fake_" + name] for name in SCHEMAS}
+
+_lock = threading.Lock()
+_triton_library = None
+
+
+def _launcher(op: str):
+    def launch(*args):
+        module = importlib.import_module(kernel_module_name(op))
+        return getattr(module, op)(*args)
+    launch.__name__ = op
+    return launch
+
+
+def triton_ops():
+    """``torch.ops.llm_kernels_triton``, defining the ops on first use."""
+    global _triton_library
+    with _lock:
+        if _triton_library is None:
+            lib = torch.library.Library(TRITON_NAMESPACE, "DEF")
+            for op, schema in SCHEMAS.items():
+                lib.define(op + schema)
+                for key in ("CUDA", "CPU"):
+                    lib.impl(op, _launcher(op), key)
+                torch.library.register_fake(f"{TRITON_NAMESPACE}::{op}", FAKES[op], lib=lib)
+            _triton_library = lib
+    return getattr(torch.ops, TRITON_NAMESPACE)
+
+
+def register_cuda_fakes() -> None:
+    """Register the fake implementations of the compiled extension's ops (once)."""
+    for op in SCHEMAS:
+        torch.library.register_fake(f"{CUDA_NAMESPACE}::{op}", FAKES[op])
+
+
+def ops(backend: str):
+    """The op namespace of a kernel backend (``triton`` or ``cuda``)."""
+    if backend == "triton":
+        return triton_ops()
+    if backend == "cuda":
+        from llm_kernels.backends import load_extension
+        if load_extension() is None:
+            raise RuntimeError("the cuda backend needs llm_kernels._C, which is not built")
+        return getattr(torch.ops, CUDA_NAMESPACE)
+    raise ValueError(f"no kernel ops for backend {backend!r}")

@@ -1,0 +1,187 @@
+"""Backend registry and dispatch.
+
+Three backends serve every public op:
+
+- ``torch``: the pure-torch reference (always available).
+- ``triton``: Triton kernels from ``llm_kernels.kernels``; CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1``.
+- ``cuda``: the compiled extension ``llm_kernels._C``; CUDA kernels for CUDA tensors, C++
+  kernels for CPU tensors.
+
+``backend=None`` (or ``"auto"``) picks the first backend of the op's preference order that
+supports the call; every choice and every fallback is recorded in :func:`dispatch_log`.
+A backend named explicitly that cannot run the call raises with the reason.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import threading
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+AUTO = "auto"
+ENV_VAR = "LLM_KERNELS_BACKEND"
+
+# Order tried by "auto", per device type. The Triton interpreter is far too slow to be chosen
+# automatically on CPU: it runs only when named.
+_AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cuda", "torch"),
+}
+# Ops whose CUDA C++ kernels beat the Triton ones on a GPU (measured by bench/gpu_check.sh).
+_AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
+
+_state = threading.local()
+_LOG: collections.deque = collections.deque(maxlen=1000)
+_LOG_LOCK = threading.Lock()
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend named explicitly cannot run a call."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS + (AUTO,):
+        raise ValueError(f"backend must be one of {BACKENDS + (AUTO,)}, got {name!r}")
+    return name
+
+
+def default_backend() -> str:
+    """The backend in force: the innermost ``use_backend`` or ``$LLM_KERNELS_BACKEND``."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR, AUTO).strip() or AUTO
+    if env not in BACKENDS + (AUTO,):
+        raise ValueError(f"${ENV_VAR} must be one of {BACKENDS + (AUTO,)}, got {env!r}")
+    return env
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager selecting the default backend for calls made inside it."""
+    _check_name(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if not (torch.cuda.is_available() or interpreting()):
+        return False, "no CUDA device and TRITON_INTERPRET is not 1"
+    return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension():
+    """Import ``llm_kernels._C`` (registers the ``torch.ops.llm_kernels`` ops); None if absent."""
+    try:
+        module = importlib.import_module("llm_kernels._C")
+    except ImportError as exc:
+        _extension_error.append(f"llm_kernels._C could not be imported ({exc}); "
+                                "reinstall with `pip install --no-build-isolation -e .`")
+        return None
+    from llm_kernels._ops import register_cuda_fakes
+    register_cuda_fakes()
+    return module
+
+
+_extension_error: list[str] = []
+
+
+def extension_status() -> tuple[bool, str]:
+    """(built, why_not) for the compiled extension."""
+    if load_extension() is None:
+        return False, _extension_error[0]
+    return True, ""
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """``{"torch": (True, ""), "triton": (ok, why_not), "cuda": (ok, why_not)}``."""
+    return {"torch": (True, ""), "triton": _triton_status(), "cuda": extension_status()}
+
+
+def _device_reason(backend: str, kernel: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` has no ``kernel`` for tensors on ``device``, or None."""
+    from llm_kernels import _ops
+    if backend == "triton":
+        if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not interpreting()):
+            return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+        return _ops.triton_kernel_reason(kernel)
+    if backend == "cuda":
+        key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
+        name = f"{_ops.CUDA_NAMESPACE}::{kernel}_forward"
+        if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+            return f"llm_kernels._C has no {kernel} kernel for {device.type} tensors"
+    return None
+
+
+def record(op: str, backend: str, reason: str = "") -> None:
+    """Append a dispatch decision to the log."""
+    with _LOG_LOCK:
+        _LOG.append({"op": op, "backend": backend, "reason": reason})
+
+
+def dispatch_log(clear: bool = False) -> list[dict]:
+    """The recent dispatch decisions, oldest first: dicts with op, backend and reason."""
+    with _LOG_LOCK:
+        entries = list(_LOG)
+        if clear:
+            _LOG.clear()
+    return entries
+
+
+def select(op: str, backend: Optional[str], device: torch.device,
+           supports: Callable[[str], Optional[str]], kernel: Optional[str] = None) -> str:
+    """Choose the backend for one call of public function ``op``.
+
+    ``kernel`` names the kernel family it runs (``rms_norm`` runs ``layer_norm``); ``supports(name)``
+    returns None when kernel backend ``name`` can run the call's arguments, else the reason.
+    """
+    kernel = kernel or op
+    name = _check_name(backend) if backend is not None else default_backend()
+    if name != AUTO:
+        reason = _why_not(name, kernel, device, supports)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {name!r} cannot run this call: {reason}")
+        record(op, name, "requested")
+        return name
+    order = _AUTO_ORDER_OVERRIDES.get((op, device.type), _AUTO_ORDER.get(device.type, ("torch",)))
+    skipped = []
+    for candidate in order:
+        reason = _why_not(candidate, kernel, device, supports)
+        if reason is None:
+            record(op, candidate, "auto" + (": " + "; ".join(skipped) if skipped else ""))
+            return candidate
+        skipped.append(f"{candidate}: {reason}")
+    raise BackendUnavailableError(f"{op}: no backend can run this call ({'; '.join(skipped)})")
+
+
+def _why_not(name: str, kernel: str, device: torch.device,
+             supports: Callable[[str], Optional[str]]) -> Optional[str]:
+    if name == "torch":
+        return None
+    ok, why = available_backends()[name]
+    if not ok:
+        return why
+    return _device_reason(name, kernel, device) or supports(name)

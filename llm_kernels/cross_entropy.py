@@ -1,0 +1,76 @@
+"""``lk.cross_entropy``: loss_i = logsumexp(logits_i) - logits_i[target_i] on (N, V) logits.
+
+The kernels work in chunks over V: the forward keeps only the per-row loss and logsumexp in
+float32, the backward writes softmax(logits) - onehot(target) straight into the gradient, in
+the logits' dtype, never an fp32 (N, V) copy.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from llm_kernels import _checks, _ops
+from llm_kernels.backends import select
+from llm_kernels.reference import cross_entropy_ref
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Per-row losses (N,) float32 (0 on ignored rows) around the cross_entropy kernels."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index: int, backend: str):
+        loss, lse = _ops.ops(backend).cross_entropy_forward(logits, target, ignore_index)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.args = (ignore_index, backend)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target, lse = ctx.saved_tensors
+        ignore_index, backend = ctx.args
+        grad = _ops.ops(backend).cross_entropy_backward(
+            grad_loss.float().contiguous(), logits, target, lse, ignore_index)
+        return grad, None, None, None
+
+
+def _validate(logits, target, ignore_index, reduction):
+    _checks.tensor("logits", logits, ndim=2)
+    if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
+        raise TypeError(f"target must be an int64 tensor, got "
+                        f"{getattr(target, 'dtype', type(target).__name__)}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"target must have shape (N,) = ({logits.shape[0]},), "
+                         f"got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.nonempty(logits=logits)
+    _checks.last_dim_contiguous(logits=logits)
+    if not torch.compiler.is_compiling():
+        valid = (target == ignore_index) | ((target >= 0) & (target < logits.shape[1]))
+        if not bool(valid.all()):
+            raise ValueError(f"target values must be in [0, {logits.shape[1]}) or equal "
+                             f"ignore_index={ignore_index}")
+
+
+def cross_entropy(logits, target, *, ignore_index: int = -100, reduction: str = "mean",
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """Same result as ``torch.nn.functional.cross_entropy`` on (N, V) logits, in their dtype."""
+    _validate(logits, target, ignore_index, reduction)
+    name = select("cross_entropy", backend, logits.device,
+                  lambda _: _checks.kernel_dtype_reason(logits.dtype))
+    if name == "torch":
+        return cross_entropy_ref(logits, target, ignore_index=ignore_index, reduction=reduction)
+    loss = CrossEntropyFunction.apply(logits.contiguous(), target.contiguous(), ignore_index, name)
+    if reduction == "none":
+        return loss.to(logits.dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        total = total / (target != ignore_index).sum()
+    return total.to(logits.dtype)

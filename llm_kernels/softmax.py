@@ -1,0 +1,44 @@
+"""``lk.softmax``: exp(x - max) / sum(exp(x - max)) along one dim; a row of all -inf gives 0."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from llm_kernels import _checks, _ops
+from llm_kernels.backends import select
+from llm_kernels.reference import softmax_ref
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Autograd around ``softmax_forward``/``softmax_backward`` on 2D (N, C) rows.
+
+    Backward: dx = y * (dy - rowsum(dy * y)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, backend: str):
+        y = _ops.ops(backend).softmax_forward(x)
+        ctx.save_for_backward(y)
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        return _ops.ops(ctx.backend).softmax_backward(grad_y.contiguous(), y), None
+
+
+def softmax(x, dim: int = -1, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Softmax of ``x`` along ``dim``, in x's dtype (computed in float32)."""
+    _checks.tensor("x", x, min_ndim=1)
+    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    _checks.nonempty(x=x)
+    name = select("softmax", backend, x.device, lambda _: _checks.kernel_dtype_reason(x.dtype))
+    if name == "torch":
+        return softmax_ref(x, dim)
+    moved = x.movedim(dim, -1)
+    rows = moved.reshape(-1, moved.shape[-1]).contiguous()  # (N, C)
+    y = SoftmaxFunction.apply(rows, name)
+    return y.view(moved.shape).movedim(-1, dim)
