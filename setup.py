@@ -93,8 +93,8 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["llm_kernels", "llm_kernels.models", "llm_kernels.integrations",
-              "llm_kernels.kernels"],
-    package_dir={"llm_kernels.kernels": "kernels"},
+              "llm_kernels.kernels", "llm_kernels.bench"],
+    package_dir={"llm_kernels.kernels": "kernels", "llm_kernels.bench": "bench"},
     package_data={"llm_kernels": ["_build_info.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
