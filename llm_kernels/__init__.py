@@ -8,16 +8,17 @@ feed-forward block and cross-entropy, as differentiable torch functions.
 """
 from llm_kernels.attention import attention, scaled_dot_product_attention
 from llm_kernels.backends import (BACKENDS, BackendUnavailableError, available_backends,
-                                  dispatch_log, use_backend)
+                                  dispatch_log, use_backend, use_deterministic)
 from llm_kernels.cross_entropy import cross_entropy
 from llm_kernels.feed_forward import feed_forward, swiglu
 from llm_kernels.layer_norm import layer_norm, rms_norm
+from llm_kernels.patch import patch_torch
 from llm_kernels.softmax import softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "attention", "available_backends", "cross_entropy",
-    "dispatch_log", "feed_forward", "layer_norm", "rms_norm", "scaled_dot_product_attention",
-    "softmax", "swiglu", "use_backend",
+    "dispatch_log", "feed_forward", "layer_norm", "patch_torch", "rms_norm",
+    "scaled_dot_product_attention", "softmax", "swiglu", "use_backend", "use_deterministic",
 ]

@@ -62,8 +62,13 @@ def kernel_module_name(op: str) -> str:
 def triton_kernel_reason(op: str) -> str | None:
     """None when the Triton launchers of ``op`` exist, else why not."""
     name = kernel_module_name(op + "_forward")
-    if importlib.util.find_spec(name) is None:
-        return f"no Triton kernel for {op} yet ({name} is missing)"
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # llm_kernels.kernels itself is not installed
+        found = False
+    if not found:
+        return (f"{name} is not importable: install the package "
+                "(`pip install --no-build-isolation -e .`)")
     return None
 
 
@@ -165,6 +170,10 @@ def register_cuda_fakes() -> None:
 
 def ops(backend: str):
     """The op namespace of a kernel backend (``triton`` or ``cuda``)."""
+    if torch.compiler.is_compiling():
+        # backends.select() defined/loaded these ops before tracing got here; the lock and
+        # the import below would break the graph.
+        return getattr(torch.ops, TRITON_NAMESPACE if backend == "triton" else CUDA_NAMESPACE)
     if backend == "triton":
         return triton_ops()
     if backend == "cuda":

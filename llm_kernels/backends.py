@@ -43,6 +43,14 @@ _LOG: collections.deque = collections.deque(maxlen=1000)
 _LOG_LOCK = threading.Lock()
 
 
+def _constant_under_compile(fn):
+    """Mark ``fn`` as torch.compiler.assume_constant_result does (the same attribute), without
+    importing torch._dynamo (seconds) here: torch.compile calls ``fn`` while tracing and bakes
+    the result in, so the backend choice is fixed per compiled graph and never graph-breaks."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 class BackendUnavailableError(RuntimeError):
     """Raised when a backend named explicitly cannot run a call."""
 
@@ -116,18 +124,23 @@ def extension_status() -> tuple[bool, str]:
     return True, ""
 
 
+@_constant_under_compile
 def available_backends() -> dict[str, tuple[bool, str]]:
     """``{"torch": (True, ""), "triton": (ok, why_not), "cuda": (ok, why_not)}``."""
     return {"torch": (True, ""), "triton": _triton_status(), "cuda": extension_status()}
 
 
+@_constant_under_compile
 def _device_reason(backend: str, kernel: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` has no ``kernel`` for tensors on ``device``, or None."""
     from llm_kernels import _ops
     if backend == "triton":
         if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not interpreting()):
             return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
-        return _ops.triton_kernel_reason(kernel)
+        reason = _ops.triton_kernel_reason(kernel)
+        if reason is None:
+            _ops.triton_ops()  # defined before torch.compile traces a call to them
+        return reason
     if backend == "cuda":
         key = {"cuda": "CUDA", "cpu": "CPU"}.get(device.type)
         name = f"{_ops.CUDA_NAMESPACE}::{kernel}_forward"
@@ -137,7 +150,10 @@ def _device_reason(backend: str, kernel: str, device: torch.device) -> Optional[
 
 
 def record(op: str, backend: str, reason: str = "") -> None:
-    """Append a dispatch decision to the log."""
+    """Append a dispatch decision to the log (not while torch.compile traces: the lock would
+    break the graph, and a compiled graph replays its choice without re-deciding)."""
+    if torch.compiler.is_compiling():
+        return
     with _LOG_LOCK:
         _LOG.append({"op": op, "backend": backend, "reason": reason})
 
@@ -185,3 +201,21 @@ def _why_not(name: str, kernel: str, device: torch.device,
     if not ok:
         return why
     return _device_reason(name, kernel, device) or supports(name)
+
+
+_deterministic = [False]
+
+
+def use_deterministic(enabled: bool = True) -> None:
+    """Make every backward bit-identical from run to run (no float atomics anywhere).
+
+    The default backwards are already deterministic; this also rules out any faster
+    non-deterministic variant a kernel offers. ``torch.use_deterministic_algorithms(True)``
+    has the same effect.
+    """
+    _deterministic[0] = bool(enabled)
+
+
+def deterministic() -> bool:
+    """True when backwards must be bit-identical across runs."""
+    return _deterministic[0] or torch.are_deterministic_algorithms_enabled()
