@@ -1,0 +1,287 @@
+"""Triton layer norm and RMSNorm over the rows of a contiguous (N, C) tensor, fused residual add.
+
+Forward, per row, with h = round(x + residual) (rounded to x's dtype) or h = x:
+    layer norm: xhat = (h - mean) * rstd,  rstd = 1 / sqrt(var(h) + eps)
+    rms norm:   xhat = h * rstd,           rstd = 1 / sqrt(mean(h^2) + eps)
+    y = xhat * weight + bias
+Backward, with g = dy * weight (g = dy without weight):
+    layer norm: dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) + dh
+    rms norm:   dx = rstd * (g - xhat * mean(g * xhat)) + dh
+    dweight = sum_rows(dy * xhat), dbias = sum_rows(dy)
+The statistics are float32. A row of at most ``MAX_BLOCK`` elements is read once and kept in
+registers; a longer row loops over chunks of ``MAX_BLOCK`` (mean and variance merged chunk by
+chunk, Chan et al.), then reads the row again to normalize it. dweight and dbias are reduced
+deterministically: each backward program sums a fixed set of rows into its own float32 row of a
+(programs, C) buffer, which is then summed over dim 0.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from llm_kernels.backends import interpreting
+from llm_kernels.kernels._rounding import to_dtype
+
+# Longest row kept in registers; longer rows loop over chunks of this many elements.
+MAX_BLOCK = 8192
+# Backward programs per SM: each reduces its rows' dweight/dbias into one partial row. Two
+# fit on an H100 SM at hidden 4096 (about 124 registers x 256 threads each).
+BWD_PROGRAMS_PER_SM = 2
+# Software-pipelining depth of the backward's loop over rows (the next row's loads are issued
+# while this row is reduced); 1 turns it off.
+BWD_STAGES = 2
+# Backward programs when interpreting (CPU tensors).
+INTERPRETER_BWD_PROGRAMS = 4
+
+
+@triton.jit
+def _load_h(X, R, H, offs, mask, HAS_R: tl.constexpr, STORE_H: tl.constexpr,
+            INTERPRET: tl.constexpr):
+    """h = x + residual rounded to x's dtype (or x), as float32; stores h when STORE_H."""
+    x = tl.load(X + offs, mask=mask, other=0.0)
+    if HAS_R:
+        x = (x.to(tl.float32) + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32))
+        x = to_dtype(x, X.dtype.element_ty, INTERPRET)
+        if STORE_H:
+            tl.store(H + offs, x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _chunk_stats(h, mask, count):
+    """(mean, sum((h - mean)^2)) of the ``count`` unmasked values of h, by the corrected
+    two-pass formula: accurate even when |mean| >> std."""
+    rough = tl.sum(h, axis=0) / count
+    centered = tl.where(mask, h - rough, 0.0)
+    correction = tl.sum(centered, axis=0)
+    m2 = tl.sum(centered * centered, axis=0) - correction * correction / count
+    return rough + correction / count, tl.maximum(m2, 0.0)
+
+
+@triton.jit
+def _normalize(h, mean, rstd, RMS: tl.constexpr):
+    if RMS:
+        return h * rstd
+    return (h - mean) * rstd
+
+
+@triton.jit
+def _affine(xhat, W, B, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    y = xhat
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, C, eps,
+                           HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                           RMS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                           INTERPRET: tl.constexpr):
+    """One program per row: statistics, then y (and h with a residual)."""
+    row = tl.program_id(0)
+    start = tl.cast(row, tl.int64) * C
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        h = _load_h(X + start, R + start, H + start, cols, mask, HAS_R, True, INTERPRET)
+        if RMS:
+            mean = 0.0
+            m2 = tl.sum(h * h, axis=0)
+        else:
+            mean, m2 = _chunk_stats(h, mask, C)
+        rstd = 1.0 / tl.sqrt(m2 / C + eps)
+        y = _affine(_normalize(h, mean, rstd, RMS), W, B, cols, mask, HAS_W, HAS_B)
+        tl.store(Y + start + cols, to_dtype(y, Y.dtype.element_ty, INTERPRET), mask=mask)
+    else:
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < C
+            h = _load_h(X + start, R + start, H + start, cols, mask, HAS_R, True, INTERPRET)
+            if RMS:
+                m2 += tl.sum(h * h, axis=0)
+            else:
+                n_chunk = tl.minimum(C - c0, BLOCK).to(tl.float32)
+                mean_chunk, m2_chunk = _chunk_stats(h, mask, n_chunk)
+                delta = mean_chunk - mean
+                total = count + n_chunk
+                mean += delta * (n_chunk / total)
+                m2 += m2_chunk + delta * delta * (count * n_chunk / total)
+                count = total
+        rstd = 1.0 / tl.sqrt(m2 / C + eps)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < C
+            h = _load_h(X + start, R + start, H + start, cols, mask, HAS_R, False, INTERPRET)
+            y = _affine(_normalize(h, mean, rstd, RMS), W, B, cols, mask, HAS_W, HAS_B)
+            tl.store(Y + start + cols, to_dtype(y, Y.dtype.element_ty, INTERPRET), mask=mask)
+    if not RMS:
+        tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _row_terms(DY, Hs, W, cols, mask, mean, rstd, HAS_W: tl.constexpr, RMS: tl.constexpr):
+    """(dy, xhat, g = dy * weight) of one chunk of a row, float32, zero past the row's end."""
+    dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(Hs + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, _normalize(h, mean, rstd, RMS), 0.0)
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return dy, xhat, g
+
+
+@triton.jit
+def _input_grad(xhat, g, c1, c2, rstd, DH, cols, mask, HAS_DH: tl.constexpr,
+                RMS: tl.constexpr):
+    """rstd * (g - xhat * c1 - c2) (no c2 for RMSNorm), plus the residual stream's gradient."""
+    dx = g - xhat * c1
+    if not RMS:
+        dx = dx - c2
+    dx = dx * rstd
+    if HAS_DH:
+        dx += tl.load(DH + cols, mask=mask, other=0.0).to(tl.float32)
+    return dx
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(DY, DH, Hs, W, MEAN, RSTD, DX, PARTIAL_W, PARTIAL_B, N, C,
+                           HAS_DH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                           RMS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                           STAGES: tl.constexpr, INTERPRET: tl.constexpr):
+    """Program p handles rows p, p + P, p + 2P, ... and writes its dweight/dbias partial sums
+    to row p of PARTIAL_W/PARTIAL_B (P, C) float32."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    partial = pid.to(tl.int64) * C
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        acc_w = tl.zeros((BLOCK,), tl.float32)
+        acc_b = tl.zeros((BLOCK,), tl.float32)
+        for row in tl.range(pid, N, programs, num_stages=STAGES):
+            start = tl.cast(row, tl.int64) * C
+            rstd = tl.load(RSTD + row)
+            mean = 0.0 if RMS else tl.load(MEAN + row)
+            dy, xhat, g = _row_terms(DY + start, Hs + start, W, cols, mask, mean, rstd,
+                                     HAS_W, RMS)
+            c1 = tl.sum(xhat * g, axis=0) / C
+            c2 = tl.sum(g, axis=0) / C
+            dx = _input_grad(xhat, g, c1, c2, rstd, DH + start, cols, mask, HAS_DH, RMS)
+            tl.store(DX + start + cols, to_dtype(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
+            acc_w += dy * xhat
+            acc_b += dy
+        if HAS_W:
+            tl.store(PARTIAL_W + partial + cols, acc_w, mask=mask)
+        if HAS_B:
+            tl.store(PARTIAL_B + partial + cols, acc_b, mask=mask)
+    else:
+        for row in range(pid, N, programs):
+            start = tl.cast(row, tl.int64) * C
+            rstd = tl.load(RSTD + row)
+            mean = 0.0 if RMS else tl.load(MEAN + row)
+            sum_xg = 0.0
+            sum_g = 0.0
+            for c0 in range(0, C, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
+                mask = cols < C
+                dy, xhat, g = _row_terms(DY + start, Hs + start, W, cols, mask, mean, rstd,
+                                         HAS_W, RMS)
+                sum_xg += tl.sum(xhat * g, axis=0)
+                sum_g += tl.sum(g, axis=0)
+            c1 = sum_xg / C
+            c2 = sum_g / C
+            for c0 in range(0, C, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
+                mask = cols < C
+                dy, xhat, g = _row_terms(DY + start, Hs + start, W, cols, mask, mean, rstd,
+                                         HAS_W, RMS)
+                dx = _input_grad(xhat, g, c1, c2, rstd, DH + start, cols, mask, HAS_DH, RMS)
+                tl.store(DX + start + cols, to_dtype(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
+                # This program alone owns its partial row: read-add-write, no atomics.
+                if HAS_W:
+                    acc_w = tl.load(PARTIAL_W + partial + cols, mask=mask, other=0.0)
+                    tl.store(PARTIAL_W + partial + cols, acc_w + dy * xhat, mask=mask)
+                if HAS_B:
+                    acc_b = tl.load(PARTIAL_B + partial + cols, mask=mask, other=0.0)
+                    tl.store(PARTIAL_B + partial + cols, acc_b + dy, mask=mask)
+
+
+def _config(c: int) -> tuple[int, bool, int]:
+    """(block, single, num_warps) for rows of ``c`` elements."""
+    single = triton.next_power_of_2(c) <= MAX_BLOCK
+    block = triton.next_power_of_2(c) if single else MAX_BLOCK
+    # 16-byte accesses need >= 8 (16-bit) elements per thread; 512 per warp keeps registers low.
+    return block, single, min(max(block // 512, 1), 16)
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _backward_programs(n: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(n, sms * BWD_PROGRAMS_PER_SM)
+    return min(n, INTERPRETER_BWD_PROGRAMS if interpreting() else 1)
+
+
+def _partial_buffer(programs: int, c: int, device, single: bool) -> torch.Tensor:
+    """(programs, C) float32; zeroed for the chunked backward, which accumulates into it."""
+    alloc = torch.empty if single else torch.zeros
+    return alloc((programs, c), dtype=torch.float32, device=device)
+
+
+def layer_norm_forward(x, weight, bias, residual, eps, rms):
+    """(y, h, mean, rstd): y and h (x + residual; empty without residual) in x's dtype,
+    mean (N,) float32 (empty for RMSNorm) and rstd (N,) float32. x (N, C) contiguous."""
+    x = x.contiguous()
+    n, c = x.shape
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+    mean = x.new_empty((0 if rms else n,), dtype=torch.float32)
+    rstd = x.new_empty((n,), dtype=torch.float32)
+    block, single, num_warps = _config(c)
+    with _device(x):
+        _layer_norm_fwd_kernel[(n,)](
+            x, residual.contiguous() if residual is not None else x,
+            weight if weight is not None else x, bias if bias is not None else x,
+            y, h if residual is not None else y, mean if not rms else rstd, rstd, c, eps,
+            HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            RMS=rms, BLOCK=block, SINGLE=single, INTERPRET=interpreting(),
+            num_warps=num_warps)
+    return y, h, mean, rstd
+
+
+def layer_norm_backward(grad_y, grad_h, h, weight, bias, mean, rstd, rms):
+    """(dx, dweight, dbias) in h's dtype; dx includes grad_h (the residual stream's gradient);
+    dweight/dbias are empty when weight/bias is None. h (N, C) is the normalized input."""
+    h = h.contiguous()
+    grad_y = grad_y.contiguous()
+    n, c = h.shape
+    dx = torch.empty_like(h)
+    block, single, num_warps = _config(c)
+    programs = _backward_programs(n, h.device)
+    partial_w = _partial_buffer(programs, c, h.device, single) if weight is not None else None
+    partial_b = _partial_buffer(programs, c, h.device, single) if bias is not None else None
+    with _device(h):
+        _layer_norm_bwd_kernel[(programs,)](
+            grad_y, grad_h.contiguous() if grad_h is not None else grad_y, h,
+            weight if weight is not None else h, mean if not rms else rstd, rstd, dx,
+            partial_w if partial_w is not None else rstd,
+            partial_b if partial_b is not None else rstd, n, c,
+            HAS_DH=grad_h is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            RMS=rms, BLOCK=block, SINGLE=single, STAGES=BWD_STAGES, INTERPRET=interpreting(),
+            num_warps=num_warps)
+    dweight = partial_w.sum(0).to(h.dtype) if partial_w is not None else h.new_empty((0,))
+    dbias = partial_b.sum(0).to(h.dtype) if partial_b is not None else h.new_empty((0,))
+    return dx, dweight, dbias
