@@ -1,0 +1,243 @@
+"""``llm-kernels bench``: microbenchmarks of every op against the baselines, in one run.
+
+    llm-kernels bench [OP ...] [--dtype bf16] [--causal on|off|both] [--head-dim 128]
+                      [--seq-lens 1024,4096] [--hidden-sizes 4096,8192] [--modes fwd,bwd]
+                      [--providers lk-triton,sdpa-flash] [--quick] [--device cuda]
+                      [--suite standard] [--time-budget SECONDS]
+                      [--csv PATH] [--json PATH] [--plot DIR] [--plot-grid PNG]
+
+Also runnable as ``python -m llm_kernels.bench``. ``llm_kernels.cli`` calls :func:`register`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from llm_kernels.bench import (attention, cross_entropy, feed_forward, harness, layer_norm,
+                               report, rms_norm, softmax, swiglu)
+from llm_kernels.bench.common import DTYPES, MODES, Options
+from llm_kernels.bench.runner import DeviceFault, PlanItem, Runner
+
+OPS = {m.NAME: m for m in (attention, layer_norm, rms_norm, softmax, feed_forward, swiglu,
+                           cross_entropy)}
+EXIT_DEVICE_FAULT = 3
+INTERPRETER_NOTE = ("note: no GPU, so lk-triton is not timed (the Triton interpreter is not "
+                    "benchmarked); CPU providers: torch, torch SDPA, and lk-cuda's C++ kernels "
+                    "when llm_kernels._C is built")
+
+
+DESCRIPTION = ("Time every op's providers (llm_kernels' Triton and CUDA backends, eager torch, "
+               "torch SDPA per backend, torch.compile, flash-attn and liger-kernel when "
+               "installed) in one run: median ms with 20th/80th percentiles, TFLOP/s or GB/s, "
+               "peak memory and the ratio to the best baseline.")
+
+
+class UsageError(ValueError):
+    """A bad command-line value (exit code 2)."""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ops", nargs="*", metavar="OP",
+                        help=f"ops to benchmark (default: all): {', '.join(OPS)}")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="default: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--causal", nargs="?", const="on", default="both",
+                        choices=("on", "off", "both"), help="attention variants (default both)")
+    parser.add_argument("--head-dim", type=int, help="attention head dim (default 128 GPU, 64 CPU)")
+    parser.add_argument("--seq-lens", type=_int_list, help="attention sequence lengths, e.g. 1024,4096")
+    parser.add_argument("--hidden-sizes", type=_int_list,
+                        help="hidden sizes of the row-wise and feed-forward ops (vocab sizes "
+                             "for cross_entropy)")
+    parser.add_argument("--modes", type=_name_list, help=f"subset of {','.join(MODES)}")
+    parser.add_argument("--providers", type=_name_list,
+                        help="subset of providers, e.g. lk-triton,lk-cuda,torch,sdpa-flash")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and shorter timing")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        help="default: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--suite", choices=("standard",),
+                        help="the fixed GPU suite of bench/gpu_check.sh (ignores the size options)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="skip what is left once this much time has passed")
+    parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    parser.add_argument("--json", metavar="PATH", help="write rows, skips and checks as JSON")
+    parser.add_argument("--plot", metavar="DIR", help="write one PNG per op into DIR")
+    parser.add_argument("--plot-grid", metavar="PNG", help="write every op's plots into one PNG")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose --json file exists (after exit code 3: a "
+                             "kernel fault broke the CUDA context), skipping what it measured")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to ``llm-kernels``' subparsers."""
+    parser = subparsers.add_parser("bench", help="microbenchmarks against torch and other baselines",
+                                   description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _device(args) -> torch.device:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible")
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def options(args) -> Options:
+    if args.modes and set(args.modes) - set(MODES):
+        raise UsageError(f"--modes: unknown {sorted(set(args.modes) - set(MODES))}; "
+                         f"choose from {', '.join(MODES)}")
+    if args.head_dim is not None and not 1 <= args.head_dim <= 256:
+        raise UsageError(f"--head-dim must be in 1..256, got {args.head_dim}")
+    return Options(dtype=DTYPES[args.dtype] if args.dtype else None, causal=args.causal,
+                   head_dim=args.head_dim, seq_lens=args.seq_lens, hidden_sizes=args.hidden_sizes,
+                   modes=args.modes, quick=args.quick)
+
+
+def build_plan(args, opts: Options, device: torch.device) -> list[PlanItem]:
+    """The (op, case, providers) items of an ordinary run, or the standard suite."""
+    if args.suite == "standard":
+        if device.type != "cuda":
+            raise UsageError("--suite standard is sized for an H100/H200: it needs a CUDA GPU")
+        from llm_kernels.bench.suite import standard_plan
+        return _filtered(standard_plan(), args.providers)
+    unknown = set(args.ops) - set(OPS)
+    if unknown:
+        raise UsageError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS)}")
+    plan = []
+    for name in args.ops or list(OPS):
+        module = OPS[name]
+        providers = list(module.PROVIDERS)
+        plan += [PlanItem(module, case, providers) for case in module.cases(opts, device)]
+    if args.providers:
+        known = {p for m in OPS.values() for p in m.PROVIDERS}
+        if set(args.providers) - known:
+            raise UsageError(f"--providers: unknown {sorted(set(args.providers) - known)}; "
+                             f"choose from {', '.join(sorted(known))}")
+    return _filtered(plan, args.providers)
+
+
+def _filtered(plan: list[PlanItem], providers: Optional[tuple[str, ...]]) -> list[PlanItem]:
+    if not providers:
+        return plan
+    items = [PlanItem(i.module, i.case, [p for p in i.providers if p in providers]) for i in plan]
+    return [i for i in items if i.providers]
+
+
+def write_outputs(args, runner: Runner) -> None:
+    results = runner.results
+    report.add_ratios(results.rows)
+    if args.csv:
+        report.write_csv(results.rows, args.csv)
+    if args.json:
+        report.write_json(results.as_dict(), args.json)
+
+
+def write_plots(args, rows: list[dict]) -> list[str]:
+    """The PNGs asked for; a plotting failure is reported, never fatal (the CSV/JSON exist)."""
+    paths = []
+    try:
+        if args.plot:
+            paths += report.plot_ops(rows, args.plot)
+        if args.plot_grid:
+            path = report.plot_grid(rows, args.plot_grid)
+            paths += [path] if path else []
+    except Exception as exc:  # matplotlib missing or broken: the numbers matter more
+        print(f"plots not written: {type(exc).__name__}: {exc}", flush=True)
+    return paths
+
+
+def _resumed(args) -> Optional[dict]:
+    """The JSON of the run to continue (``--resume``), else None."""
+    if not args.resume:
+        return None
+    if not args.json:
+        raise UsageError("--resume needs --json PATH (the results to continue)")
+    try:
+        with open(args.json) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None  # nothing written yet: start from the beginning
+
+
+def run(args) -> int:
+    """Run the benchmarks the parsed arguments ask for; returns the exit code."""
+    start = time.monotonic()
+    try:
+        device = _device(args)
+        opts = options(args)
+        plan = build_plan(args, opts, device)
+        resume = _resumed(args)
+    except UsageError as exc:
+        print(f"llm-kernels bench: error: {exc}", file=sys.stderr)
+        return 2
+    deadline = start + args.time_budget if args.time_budget else None
+    timer = harness.QUICK_TIMER if (args.quick or args.suite) else harness.TimerConfig()
+    echo = lambda s: print(s, flush=True)  # noqa: E731
+    runner = Runner(device, opts, timer, deadline, echo=echo, resume=resume)
+    env = runner.results.environment
+    print(f"llm-kernels bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['commit']}), {len(plan)} cases"
+          + (f", resuming after {len(runner.results.rows)} rows" if args.resume else ""), flush=True)
+    if device.type != "cuda":
+        print(INTERPRETER_NOTE, flush=True)
+    code = 0
+    try:
+        runner.measure_copy()
+        if args.suite == "standard":  # cheap and a correctness check: before the timings
+            from llm_kernels.bench.suite import determinism_checks
+            determinism_checks(device, runner.results.checks, echo=echo)
+        runner.run(plan, after_item=lambda: write_outputs(args, runner))
+    except DeviceFault as exc:
+        print(f"device fault ({exc}): the CUDA context is unusable; results so far are "
+              f"written, rerun with --resume to continue", flush=True)
+        write_outputs(args, runner)
+        write_plots(args, runner.results.rows)
+        if device.type == "cuda":  # skip the CUDA teardown of a broken context
+            sys.stdout.flush()
+            os._exit(EXIT_DEVICE_FAULT)
+        return EXIT_DEVICE_FAULT
+    except KeyboardInterrupt:
+        print("interrupted: writing the results measured so far", flush=True)
+        code = 130
+    write_outputs(args, runner)
+    rows = runner.results.rows
+    print(report.format_table(rows))
+    for path in write_plots(args, rows):
+        print(f"plot: {path}")
+    skipped = runner.results.skipped
+    print(f"{len(rows)} rows measured, {len(skipped)} provider runs skipped "
+          f"({sum(s['kind'] == 'error' for s in skipped)} errors) in "
+          f"{time.monotonic() - start:.0f} s")
+    return code
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-kernels bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The shared benchmark harness: timing, peak memory, FLOP and byte counting, row tags.
+
+Timing: on a GPU, ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed before every
+run, median with 20th/80th percentiles); on a CPU, a ``time.perf_counter`` loop after a
+warm-up. Work: attention FLOPs ``4*B*H*Lq*Lk*D`` (halved when causal; backward 2.5x the
+forward, forward+backward 3.5x), bytes for memory-bound ops (each input read once, each
+output written once).
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+ATTENTION_MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, "decode": 1.0}
+GEMM_MODE_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Skip(Exception):
+    """A provider that cannot run a case; the message says why."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and 20th/80th percentile of the run time in ms, peak memory in MB (None on CPU)."""
+
+    ms: float
+    ms_p20: float
+    ms_p80: float
+    peak_mb: Optional[float]
+
+
+@dataclass(frozen=True)
+class TimerConfig:
+    """GPU: do_bench warm-up and repetition times (ms). CPU: warm-up calls and a time budget."""
+
+    gpu_warmup_ms: int = 25
+    gpu_rep_ms: int = 100
+    cpu_warmup: int = 1
+    cpu_min_reps: int = 5
+    cpu_max_reps: int = 200
+    cpu_budget_s: float = 0.5
+
+
+QUICK_TIMER = TimerConfig(gpu_warmup_ms=10, gpu_rep_ms=50, cpu_warmup=0, cpu_min_reps=3,
+                          cpu_max_reps=50, cpu_budget_s=0.15)
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of ``samples`` by linear interpolation (numpy's default)."""
+    if not samples:
+        raise ValueError("percentile of an empty sequence")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    ordered = sorted(samples)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def time_cpu(fn: Callable[[], object], config: TimerConfig = TimerConfig()) -> list[float]:
+    """Run times of ``fn`` in ms: warm-up calls, then at least ``cpu_min_reps`` timed calls and
+    more until ``cpu_budget_s`` has passed (at most ``cpu_max_reps``)."""
+    for _ in range(config.cpu_warmup):
+        fn()
+    times: list[float] = []
+    stop = time.perf_counter() + config.cpu_budget_s
+    while len(times) < config.cpu_max_reps and (len(times) < config.cpu_min_reps
+                                                 or time.perf_counter() < stop):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def time_gpu(fn: Callable[[], object], config: TimerConfig = TimerConfig()) -> tuple[float, ...]:
+    """(median, p20, p80) in ms through ``triton.testing.do_bench`` (L2 flushed before each run)."""
+    from triton.testing import do_bench
+    return tuple(do_bench(fn, warmup=config.gpu_warmup_ms, rep=config.gpu_rep_ms,
+                          quantiles=list(QUANTILES)))
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Extra device memory (MB) that one call of ``fn`` allocates at its peak, its outputs
+    included; None on a CPU (no allocator statistics there)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del result
+    return peak / 2**20
+
+
+def measure(fn: Callable[[], object], device: torch.device,
+            config: TimerConfig = TimerConfig()) -> Timing:
+    """Time an already warmed-up ``fn`` on ``device`` and measure its peak memory."""
+    peak = peak_memory_mb(fn, device)
+    if device.type == "cuda":
+        ms, p20, p80 = time_gpu(fn, config)
+    else:
+        samples = time_cpu(fn, config)
+        ms, p20, p80 = (percentile(samples, q) for q in QUANTILES)
+    return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=peak)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached blocks, so one provider's buffers don't crowd the next."""
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a kernel fault left the context broken: the next call reports it
+            pass
+
+
+# ----------------------------------------------------------------------------- work counting
+
+def causal_pairs(lq: int, lk: int) -> float:
+    """Query/key pairs a causal (bottom-right aligned) attention computes.
+
+    Lq == Lk: half of Lq*Lk (the FlashAttention convention). Otherwise the exact count of pairs
+    with j <= i + Lk - Lq (a decode step, Lq = 1, sees every key)."""
+    if lq == lk:
+        return lq * lk / 2
+    offset = lk - lq
+    return float(sum(min(lk, max(0, i + offset + 1)) for i in range(lq)))
+
+
+def attention_flops(b: int, h: int, lq: int, lk: int, d: int, *, causal: bool, mode: str) -> float:
+    """4*B*H*Lq*Lk*D for the forward (two matmuls), halved when causal; backward 2.5x,
+    forward+backward 3.5x."""
+    pairs = causal_pairs(lq, lk) if causal else lq * lk
+    return 4.0 * b * h * pairs * d * ATTENTION_MODE_FACTOR[mode]
+
+
+def gemm_flops(m: int, n: int, k: int, *, mode: str, count: int = 1) -> float:
+    """2*M*N*K per matmul, ``count`` matmuls; backward 2x, forward+backward 3x."""
+    return 2.0 * m * n * k * count * GEMM_MODE_FACTOR[mode]
+
+
+def tflops(flops: Optional[float], ms: float) -> Optional[float]:
+    return None if flops is None else flops / (ms * 1e-3) / 1e12
+
+
+def gbps(nbytes: Optional[float], ms: float) -> Optional[float]:
+    return None if nbytes is None else nbytes / (ms * 1e-3) / 1e9
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------- row tags
+
+def git_commit() -> str:
+    """HEAD of the repository, else ``$LLM_KERNELS_COMMIT``, else a ``COMMIT`` file at the
+    repository root, else 'unknown' (the GPU machine receives a copy of the tree)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if os.environ.get("LLM_KERNELS_COMMIT"):
+        return os.environ["LLM_KERNELS_COMMIT"].strip()
+    path = os.path.join(REPO_ROOT, "COMMIT")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read().strip() or "unknown"
+    return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def environment(device: torch.device) -> dict:
+    """Tags put on every row: device name, torch and triton versions, commit and date."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
+            "commit": git_commit(), "date": now.strftime("%Y-%m-%dT%H:%MZ")}

@@ -1,0 +1,394 @@
+"""The benchmark harness (CPU): work counting, percentiles, timing, the CSV/JSON schema, plots,
+the quick CLI run, the GPU check's summary and its script's syntax."""
+import argparse
+import csv
+import json
+import os
+import random
+import subprocess
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_kernels.bench import cli, cross_entropy, harness, layer_norm, report, rms_norm, softmax
+from llm_kernels.bench import summarize, suite
+from llm_kernels.bench.common import Options
+from llm_kernels.bench.runner import DeviceFault, PlanItem, Runner
+from llm_kernels.reference import causal_keep
+
+CPU = torch.device("cpu")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- work counting
+
+@pytest.mark.parametrize("b,h,lq,lk,d", [(1, 1, 17, 17, 8), (2, 3, 97, 97, 40), (3, 5, 1, 127, 64),
+                                         (1, 2, 17, 1025, 16), (2, 1, 97, 300, 128)])
+def test_attention_flops_count_two_matmuls_per_visible_pair(b, h, lq, lk, d):
+    assert harness.attention_flops(b, h, lq, lk, d, causal=False, mode="fwd") == 4 * b * h * lq * lk * d
+    causal = harness.attention_flops(b, h, lq, lk, d, causal=True, mode="fwd")
+    if lq == lk:  # the FlashAttention convention: half of the square
+        assert causal == 4 * b * h * d * lq * lk / 2
+    else:  # exact count of the bottom-right aligned visible pairs
+        visible = causal_keep(lq, lk, lk - lq, CPU).sum().item()
+        assert causal == 4 * b * h * d * visible
+    for mode, factor in (("bwd", 2.5), ("fwd+bwd", 3.5)):
+        assert harness.attention_flops(b, h, lq, lk, d, causal=True, mode=mode) == \
+            pytest.approx(factor * causal)
+
+
+def test_decode_step_sees_every_cached_key():
+    lk = random.randint(2, 5000)
+    assert harness.causal_pairs(1, lk) == lk
+
+
+def test_gemm_flops():
+    m, n, k = (random.randint(1, 999) for _ in range(3))
+    assert harness.gemm_flops(m, n, k, mode="fwd") == 2 * m * n * k
+    assert harness.gemm_flops(m, n, k, mode="fwd+bwd", count=3) == 3 * 3 * 2 * m * n * k
+
+
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_softmax_bytes_count_each_tensor_once(dtype):
+    n, c = random.randint(1, 97), random.randint(1, 1025)
+    x, dy = torch.randn(n, c).to(dtype), torch.randn(n, c).to(dtype)
+    w, b = torch.randn(c).to(dtype), torch.randn(c).to(dtype)
+    stats = torch.empty(n, dtype=torch.float32)
+    e = x.element_size()
+    y = F.layer_norm(x.float(), (c,)).to(dtype)
+    ln_fwd = _nbytes(x, w, b, y, stats, stats)
+    ln_bwd = _nbytes(dy, x, w, stats, stats, x, w, b)  # dx, dweight, dbias written
+    assert layer_norm.bytes_moved("fwd", n, c, e) == ln_fwd
+    assert layer_norm.bytes_moved("bwd", n, c, e) == ln_bwd
+    assert layer_norm.bytes_moved("fwd+bwd", n, c, e) == ln_fwd + ln_bwd
+    assert rms_norm.bytes_moved("fwd", n, c, e) == _nbytes(x, w, y, stats)
+    assert rms_norm.bytes_moved("bwd", n, c, e) == _nbytes(dy, x, w, stats, x, w)
+    assert softmax.bytes_moved("fwd", n, c, e) == _nbytes(x, y)
+    assert softmax.bytes_moved("fwd+bwd", n, c, e) == _nbytes(x, y) + _nbytes(dy, y, x)
+    target = torch.randint(0, c, (n,))
+    # forward reads logits and targets; backward reads them again and writes the gradient
+    assert cross_entropy.bytes_moved("fwd+bwd", n, c, e) == _nbytes(x, target) + _nbytes(x, target, x)
+
+
+def test_rates():
+    ms, work = random.uniform(0.01, 100), random.uniform(1e6, 1e15)
+    assert harness.tflops(work, ms) == pytest.approx(work / (ms / 1e3) / 1e12)
+    assert harness.gbps(work, ms) == pytest.approx(work / (ms / 1e3) / 1e9)
+    assert harness.tflops(None, ms) is None
+
+
+# ----------------------------------------------------------------------------- timing
+
+@pytest.mark.parametrize("size", [1, 2, 17, 97, 1000])
+def test_percentile_matches_numpy(size):
+    samples = [random.expovariate(1.0) for _ in range(size)]
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0, random.random()):
+        assert harness.percentile(samples, q) == pytest.approx(np.percentile(samples, 100 * q))
+
+
+def test_percentile_rejects_bad_input():
+    with pytest.raises(ValueError):
+        harness.percentile([], 0.5)
+    with pytest.raises(ValueError):
+        harness.percentile([1.0], 1.5)
+
+
+def test_cpu_timer_measures_the_call():
+    config = harness.TimerConfig(cpu_warmup=1, cpu_min_reps=4, cpu_max_reps=6, cpu_budget_s=0.01)
+    calls = []
+    samples = harness.time_cpu(lambda: (calls.append(1), time.sleep(0.003)), config)
+    assert 4 <= len(samples) <= 6 and len(calls) == len(samples) + 1
+    assert min(samples) >= 3.0
+    timing = harness.measure(lambda: time.sleep(0.002), CPU, config)
+    assert timing.ms_p20 <= timing.ms <= timing.ms_p80 and timing.ms >= 2.0
+    assert timing.peak_mb is None  # no allocator statistics on CPU
+
+
+def test_environment_tags():
+    env = harness.environment(CPU)
+    assert set(env) == {"device", "torch", "triton", "commit", "date"}
+    assert env["torch"] == torch.__version__ and env["commit"]
+
+
+# ----------------------------------------------------------------------------- rows and files
+
+def _row(provider, ms, shape="N=1 C=2", **kw):
+    row = dict.fromkeys(report.COLUMNS)
+    row.update(op="layer_norm", mode="fwd", variant="", provider=provider, dtype="fp32",
+               shape=shape, x_name="hidden", x=2, ms=ms, ms_p20=ms, ms_p80=ms, note="")
+    row.update(kw)
+    return row
+
+
+def test_ratio_to_best_baseline():
+    times = {p: random.uniform(0.1, 10) for p in ("torch", "torch-compile", "lk-triton", "lk-cuda")}
+    rows = [_row(p, ms) for p, ms in times.items()] + [_row("torch", 1.0, shape="N=3 C=2")]
+    report.add_ratios(rows)
+    best = min(("torch", "torch-compile"), key=times.get)
+    for row in rows[:4]:
+        assert row["best_baseline"] == best
+        assert row["vs_best_baseline"] == pytest.approx(times[best] / times[row["provider"]])
+    assert rows[4]["vs_best_baseline"] == 1.0 and rows[4]["best_baseline"] == "torch"
+    lonely = [_row("lk-triton", 1.0)]
+    report.add_ratios(lonely)
+    assert lonely[0]["vs_best_baseline"] is None
+
+
+def _tiny_plan():
+    opts = Options(hidden_sizes=(33,), modes=("fwd", "fwd+bwd"), quick=True)
+    cases = layer_norm.cases(opts, CPU)
+    return opts, [PlanItem(layer_norm, case, ["torch", "lk-triton"]) for case in cases]
+
+
+def _fast_runner(opts):
+    timer = harness.TimerConfig(cpu_warmup=0, cpu_min_reps=2, cpu_max_reps=3, cpu_budget_s=0.0)
+    return Runner(CPU, opts, timer, echo=lambda s: None)
+
+
+def test_csv_and_json_schema(tmp_path):
+    opts, plan = _tiny_plan()
+    runner = _fast_runner(opts)
+    runner.measure_copy()
+    results = runner.run(plan)
+    assert [r["mode"] for r in results.rows] == ["d2d", "fwd", "fwd+bwd"]
+    assert {s["provider"] for s in results.skipped} == {"lk-triton"}
+    report.write_csv(results.rows, str(tmp_path / "b.csv"))
+    report.write_json(results.as_dict(), str(tmp_path / "b.json"))
+    with open(tmp_path / "b.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == report.COLUMNS
+        csv_rows = list(reader)
+    assert len(csv_rows) == 3
+    for row in csv_rows[1:]:
+        for column in ("op", "mode", "provider", "dtype", "shape", "x", "ms", "ms_p20", "ms_p80",
+                       "gbps", "vs_best_baseline", "device", "torch", "triton", "commit", "date"):
+            assert row[column] != "", column
+        assert float(row["gbps"]) > 0 and row["peak_mb"] == ""  # n/a on CPU
+        case = next(c for c in (i.case for i in plan) if c.mode == row["mode"])
+        assert float(row["gbps"]) == pytest.approx(case.nbytes / float(row["ms"]) / 1e6, rel=1e-4)
+    back = report.read_csv(str(tmp_path / "b.csv"))
+    assert back[1]["ms"] == pytest.approx(results.rows[1]["ms"], rel=1e-5)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert set(data) == {"environment", "rows", "skipped", "checks", "excluded"}
+    assert data["rows"][1]["device"] == data["environment"]["device"]
+    assert "Triton" in data["skipped"][0]["reason"]
+
+
+def test_a_failing_provider_is_recorded_and_the_run_goes_on():
+    def broken(case, device, opts):
+        raise ZeroDivisionError("kernel exploded")
+    module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"lk-triton": broken,
+                                                                "torch": layer_norm.PROVIDERS["torch"]})
+    opts, plan = _tiny_plan()
+    results = _fast_runner(opts).run([PlanItem(module, plan[0].case, ["lk-triton", "torch"])])
+    assert [r["provider"] for r in results.rows] == ["torch"]
+    assert results.skipped[0]["kind"] == "error"
+    assert "ZeroDivisionError: kernel exploded" in results.skipped[0]["reason"]
+
+
+def test_device_fault_stops_the_process_and_a_resumed_run_finishes_the_plan():
+    def faulting(case, device, opts):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"lk-cuda": faulting,
+                                                                "torch": layer_norm.PROVIDERS["torch"]})
+    opts, plan = _tiny_plan()
+    plan = [PlanItem(module, item.case, ["torch", "lk-cuda"]) for item in plan]
+    first = _fast_runner(opts)
+    with pytest.raises(DeviceFault):
+        first.run(plan)
+    saved = json.loads(json.dumps(first.results.as_dict()))
+    assert [r["mode"] for r in saved["rows"]] == ["fwd"] and saved["excluded"] == [["layer_norm", "lk-cuda"]]
+    assert saved["skipped"][0]["kind"] == "fault"
+    second = Runner(CPU, opts, first.timer, echo=lambda s: None, resume=saved)
+    results = second.run(plan)
+    assert [(r["mode"], r["provider"]) for r in results.rows] == [("fwd", "torch"), ("fwd+bwd", "torch")]
+    assert [(s["mode"], s["kind"]) for s in results.skipped] == [("fwd", "fault"), ("fwd+bwd", "excluded")]
+
+
+def test_time_budget_skips_what_is_left():
+    opts, plan = _tiny_plan()
+    runner = _fast_runner(opts)
+    runner.deadline = time.monotonic() - 1
+    results = runner.run(plan)
+    assert not results.rows and {s["kind"] for s in results.skipped} == {"budget"}
+
+
+def test_plots_are_written(tmp_path):
+    rows = []
+    for op, x_name, metric in (("attention", "seq_len", "tflops"), ("softmax", "hidden", "gbps")):
+        for provider in ("lk-triton", "torch"):
+            for x in (1024, 4096):
+                rows.append(_row(provider, random.uniform(0.1, 1), op=op, x=x, x_name=x_name,
+                                 device="Fake GPU", **{metric: random.uniform(1, 100)}))
+    rows.append(_row("torch", 1.0, op="copy", mode="d2d", gbps=100.0))
+    paths = report.plot_ops(rows, str(tmp_path / "plots"))
+    assert sorted(os.path.basename(p) for p in paths) == ["attention.png", "softmax.png"]
+    grid = report.plot_grid(rows, str(tmp_path / "grid.png"))
+    for path in paths + [grid]:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_register_adds_the_bench_subcommand():
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "softmax", "--quick", "--seq-lens", "64,128"])
+    assert args.func is cli.run and args.ops == ["softmax"] and args.seq_lens == (64, 128)
+
+
+def test_quick_cli_run_on_cpu(tmp_path, capsys):
+    code = cli.main(["attention", "layer_norm", "--quick", "--device", "cpu", "--seq-lens", "64",
+                     "--head-dim", "16", "--hidden-sizes", "65", "--modes", "fwd",
+                     "--providers", "torch,sdpa-math,sdpa-efficient,lk-triton,lk-cuda",
+                     "--csv", str(tmp_path / "b.csv"), "--json", str(tmp_path / "b.json"),
+                     "--plot", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Triton interpreter is not benchmarked" in out
+    data = json.loads((tmp_path / "b.json").read_text())
+    measured = {(r["op"], r["provider"]) for r in data["rows"]}
+    assert {("attention", "torch"), ("attention", "sdpa-math"), ("layer_norm", "torch")} <= measured
+    assert all(r["provider"] != "lk-triton" for r in data["rows"])
+    assert any(s["provider"] == "sdpa-efficient" and "CUDA only" in s["reason"]
+               for s in data["skipped"])
+    attention_rows = [r for r in data["rows"] if r["op"] == "attention"]
+    assert {r["variant"] for r in attention_rows} == {"causal", "non-causal"}
+    assert all(r["tflops"] > 0 for r in attention_rows)
+    assert os.path.exists(tmp_path / "plots" / "attention.png")
+
+
+@pytest.mark.parametrize("argv", [["no_such_op"], ["softmax", "--modes", "sideways"],
+                                  ["--suite", "standard", "--device", "cpu"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_standard_suite_covers_the_targets():
+    plan = suite.standard_plan()
+    cases = {(i.case.op, i.case.mode, i.case.variant, i.case.x) for i in plan}
+    for mode in ("fwd", "bwd"):
+        for seq_len in (4096, 8192, 16384):
+            for variant in ("causal", "non-causal"):
+                assert ("attention", mode, variant, seq_len) in cases
+    decode = next(i.case for i in plan if i.case.mode == "decode")
+    assert decode.params == {"B": 8, "H": 32, "Hkv": 8, "Lq": 1, "Lk": 16384, "D": 128}
+    assert {("layer_norm", "fwd+bwd", "", 4096), ("layer_norm", "fwd+bwd", "", 8192),
+            ("feed_forward", "fwd", "", 4096), ("cross_entropy", "fwd+bwd", "", 131072)} <= cases
+    first_compile = next(n for n, i in enumerate(plan) if "torch-compile" in i.providers)
+    assert all(i.providers == ["torch-compile"] for i in plan[first_compile:])
+
+
+def test_determinism_check_reports_identical_and_skipped_backends(device):
+    shape = {"B": 1, "H": 2, "L": random.randint(2, 40), "D": 16}
+    checks = suite.determinism_checks(device, [], echo=lambda s: None, shape=shape,
+                                      backends=("torch", "triton", "no-such-backend"))
+    results = {(c["provider"], c["variant"]): c["result"] for c in checks}
+    for variant in ("causal", "non-causal"):  # on CPU, triton runs through the interpreter
+        assert results[("lk-torch", variant)] == results[("lk-triton", variant)] == "identical"
+        assert results[("lk-no-such-backend", variant)] == "skipped"
+    assert "ValueError" in checks[-1]["detail"]
+
+
+def test_determinism_fault_is_recorded_then_resumed(monkeypatch):
+    def fake(backend, causal, device, shape):
+        if backend == "cuda":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {"result": "identical", "detail": ""}
+    monkeypatch.setattr(suite, "backward_twice_identical", fake)
+    checks = []
+    with pytest.raises(DeviceFault):
+        suite.determinism_checks(CPU, checks, echo=lambda s: None)
+    assert [c["result"] for c in checks] == ["identical", "identical", "fault"]
+    suite.determinism_checks(CPU, checks, echo=lambda s: None)
+    assert [(c["provider"], c["variant"], c["result"]) for c in checks[3:]] == [
+        ("lk-cuda", "causal", "skipped")]
+
+
+# ----------------------------------------------------------------------------- GPU check
+
+def _bench_rows(copy_gbps):
+    rows = [_row("torch", 1.0, op="copy", mode="d2d", gbps=copy_gbps)]
+    times = {}
+    for variant in ("causal", "non-causal"):
+        for x in (4096, 8192):
+            shape = f"B=1 H=16 Hkv=16 Lq={x} Lk={x} D=128"
+            for provider in ("lk-triton", "sdpa-flash", "sdpa-cudnn", "torch"):
+                times[(variant, x, provider)] = random.uniform(0.5, 2.0)
+                rows.append(_row(provider, times[(variant, x, provider)], op="attention",
+                                 mode="fwd", variant=variant, shape=shape, x=x, dtype="bf16"))
+    decode_ms = random.uniform(0.1, 0.3)
+    rows.append(_row("lk-triton", decode_ms, op="attention", mode="decode", dtype="bf16",
+                     shape="B=8 H=32 Hkv=8 Lq=1 Lk=16384 D=128", x=16384))
+    return rows, times, decode_ms
+
+
+def test_summary_targets_from_bench_rows():
+    copy = random.uniform(1000, 4000)
+    rows, times, decode_ms = _bench_rows(copy)
+    checks = [{"check": "determinism", "provider": "lk-triton", "variant": "causal",
+               "result": "identical", "detail": ""}]
+    found = {t.what: t for t in summarize.targets({"rows": rows, "checks": checks})}
+    for variant in ("causal", "non-causal"):
+        expected = min(min(times[(variant, x, "sdpa-flash")], times[(variant, x, "sdpa-cudnn")])
+                       / times[(variant, x, "lk-triton")] for x in (4096, 8192))
+        target = found[f"attn fwd {variant} lk-triton / best SDPA"]
+        assert target.value == pytest.approx(expected)
+        assert target.status == ("MET" if expected >= 1.0 else "MISSED")
+    speedup = found["attn fwd L8k causal speedup lk-triton"]
+    assert speedup.value == pytest.approx(times[("non-causal", 8192, "lk-triton")]
+                                          / times[("causal", 8192, "lk-triton")])
+    kv_read_ms = 2 * 8 * 8 * 16384 * 128 * 2 / (copy * 1e9) * 1e3
+    assert found["decode lk-triton time / KV read time"].value == pytest.approx(decode_ms / kv_read_ms)
+    assert found["attn fwd causal lk-cuda / best SDPA"].status == "n/a"
+    assert found["bwd bit-identical lk-triton causal"].status == "MET"
+
+
+def test_summary_reads_the_log_and_verify(tmp_path):
+    passed, failed = random.randint(1, 99), random.randint(0, 9)
+    log = "\n".join([
+        "@@info mode=full", "@@info gpu=NVIDIA H100 80GB HBM3, 81559 MiB, 580.1",
+        "@@info commit=abc123", "@@info date=2026-11-20T10:00Z",
+        "@@begin build: pip install", "compiling", "@@step build status=ok rc=0 secs=93",
+        "@@begin pytest-cuda: pytest -m cuda", "....F",
+        f"{failed} failed, {passed} passed, 2 skipped in 41.20s",
+        "@@step pytest-cuda status=failed rc=1 secs=45",
+        "@@begin memcheck: compute-sanitizer", "========= ERROR SUMMARY: 0 errors",
+        "@@step memcheck status=ok rc=0 secs=80"])
+    (tmp_path / "gpu_check.log").write_text(log)
+    rows = [{"op": "attention", "passed": True, "note": ""}] * passed + \
+        [{"op": "softmax", "passed": False, "note": ""}] * failed + \
+        [{"op": "swiglu", "passed": False, "note": "skipped: no kernel"}]
+    (tmp_path / "verify.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    bench_rows, _, _ = _bench_rows(3000.0)
+    (tmp_path / "bench.json").write_text(json.dumps({"environment": {}, "rows": bench_rows,
+                                                     "skipped": [], "checks": []}))
+    summary = summarize.summarize(str(tmp_path))
+    assert summary["gpu"].startswith("NVIDIA H100") and summary["commit"] == "abc123"
+    assert summary["steps"]["pytest-cuda"]["pytest"] == {"failed": failed, "passed": passed,
+                                                         "skipped": 2}
+    assert summary["steps"]["memcheck"]["sanitizer"] == "ERROR SUMMARY: 0 errors"
+    assert summary["verify"] == {"passed": passed, "failed": failed, "skipped": 1}
+    assert summary["copy_gbps"] == 3000.0
+    assert summarize.exit_code(summary) == 1
+    text = summarize.format_text(summary)
+    assert "GPU CHECK SUMMARY" in text and f"{passed} passed" in text
+    path = summarize.write_results(summary, str(tmp_path), str(tmp_path / "results"))
+    assert os.path.basename(path) == "2026-11-20-nvidia-h100-80gb-hbm3.md"
+    assert "| #3 | attn fwd causal lk-triton / best SDPA |" in open(path).read()
+
+
+def test_gpu_check_script_parses():
+    script = os.path.join(REPO, "bench", "gpu_check.sh")
+    result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
