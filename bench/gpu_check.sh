@@ -104,6 +104,15 @@ if ! step build "$(slot 210 95)" "$PY" -m pip install --no-build-isolation --no-
   LLM_KERNELS_SKIP_EXT=1 step install-pure-python "$(slot 60 90)" \
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
+if ! "$PY" -c "import llm_kernels.kernels, llm_kernels.bench" >> "$LOG" 2>&1; then
+  say "llm_kernels.kernels is not importable after the install: linking kernels/ and bench/ into the package"
+  ln -sfn ../kernels llm_kernels/kernels
+  ln -sfn ../bench llm_kernels/bench
+fi
+if ! "$PY" -c "import torch, llm_kernels._C" >> "$LOG" 2>&1; then
+  say "llm_kernels._C is not importable: building it in place"
+  step build-inplace "$(slot 150 95)" "$PY" setup.py build_ext --inplace
+fi
 step backends 30 "$PY" -c "import llm_kernels as lk; print('@@info backends=' + ', '.join(n + (' ok' if ok else ' NO (' + why[:90] + ')') for n, (ok, why) in lk.available_backends().items()))"
 
 # ------------------------------------------------------------------------------ tests
