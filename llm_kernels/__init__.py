@@ -12,6 +12,7 @@ from llm_kernels.backends import (BACKENDS, BackendUnavailableError, available_b
 from llm_kernels.cross_entropy import cross_entropy
 from llm_kernels.feed_forward import feed_forward, swiglu
 from llm_kernels.layer_norm import layer_norm, rms_norm
+from llm_kernels import nn  # noqa: E402  (LayerNorm, RMSNorm, FeedForward, SwiGLU, convert)
 from llm_kernels.patch import patch_torch
 from llm_kernels.softmax import softmax
 
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "attention", "available_backends", "cross_entropy",
-    "dispatch_log", "feed_forward", "layer_norm", "patch_torch", "rms_norm",
+    "dispatch_log", "feed_forward", "layer_norm", "nn", "patch_torch", "rms_norm",
     "scaled_dot_product_attention", "softmax", "swiglu", "use_backend", "use_deterministic",
 ]

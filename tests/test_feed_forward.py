@@ -1,0 +1,178 @@
+"""lk.feed_forward and lk.swiglu (Triton backend) against the float64 reference, by the pass rule.
+
+Every output and every gradient is compared with ``*_ref(upcast=True)``; the allowance is set
+by the same computation through the torch backend in the same dtype.
+"""
+import math
+
+import pytest
+import torch
+
+import llm_kernels as lk
+from llm_kernels.numerics import assert_close
+from llm_kernels.reference import ACTIVATIONS, feed_forward_ref, swiglu_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _linear_weight(out_features, in_features, dtype, device):
+    """nn.Linear-like scale, so pre-activations are O(1)."""
+    return (torch.randn(out_features, in_features, device=device)
+            / math.sqrt(in_features)).to(dtype)
+
+
+def _ff_inputs(shape, d_ff, d_out, dtype, device, bias=True):
+    """x (*shape), w1 (d_ff, d), b1 (d_ff,), w2 (d_out, d_ff), b2 (d_out,) (biases maybe None)."""
+    d = shape[-1]
+    x = torch.randn(shape, device=device).to(dtype)
+    w1 = _linear_weight(d_ff, d, dtype, device)
+    w2 = _linear_weight(d_out, d_ff, dtype, device)
+    b1 = (0.5 * torch.randn(d_ff, device=device)).to(dtype) if bias else None
+    b2 = (0.5 * torch.randn(d_out, device=device)).to(dtype) if bias else None
+    return [x, w1, b1, w2, b2]
+
+
+def _swiglu_inputs(shape, d_ff, d_out, dtype, device):
+    """x (*shape), w_gate (d_ff, d), w_up (d_ff, d), w_down (d_out, d_ff)."""
+    d = shape[-1]
+    return [torch.randn(shape, device=device).to(dtype), _linear_weight(d_ff, d, dtype, device),
+            _linear_weight(d_ff, d, dtype, device), _linear_weight(d_out, d_ff, dtype, device)]
+
+
+def _run(fn, tensors, grad_out=None, upcast=False):
+    """fn(*leaves) and the gradients of <out, grad_out> w.r.t. every tensor that is not None."""
+    leaves = [None if t is None else
+              (t.detach().double() if upcast else t.detach().clone()).requires_grad_()
+              for t in tensors]
+    out = fn(*leaves)
+    if grad_out is None:
+        return out, []
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, grad_out.to(out.dtype))
+    return out, list(grads)
+
+
+def _check(kernel_fn, torch_fn, ref_fn, tensors, dtype, names):
+    """Forward and backward of kernel_fn pass the rule against ref_fn, allowance from torch_fn."""
+    with torch.no_grad():
+        grad_out = torch.randn_like(torch_fn(*tensors))
+    out, grads = _run(kernel_fn, tensors, grad_out)
+    torch_out, torch_grads = _run(torch_fn, tensors, grad_out)
+    ref, ref_grads = _run(ref_fn, tensors, grad_out, upcast=True)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref, torch_out, dtype, "output")
+    present = [n for n, t in zip(names, tensors) if t is not None]
+    assert len(grads) == len(present)
+    for name, g, tg, rg in zip(present, grads, torch_grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape
+        assert_close(g, rg, tg, dtype, "grad " + name)
+
+
+FF_NAMES = ("x", "w1", "b1", "w2", "b2")
+SWIGLU_NAMES = ("x", "w_gate", "w_up", "w_down")
+
+
+def _check_ff(tensors, activation, dtype):
+    def kernel(*t):
+        return lk.feed_forward(*t, activation=activation, backend="triton")
+
+    def torch_backend(*t):
+        return lk.feed_forward(*t, activation=activation, backend="torch")
+
+    def ref(*t):
+        return feed_forward_ref(*t, activation=activation, upcast=True)
+
+    _check(kernel, torch_backend, ref, tensors, dtype, FF_NAMES)
+
+
+def _check_swiglu(tensors, dtype):
+    _check(lambda *t: lk.swiglu(*t, backend="triton"), lambda *t: lk.swiglu(*t, backend="torch"),
+           lambda *t: swiglu_ref(*t, upcast=True), tensors, dtype, SWIGLU_NAMES)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_feed_forward_matches_reference(activation, bias, dtype, device):
+    _check_ff(_ff_inputs((37, 17), 97, 17, dtype, device, bias), activation, dtype)
+
+
+@pytest.mark.parametrize("n,d,d_ff,d_out", [(1, 64, 127, 64), (37, 64, 97, 17),
+                                            (1, 17, 127, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_feed_forward_odd_sizes(n, d, d_ff, d_out, dtype, device):
+    _check_ff(_ff_inputs((n, d), d_ff, d_out, dtype, device), "gelu", dtype)
+
+
+def test_feed_forward_3d_input(device):
+    dtype = torch.float16
+    _check_ff(_ff_inputs((2, 5, 17), 97, 17, dtype, device), "gelu_tanh", dtype)
+
+
+def test_feed_forward_backward_is_deterministic(device):
+    tensors = _ff_inputs((37, 64), 127, 64, torch.bfloat16, device)
+    grad_out = torch.randn(37, 64, device=device).to(torch.bfloat16)
+
+    def grads():
+        return _run(lambda *t: lk.feed_forward(*t, activation="silu", backend="triton"),
+                    tensors, grad_out)[1]
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,d_ff,d_out", [(37, 17, 97, 17), (1, 64, 127, 33)])
+def test_swiglu_matches_reference(n, d, d_ff, d_out, dtype, device):
+    _check_swiglu(_swiglu_inputs((n, d), d_ff, d_out, dtype, device), dtype)
+
+
+def test_swiglu_3d_input_and_determinism(device):
+    dtype = torch.bfloat16
+    tensors = _swiglu_inputs((2, 5, 64), 127, 64, dtype, device)
+    _check_swiglu(tensors, dtype)
+    grad_out = torch.randn(2, 5, 64, device=device).to(dtype)
+
+    def grads():
+        return _run(lambda *t: lk.swiglu(*t, backend="triton"), tensors, grad_out)[1]
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_absent_biases_give_empty_gradients_from_the_op(device):
+    """The kernel op returns empty tensors for absent biases (op convention)."""
+    x, w1, _, w2, _ = _ff_inputs((5, 17), 33, 17, torch.float32, device, bias=False)
+    ops = lk._ops.ops("triton")
+    out, pre = ops.feed_forward_forward(x, w1, None, w2, None, "relu")
+    assert pre.shape == (5, 33) and out.shape == (5, 17)
+    grads = ops.feed_forward_backward(torch.randn_like(out), x, w1, None, w2, None, pre, "relu")
+    assert grads[2].numel() == 0 and grads[4].numel() == 0
+    assert [tuple(g.shape) for g in (grads[0], grads[1], grads[3])] == [(5, 17), (33, 17), (17, 33)]
+
+
+# Realistic sizes, run by bench/gpu_check.sh on an H100.
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_feed_forward_realistic_cuda(activation):
+    dtype = torch.bfloat16
+    _check_ff(_ff_inputs((4096, 1024), 4096, 1024, dtype, "cuda"), activation, dtype)
+
+
+@pytest.mark.cuda
+def test_feed_forward_realistic_fp32_cuda():
+    dtype = torch.float32
+    _check_ff(_ff_inputs((1025, 1024), 4097, 1024, dtype, "cuda"), "gelu_tanh", dtype)
+
+
+@pytest.mark.cuda
+def test_swiglu_realistic_cuda():
+    dtype = torch.bfloat16
+    _check_swiglu(_swiglu_inputs((4096, 1024), 4096, 1024, dtype, "cuda"), dtype)
+
+
+@pytest.mark.cuda
+def test_feed_forward_odd_realistic_cuda():
+    dtype = torch.float16
+    _check_ff(_ff_inputs((2, 2049, 1000), 4001, 1000, dtype, "cuda"), "relu", dtype)
