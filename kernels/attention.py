@@ -1,0 +1,736 @@
+"""FlashAttention-2 in Triton: forward, backward and split-key decoding, with GQA and masks.
+
+Per (batch b, query head h), with key/value head h // (H / Hkv) (K/V never expanded):
+    S = q k^T * scale + mask (+ -inf where causal hides key j from query i: j > i + offset)
+    P = softmax(S) (a row that sees no key gives P = 0), out = P v, lse = logsumexp(S) per row.
+Scores are handled in base 2: S2 = S * log2(e), so exp2(S2 - m2) = exp(S - m). The online
+softmax keeps a running max m2, sum l and accumulator acc in fp32 (fp64 for fp64 inputs under
+the interpreter). lse is saved in fp32 (natural log); a row that sees no key gets out = 0 and
+lse = +inf, so the backward's exp2(S2 - lse2) is 0 there and its gradients are exactly 0.
+
+Backward (dP = dO v^T, delta = rowsum(dO * out)):
+    dv = P^T dO,  dS = P * (dP - delta),  dq = scale * dS k,  dk = scale * dS^T q.
+
+Kernels:
+- ``_attn_fwd_kernel``: a program per (query tile, batch x head), looping over key tiles.
+- ``_attn_fwd_split_kernel`` + ``_attn_fwd_combine_kernel`` (flash-decoding): for few queries
+  against many keys, the rows of all query heads of a GQA group form one tile (each K/V tile is
+  read once per group), the keys are split across programs, and the partial (acc, m2, l) are
+  combined by a second kernel.
+- ``_attn_bwd_delta_kernel``: delta = rowsum(dO * out).
+- ``_attn_bwd_dkdv_kernel``: a program per (key tile, batch x kv head), looping over the query
+  heads of its group and the query tiles that see the key tile; dk, dv written once.
+- ``_attn_bwd_dq_kernel``: a program per (query tile, batch x head), looping over key tiles.
+The backward uses no atomics: it is bit-identical from run to run.
+
+Causal: every loop is bounded to the tiles that some row can see (about half the work). In the
+forward and dq kernels the masking code runs only on the key tiles that straddle the diagonal or
+the key tail; the dk/dv kernel masks every tile (one loop body keeps its registers in bounds).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from llm_kernels.backends import interpreting
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# Set to "0" to launch the table's config without autotuning (GPU only; the interpreter never
+# autotunes).
+AUTOTUNE_ENV = "LLM_KERNELS_AUTOTUNE"
+# Flash-decoding applies to at most this many queries per head...
+DECODE_MAX_LQ = 16
+# ...and splits the keys in chunks of a multiple of this many (a multiple of every BLOCK_N).
+DECODE_KEY_CHUNK = 128
+# Fewest keys per split, and at most this many splits.
+DECODE_MIN_KEYS_PER_SPLIT = 256
+DECODE_MAX_SPLITS = 128
+# Target programs per SM for the split forward.
+DECODE_PROGRAMS_PER_SM = 4
+# The SM count assumed when interpreting (CPU tensors).
+INTERPRETER_SM_COUNT = 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. UPCAST (interpreter and bf16 only): operands go to float32 first, since the
+    interpreter's bf16 dot is wrong."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounded to nearest even. Under the interpreter (UPCAST) a float32 -> bfloat16
+    cast truncates, so the rounding is done on the bits first (then the cast is exact)."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _load_rows(ptrs, rows_ok, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile: head-dim padding (cols >= D) and, when CHECK_ROWS, rows with
+    rows_ok False read as 0."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if CHECK_ROWS:
+        if BLOCK_D == D:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:
+        if BLOCK_D == D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(ptrs, x, rows_ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a (rows, BLOCK_D) tile, skipping rows with rows_ok False and the head-dim padding."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if BLOCK_D == D:
+        tl.store(ptrs, x, mask=rows_ok[:, None])
+    else:
+        tl.store(ptrs, x, mask=rows_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _key_range(m0, Lk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """Key tiles of the query tile [m0, m0 + BLOCK_M): [0, full_end) are seen whole by every
+    row (no masking), [full_end, end) hold the causal diagonal and/or the key tail."""
+    lk_full = (Lk // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        end = tl.minimum(tl.maximum(m0 + BLOCK_M + causal_offset, 0), Lk)
+        full_end = tl.minimum((tl.maximum(m0 + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N,
+                              lk_full)
+    else:
+        end = Lk
+        full_end = lk_full
+    return full_end, end
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows, start, end,
+                  Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
+                  HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key tiles [start, end): returns the updated (acc, m2, l).
+
+    q (BLOCK_M, BLOCK_D); offs_m the query index of each row; mask_rows (BLOCK_M, 1) pointers to
+    the rows of the additive mask. BOUNDARY tiles mask the key tail and, if CAUSAL, j > i + offset.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for n0 in tl.range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        cols_ok = offs_n < Lk
+        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], cols_ok, D,
+                       BLOCK_D, BOUNDARY)                                   # (BLOCK_N, BLOCK_D)
+        s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), acc.dtype), UPCAST, PRECISION)
+        s = s * qk_scale                                                    # (BLOCK_M, BLOCK_N)
+        if HAS_MASK:
+            bias = tl.load(mask_rows + offs_n[None, :] * stride_mn,
+                           mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+            s += bias.to(s.dtype) * _LOG2E
+        if BOUNDARY:
+            keep = cols_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], cols_ok, D,
+                       BLOCK_D, BOUNDARY)                                   # (BLOCK_N, BLOCK_D)
+        acc = _mma(_to(p, v.dtype, UPCAST), v, acc * alpha[:, None], UPCAST, PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finish_rows(acc, m_i, l_i):
+    """out = acc / l and lse = (m2 + log2 l) * ln 2; a row that saw nothing gets 0 and +inf."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    return out, lse
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     stride_mb, stride_mh, stride_mm, stride_mn,
+                     H, GROUP, Lq, Lk, causal_offset, qk_scale,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out, lse of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < Lq
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_d[None, :], rows_ok, D, BLOCK_D, True)            # (BLOCK_M, BLOCK_D)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    full_end, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows,
+                                  0, full_end, Lk, stride_kn, stride_vn, stride_mn,
+                                  causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
+                                  False, HAS_MASK, UPCAST, PRECISION)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows,
+                                  full_end, end, Lk, stride_kn, stride_vn, stride_mn,
+                                  causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
+                                  True, HAS_MASK, UPCAST, PRECISION)
+    out, lse = _finish_rows(acc, m_i, l_i)
+    rows = pid_bh.to(tl.int64) * Lq + offs_m                                # (B, H, Lq) index
+    _store_rows(Out + rows[:, None] * D + offs_d[None, :],
+                _to(out, Out.dtype.element_ty, UPCAST), rows_ok, D, BLOCK_D)
+    tl.store(Lse + rows, lse, mask=rows_ok)
+
+
+@triton.jit
+def _attn_fwd_split_kernel(Q, K, V, Mask, PartO, PartM, PartL,
+                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn,
+                           stride_mb, stride_mh, stride_mm, stride_mn,
+                           H, GROUP, Lq, Lk, causal_offset, qk_scale, keys_per_split, n_rows,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                           HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Partial (acc, m2, l) of one key split for a tile of the GROUP * Lq rows (head g of the
+    group, query i) of one (batch, kv head): grid (splits, row tiles, B * Hkv)."""
+    pid_s = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    hkv = H // GROUP
+    b = (pid_bk // hkv).to(tl.int64)
+    hk = (pid_bk % hkv).to(tl.int64)
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_r < GROUP * Lq
+    offs_m = offs_r % Lq                                                    # query index
+    h = hk * GROUP + offs_r // Lq                                           # query head
+    q = _load_rows(Q + b * stride_qb + h[:, None] * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_d[None, :], rows_ok, D, BLOCK_D, True)            # (BLOCK_M, BLOCK_D)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_rows = Mask + b * stride_mb + h[:, None] * stride_mh + offs_m[:, None] * stride_mm
+    start = pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, Lk)
+    if CAUSAL:
+        end = tl.minimum(end, tl.maximum(Lq + causal_offset, 0))
+    acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows,
+                                  start, end, Lk, stride_kn, stride_vn, stride_mn,
+                                  causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
+                                  True, HAS_MASK, UPCAST, PRECISION)
+    rows = pid_s * n_rows + (b * H + h) * Lq + offs_m                       # (S, B, H, Lq) index
+    _store_rows(PartO + rows[:, None] * D + offs_d[None, :], acc, rows_ok, D, BLOCK_D)
+    tl.store(PartM + rows, m_i, mask=rows_ok)
+    tl.store(PartL + rows, l_i, mask=rows_ok)
+
+
+@triton.jit
+def _attn_fwd_combine_kernel(PartO, PartM, PartL, Out, Lse, n_rows, num_splits,
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                             CHUNK_S: tl.constexpr, UPCAST: tl.constexpr):
+    """out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp2(m2_s - max m2): grid (B*H*Lq,).
+    The partial accumulators are read CHUNK_S splits at a time."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    splits_ok = offs_s < num_splits
+    m_s = tl.load(PartM + offs_s * n_rows + row, mask=splits_ok, other=float("-inf"))
+    l_s = tl.load(PartL + offs_s * n_rows + row, mask=splits_ok, other=0.0)  # (BLOCK_S,)
+    m_max = tl.max(m_s, 0)
+    m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_i = tl.sum(tl.exp2(m_s - m_ref) * l_s, 0)
+    acc = tl.zeros((BLOCK_D,), m_s.dtype)
+    for s0 in tl.range(0, num_splits, CHUNK_S):
+        offs_c = s0 + tl.arange(0, CHUNK_S)
+        chunk_ok = offs_c < num_splits
+        parts = offs_c * n_rows + row
+        w = tl.exp2(tl.load(PartM + parts, mask=chunk_ok, other=float("-inf")) - m_ref)
+        acc_c = tl.load(PartO + parts[:, None] * D + offs_d[None, :],
+                        mask=chunk_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * acc_c, 0)                               # (BLOCK_D,)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    tl.store(Out + row * D + offs_d, _to(acc / l_safe, Out.dtype.element_ty, UPCAST),
+             mask=offs_d < D)
+    tl.store(Lse + row, tl.where(empty, float("inf"), (m_ref + tl.log2(l_safe)) * _LN2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_delta_kernel(Out, dO, Delta, stride_ob, stride_oh, stride_om,
+                           stride_dob, stride_doh, stride_dom, H, Lq,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * out) for a query tile: grid (cdiv(Lq, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < Lq
+    o = _load_rows(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                   + offs_d[None, :], rows_ok, D, BLOCK_D, True)
+    do = _load_rows(dO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :], rows_ok, D, BLOCK_D, True)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=rows_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                          stride_vb, stride_vh, stride_vn,
+                          stride_mb, stride_mh, stride_mm, stride_mn,
+                          stride_dob, stride_doh, stride_dom,
+                          H, GROUP, Lq, Lk, causal_offset, qk_scale, scale,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                          HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dk, dv of one key tile of one (batch, kv head), summed over the GROUP query heads that
+    share it: grid (cdiv(Lk, BLOCK_N), B * Hkv).
+
+    One flat loop over (query head of the group, query tile that sees the key tile), computed
+    transposed: P^T = exp2(S2^T - lse2) is (BLOCK_N, BLOCK_M). A single code path for every tile
+    (rows past Lq and, if CAUSAL, pairs j > i + offset masked) keeps the register use low.
+    """
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    hkv = H // GROUP
+    b = (pid_bk // hkv).to(tl.int64)
+    hk = (pid_bk % hkv).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols_ok = offs_n < Lk
+    k = _load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
+                   + offs_d[None, :], cols_ok, D, BLOCK_D, True)            # (BLOCK_N, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
+                   + offs_d[None, :], cols_ok, D, BLOCK_D, True)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    start = 0
+    if CAUSAL:  # the first query that sees key n0 is i = n0 - causal_offset
+        start = (tl.maximum(n0 - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    n_tiles = tl.cdiv(tl.maximum(Lq - start, 0), BLOCK_M)
+    for it in tl.range(0, GROUP * n_tiles):
+        g = it // n_tiles
+        offs_m = start + (it - g * n_tiles) * BLOCK_M + offs_m0
+        h = hk * GROUP + g
+        rows_ok = offs_m < Lq
+        q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                       + offs_d[None, :], rows_ok, D, BLOCK_D, True)        # (BLOCK_M, BLOCK_D)
+        do = _load_rows(dO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                        + offs_d[None, :], rows_ok, D, BLOCK_D, True)
+        rows = (b * H + h) * Lq + offs_m
+        lse = tl.load(Lse + rows, mask=rows_ok, other=float("inf"))      # p = 0 past Lq
+        delta = tl.load(Delta + rows, mask=rows_ok, other=0.0)
+        s_t = _mma(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE), UPCAST, PRECISION)
+        s_t = s_t * qk_scale                                                # (BLOCK_N, BLOCK_M)
+        if HAS_MASK:
+            bias_t = tl.load(Mask + b * stride_mb + h * stride_mh + offs_n[:, None] * stride_mn
+                             + offs_m[None, :] * stride_mm,
+                             mask=cols_ok[:, None] & rows_ok[None, :], other=0.0)
+            s_t += bias_t.to(s_t.dtype) * _LOG2E
+        p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])
+        if CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+        dv = _mma(_to(p_t, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)
+        dp_t = _mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE), UPCAST, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _mma(_to(ds_t, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)
+    rows_kv = (pid_bk.to(tl.int64) * Lk + offs_n)[:, None] * D + offs_d[None, :]
+    _store_rows(dK + rows_kv, _to(dk * scale, dK.dtype.element_ty, UPCAST), cols_ok, D, BLOCK_D)
+    _store_rows(dV + rows_kv, _to(dv, dV.dtype.element_ty, UPCAST), cols_ok, D, BLOCK_D)
+
+
+@triton.jit
+def _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_rows, start, end,
+                 Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
+                 HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += dS k over the key tiles [start, end), P = exp2(S2 - lse2) recomputed per tile."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for n0 in tl.range(start, end, BLOCK_N):
+        offs_n = n0 + offs_n0
+        cols_ok = offs_n < Lk
+        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], cols_ok, D,
+                       BLOCK_D, BOUNDARY)                                   # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], cols_ok, D,
+                       BLOCK_D, BOUNDARY)
+        s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dq.dtype), UPCAST, PRECISION)
+        s = s * qk_scale                                                    # (BLOCK_M, BLOCK_N)
+        if HAS_MASK:
+            bias = tl.load(mask_rows + offs_n[None, :] * stride_mn,
+                           mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+            s += bias.to(s.dtype) * _LOG2E
+        p = tl.exp2(s - lse2[:, None])
+        if BOUNDARY:
+            keep = cols_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            p = tl.where(keep, p, 0.0)
+        dp = _mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), dq.dtype), UPCAST, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(_to(ds, k.dtype, UPCAST), k, dq, UPCAST, PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
+                        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn,
+                        stride_mb, stride_mh, stride_mm, stride_mn,
+                        stride_dob, stride_doh, stride_dom,
+                        H, GROUP, Lq, Lk, causal_offset, qk_scale, scale,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_m < Lq
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_d[None, :], rows_ok, D, BLOCK_D, True)            # (BLOCK_M, BLOCK_D)
+    do = _load_rows(dO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :], rows_ok, D, BLOCK_D, True)
+    rows = pid_bh.to(tl.int64) * Lq + offs_m
+    lse2 = tl.load(Lse + rows, mask=rows_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + rows, mask=rows_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    full_end, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_rows,
+                      0, full_end, Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
+                      D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, False, HAS_MASK, UPCAST, PRECISION)
+    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_rows,
+                      full_end, end, Lk, stride_kn, stride_vn, stride_mn, causal_offset,
+                      qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_MASK, UPCAST,
+                      PRECISION)
+    _store_rows(dQ + rows[:, None] * D + offs_d[None, :],
+                _to(dq * scale, dQ.dtype.element_ty, UPCAST), rows_ok, D, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch settings
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch configuration: tile sizes, warps per program, software-pipelining depth."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+
+
+# Launch settings per kernel, keyed on (BLOCK_D, bytes per element) of 16-bit (2) and 32-bit (4)
+# inputs, sized for H100 (228 KB shared memory per SM, 64K registers): the first entry of each
+# list is the default, the others are autotuning candidates. Bigger head dims get smaller tiles.
+# "split" is the decode forward (BLOCK_M there is the rows tile: G * Lq, not tuned).
+_TABLE: dict[str, dict[tuple[int, int], list[Launch]]] = {
+    "fwd": {
+        (16, 2): [Launch(128, 64, 4, 3), Launch(128, 128, 4, 3), Launch(64, 64, 4, 4)],
+        (32, 2): [Launch(128, 64, 4, 3), Launch(128, 128, 4, 3), Launch(64, 64, 4, 4)],
+        (64, 2): [Launch(128, 64, 4, 3), Launch(128, 128, 8, 3), Launch(64, 64, 4, 4)],
+        (128, 2): [Launch(128, 64, 8, 3), Launch(128, 128, 8, 2), Launch(64, 64, 4, 3)],
+        (256, 2): [Launch(64, 64, 8, 2), Launch(64, 32, 4, 2), Launch(128, 32, 8, 2)],
+        (16, 4): [Launch(64, 32, 8, 2), Launch(64, 64, 8, 2)],
+        (32, 4): [Launch(64, 32, 8, 2), Launch(64, 64, 8, 2)],
+        (64, 4): [Launch(32, 32, 8, 2), Launch(64, 32, 8, 2)],
+        (128, 4): [Launch(32, 16, 8, 2), Launch(16, 32, 8, 2)],
+        (256, 4): [Launch(32, 16, 8, 2), Launch(16, 32, 8, 2)],
+    },
+    "split": {
+        (16, 2): [Launch(16, 128, 4, 3), Launch(16, 64, 4, 4)],
+        (32, 2): [Launch(16, 128, 4, 3), Launch(16, 64, 4, 4)],
+        (64, 2): [Launch(16, 128, 4, 3), Launch(16, 64, 4, 4)],
+        (128, 2): [Launch(16, 64, 4, 3), Launch(16, 128, 4, 2), Launch(16, 64, 8, 4)],
+        (256, 2): [Launch(16, 64, 4, 2), Launch(16, 32, 4, 3)],
+        (16, 4): [Launch(16, 32, 4, 2), Launch(16, 64, 8, 2)],
+        (32, 4): [Launch(16, 32, 4, 2), Launch(16, 64, 8, 2)],
+        (64, 4): [Launch(16, 32, 4, 2), Launch(16, 64, 8, 2)],
+        (128, 4): [Launch(16, 32, 8, 2), Launch(16, 16, 4, 2)],
+        (256, 4): [Launch(16, 32, 8, 2), Launch(16, 16, 4, 2)],
+    },
+    "dkdv": {
+        (16, 2): [Launch(32, 128, 4, 3), Launch(64, 128, 8, 3), Launch(32, 64, 4, 3)],
+        (32, 2): [Launch(32, 128, 4, 3), Launch(64, 128, 8, 3), Launch(32, 64, 4, 3)],
+        (64, 2): [Launch(64, 128, 8, 3), Launch(32, 64, 4, 3), Launch(64, 64, 4, 3)],
+        (128, 2): [Launch(32, 128, 8, 3), Launch(64, 64, 8, 2), Launch(32, 64, 8, 3)],
+        (256, 2): [Launch(32, 64, 8, 2), Launch(32, 32, 8, 2), Launch(64, 32, 8, 2)],
+        (16, 4): [Launch(32, 32, 8, 2), Launch(16, 32, 8, 2)],
+        (32, 4): [Launch(32, 32, 8, 2), Launch(16, 32, 8, 2)],
+        (64, 4): [Launch(32, 32, 8, 2), Launch(16, 32, 8, 2)],
+        (128, 4): [Launch(32, 32, 8, 2), Launch(16, 16, 8, 2)],
+        (256, 4): [Launch(16, 32, 8, 2), Launch(16, 16, 8, 2)],
+    },
+    "dq": {
+        (16, 2): [Launch(128, 32, 4, 3), Launch(128, 64, 8, 3), Launch(64, 32, 4, 3)],
+        (32, 2): [Launch(128, 32, 4, 3), Launch(128, 64, 8, 3), Launch(64, 32, 4, 3)],
+        (64, 2): [Launch(128, 32, 4, 3), Launch(128, 64, 8, 3), Launch(64, 32, 4, 3)],
+        (128, 2): [Launch(128, 64, 8, 2), Launch(128, 32, 8, 3), Launch(64, 64, 4, 3)],
+        (256, 2): [Launch(64, 32, 8, 2), Launch(32, 32, 4, 2)],
+        (16, 4): [Launch(32, 32, 8, 2), Launch(32, 16, 8, 2)],
+        (32, 4): [Launch(32, 32, 8, 2), Launch(32, 16, 8, 2)],
+        (64, 4): [Launch(32, 32, 8, 2), Launch(32, 16, 8, 2)],
+        (128, 4): [Launch(32, 16, 8, 2), Launch(16, 16, 8, 2)],
+        (256, 4): [Launch(32, 16, 8, 2), Launch(16, 16, 8, 2)],
+    },
+}
+# Under the interpreter: one small config, so that short test sequences still span several tiles.
+_INTERPRETER_LAUNCH = Launch(32, 32, 1, 1)
+_DELTA_BLOCK_M = 64
+_COMBINE_CHUNK = 16  # partial accumulators the combine kernel reads at a time
+_TUNE_KEYS = ["D", "CAUSAL", "HAS_MASK"]
+
+
+def block_d(d: int) -> int:
+    """The head dim padded to a power of 2 (at least 16, the smallest tl.dot dim)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def launches(kernel: str, d: int, dtype: torch.dtype) -> list[Launch]:
+    """The candidate launch settings of ``kernel`` for head dim ``d`` and ``dtype``; the first is
+    the default. One fixed config under the interpreter."""
+    if interpreting():
+        return [_INTERPRETER_LAUNCH]
+    return _TABLE[kernel][(block_d(d), 2 if dtype.itemsize <= 2 else 4)]
+
+
+def _autotune_enabled() -> bool:
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel, candidates: tuple[Launch, ...], tune_block_m: bool):
+    configs = [triton.Config(c.meta() if tune_block_m else {"BLOCK_N": c.block_n},
+                             num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
+    keys = _TUNE_KEYS + ([] if tune_block_m else ["BLOCK_M"])
+    return triton.autotune(configs=configs, key=keys)(kernel)
+
+
+def _launch(kernel, grid: Callable[[dict], tuple], candidates: list[Launch], args: tuple,
+            constexprs: dict, tune_block_m: bool = True) -> None:
+    """Launch ``kernel``: autotuned over ``candidates`` on a GPU, else with the first one."""
+    if _autotune_enabled() and len(candidates) > 1:
+        _tuned(kernel, tuple(candidates), tune_block_m)[grid](*args, **constexprs)
+        return
+    launch = candidates[0]
+    meta = launch.meta() if tune_block_m else {"BLOCK_N": launch.block_n}
+    kernel[grid({**constexprs, **meta})](*args, **constexprs, **meta,
+                                         num_warps=launch.num_warps,
+                                         num_stages=launch.num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (the ops of llm_kernels._ops)
+# ----------------------------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _common(q: torch.Tensor, causal: bool, mask: Optional[torch.Tensor]) -> dict:
+    """The constexprs shared by every attention kernel."""
+    d = q.shape[-1]
+    wide = q.dtype in (torch.float32, torch.float64)
+    return {"D": d, "BLOCK_D": block_d(d), "CAUSAL": bool(causal), "HAS_MASK": mask is not None,
+            "UPCAST": interpreting() and q.dtype == torch.bfloat16,
+            "PRECISION": "ieee" if wide else "tf32", "ACC_DTYPE": _acc_dtype(q.dtype)}
+
+
+def _mask_args(mask: Optional[torch.Tensor], q: torch.Tensor) -> tuple:
+    """The mask pointer and its 4 strides (a dummy pointer and zeros when there is none)."""
+    if mask is None:
+        return (q, 0, 0, 0, 0)
+    return (mask, *mask.stride())
+
+
+def _strides3(t: torch.Tensor) -> tuple:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Flash-decoding layout: rows tile (of the G * Lq rows of a kv head) and key splits."""
+
+    block_m: int
+    row_tiles: int
+    num_splits: int
+    keys_per_split: int
+
+
+def split_plan(batch: int, kv_heads: int, group: int, lq: int, lk: int,
+               sm_count: int) -> Optional[SplitPlan]:
+    """The flash-decoding plan when few queries (Lq <= DECODE_MAX_LQ) meet enough keys to fill
+    the GPU by splitting them (at least 2 splits of DECODE_MIN_KEYS_PER_SPLIT keys), else None."""
+    if lq > DECODE_MAX_LQ:
+        return None
+    rows = group * lq
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    row_tiles = triton.cdiv(rows, block_m)
+    programs = batch * kv_heads * row_tiles
+    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * sm_count, programs)
+    splits = min(wanted, triton.cdiv(lk, DECODE_MIN_KEYS_PER_SPLIT), DECODE_MAX_SPLITS)
+    if splits < 2:
+        return None
+    keys_per_split = triton.cdiv(triton.cdiv(lk, splits), DECODE_KEY_CHUNK) * DECODE_KEY_CHUNK
+    return SplitPlan(block_m, row_tiles, triton.cdiv(lk, keys_per_split), keys_per_split)
+
+
+def _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan: SplitPlan):
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    n_rows = b * h * lq
+    part_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    part_o = torch.empty((plan.num_splits, n_rows, d), dtype=part_dtype, device=q.device)
+    part_m = torch.empty((plan.num_splits, n_rows), dtype=part_dtype, device=q.device)
+    part_l = torch.empty_like(part_m)
+    mask_ptr, *mask_strides = _mask_args(mask, q)
+    args = (q, k, v, mask_ptr, part_o, part_m, part_l, *_strides3(q), *_strides3(k),
+            *_strides3(v), *mask_strides, h, h // hkv, lq, lk, causal_offset, qk_scale,
+            plan.keys_per_split, n_rows)
+    constexprs = {**common, "BLOCK_M": plan.block_m}
+    _launch(_attn_fwd_split_kernel, lambda meta: (plan.num_splits, plan.row_tiles, b * hkv),
+            launches("split", d, q.dtype), args, constexprs, tune_block_m=False)
+    _attn_fwd_combine_kernel[(n_rows,)](
+        part_o, part_m, part_l, out, lse, n_rows, plan.num_splits, D=d,
+        BLOCK_D=common["BLOCK_D"], BLOCK_S=triton.next_power_of_2(plan.num_splits),
+        CHUNK_S=_COMBINE_CHUNK, UPCAST=common["UPCAST"], num_warps=4)
+
+
+def attention_forward(q, k, v, mask, causal, causal_offset, scale):
+    """(out, lse): out (B, H, Lq, D) contiguous in q's dtype, lse (B, H, Lq) float32 (+inf for
+    a row that sees no key). q (B, H, Lq, D), k/v (B, Hkv, Lk, D), mask None or an additive
+    (B, H, Lq, Lk) view with any strides; causal: query i sees key j iff j <= i + causal_offset."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
+    common = _common(q, causal, mask)
+    qk_scale = float(scale) * LOG2E
+    plan = split_plan(b, hkv, h // hkv, lq, lk, _device_sm_count(q.device))
+    if plan is not None:
+        _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan)
+        return out, lse
+    mask_ptr, *mask_strides = _mask_args(mask, q)
+    args = (q, k, v, mask_ptr, out, lse, *_strides3(q), *_strides3(k), *_strides3(v),
+            *mask_strides, h, h // hkv, lq, lk, causal_offset, qk_scale)
+    _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h),
+            launches("fwd", d, q.dtype), args, common)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset, scale):
+    """(dq, dk, dv), contiguous in the inputs' dtypes; deterministic (no atomics)."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()
+    common = _common(q, causal, mask)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = torch.empty((b, h, lq), dtype=acc_dtype, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(lq, _DELTA_BLOCK_M), b * h)](
+        out, grad_out, delta, *_strides3(out), *_strides3(grad_out), h, lq, D=d,
+        BLOCK_D=common["BLOCK_D"], ACC_DTYPE=common["ACC_DTYPE"], BLOCK_M=_DELTA_BLOCK_M,
+        num_warps=4)
+    dq = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, hkv, lk, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, hkv, lk, d), dtype=v.dtype, device=q.device)
+    mask_ptr, *mask_strides = _mask_args(mask, q)
+    inputs = (q, k, v, mask_ptr, grad_out, lse, delta)
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *mask_strides, *_strides3(grad_out),
+               h, h // hkv, lq, lk, causal_offset, float(scale) * LOG2E, float(scale))
+    _launch(_attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv),
+            launches("dkdv", d, q.dtype), (*inputs, dk, dv, *strides), common)
+    _launch(_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h),
+            launches("dq", d, q.dtype), (*inputs, dq, *strides), common)
+    return dq, dk, dv
+
+
+__all__ = ["attention_forward", "attention_backward", "split_plan", "launches", "block_d",
+           "Launch", "SplitPlan"]
