@@ -124,9 +124,9 @@ has_module pytest_timeout && TIMEOUT_OPT=(--timeout=120)
 XDIST=()
 has_module xdist && XDIST=(-n 4)
 step pytest-cuda "$(slot 100 $(( AFTER_TESTS + 15 )))" \
-  "$PY" -m pytest -m cuda "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
+  env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m cuda "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
 
-step verify "$(slot 45 "$AFTER_TESTS")" "$PY" -m llm_kernels verify --device cuda --progress --json "$OUT/verify.json"
+step verify "$(slot 45 "$AFTER_TESTS")" env LLM_KERNELS_AUTOTUNE=0 "$PY" -m llm_kernels verify --device cuda --progress --json "$OUT/verify.json"
 
 if [ "$MODE" = full ]; then
   # A kernel fault breaks the CUDA context: the bench then exits with 3 and a new process
@@ -145,7 +145,7 @@ if [ "$MODE" = full ]; then
   done
   has_module xdist && XDIST=(-n 8)
   step pytest-rest "$(slot 120 5)" \
-    "$PY" -m pytest -m "not cuda" "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
+    env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m "not cuda" "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
 else
   # A small subset of the cuda tests: SANITIZE_K, else the first SANITIZE_PER_FILE (1) tests
   # of each kernel test file (not the model, training or torch.compile ones: too slow there).
