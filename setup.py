@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -45,6 +46,14 @@ def _cuda_archs(torch):
     return "8.0;9.0"
 
 
+def _openmp_flags(torch):
+    """-fopenmp when torch runs at::parallel_for on OpenMP: the loop is inlined from torch's
+    headers into our CPU kernels and runs on one thread without the flag."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _extensions():
     if os.environ.get("LLM_KERNELS_SKIP_EXT") == "1":
         _write_build_info(built=False, cuda=False, reason="skipped: LLM_KERNELS_SKIP_EXT=1")
@@ -64,8 +73,11 @@ def _extensions():
     with_cuda = torch.version.cuda is not None and cuda_home is not None
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/*.cu")) if with_cuda else []
-    cxx_flags = ["-O3", "-std=c++17"]
-    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+    # No -std flag: torch's BuildExtension adds the C++ standard its headers need (C++20 from
+    # torch 2.10 on, C++17 before).
+    cxx_flags = ["-O3"] + _openmp_flags(torch)
+    link_flags = _openmp_flags(torch)
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                   "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                   "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -78,10 +90,11 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "llm_kernels._C", cpp_sources + cu_sources, include_dirs=include_dirs,
             define_macros=[("LLM_KERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
     else:
         ext = cpp_extension.CppExtension("llm_kernels._C", cpp_sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx_flags})
+                                         extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=link_flags)
     _write_build_info(built=True, cuda=with_cuda, torch=torch.__version__,
                       cuda_archs=os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
                       reason="" if with_cuda else "CPU kernels only: " + (

@@ -1,0 +1,291 @@
+// CUDA attention entry points: checks, layouts and launches of the kernels in
+// attention_kernels.cuh.
+//
+// fp16/bf16 with D % 8 == 0 (and 16-byte aligned rows, else a contiguous copy): tensor cores,
+// D padded to 64, 128 or 256 in shared memory (the backward up to D = 128). Everything else
+// (float32, other head dims, the backward at D > 128) runs the float32 SIMT kernels on float32
+// copies. The backward is deterministic: no atomics, every gradient element is written by one
+// thread block (dK/dV per key tile over the group's query heads, dQ per query tile).
+#include "attention.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "attention_checks.h"
+#include "attention_kernels.cuh"
+#include "common.h"
+
+namespace lk::attn {
+namespace {
+
+constexpr int kMaxGridY = 65535;
+
+Params make_params(const Sizes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const std::optional<at::Tensor>& mask, bool causal, int64_t causal_offset,
+                   double scale) {
+  Params p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = q.stride(d);
+    p.k_stride[d] = k.stride(d);
+    p.v_stride[d] = v.stride(d);
+  }
+  if (mask.has_value()) {
+    p.mask = mask->data_ptr();
+    p.mask_dtype = mask->scalar_type() == at::kHalf       ? kMaskFloat16
+                   : mask->scalar_type() == at::kBFloat16 ? kMaskBFloat16
+                                                          : kMaskFloat32;
+    for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask->stride(d);
+  }
+  p.batch = static_cast<int>(s.batch);
+  p.heads = static_cast<int>(s.heads);
+  p.kv_heads = static_cast<int>(s.kv_heads);
+  p.q_len = static_cast<int>(s.q_len);
+  p.k_len = static_cast<int>(s.k_len);
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.group = static_cast<int>(s.heads / s.kv_heads);
+  p.causal = causal;
+  p.causal_offset = causal_offset;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  return p;
+}
+
+void check_grid(const char* op, const Sizes& s) {
+  TORCH_CHECK(s.batch * s.heads < (int64_t{1} << 31) && s.q_len < (int64_t{1} << 30) &&
+                  s.k_len < (int64_t{1} << 30),
+              op, ": sizes too large for the CUDA kernels (B * H < 2^31, Lq, Lk < 2^30)");
+  TORCH_CHECK(lk::ceil_div(std::max(s.q_len, s.k_len), 32) <= kMaxGridY, op,
+              ": sequence length ", std::max(s.q_len, s.k_len), " exceeds the CUDA grid limit (",
+              kMaxGridY * 32, ")");
+}
+
+bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// 16-byte aligned rows: base address and the strides of every dim of size > 1.
+bool rows_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
+at::Tensor with_aligned_rows(const at::Tensor& t) {
+  if (rows_aligned(t)) return t;
+  at::Tensor c = t.contiguous();
+  return rows_aligned(c) ? c : c.clone();
+}
+
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+template <typename... KernelArgs, typename... Args>
+void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem, Args... args) {
+  if (grid.x == 0 || grid.y == 0) return;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int tiles(int length, int block) { return (length + block - 1) / block; }
+
+// ---- tensor cores (T = __half or __nv_bfloat16) ----
+
+template <typename T, int HD, int BN, int NW>
+void forward_tc(const Params& p) {
+  constexpr int BM = 16 * NW;
+  const size_t smem = static_cast<size_t>(BM + 2 * BN) * Tile<HD>::kLd * sizeof(T);
+  launch(attention_forward_tc<T, HD, BN, NW>, dim3(p.batch * p.heads, tiles(p.q_len, BM)),
+         NW * 32, smem, p);
+}
+
+template <typename T>
+void forward_tc_dispatch(const Params& p) {
+  if (p.head_dim <= 64) {
+    forward_tc<T, 64, 128, 4>(p);
+  } else if (p.head_dim <= 128) {
+    forward_tc<T, 128, 64, 8>(p);
+  } else {
+    forward_tc<T, 256, 32, 4>(p);
+  }
+}
+
+template <typename T, int HD, int BMQ, int BN, int NW>
+void backward_tc(const Params& p) {
+  constexpr int kWarpRows = 16 * NW;
+  const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
+  launch(attention_backward_delta<T>, dim3(static_cast<unsigned>(lk::ceil_div(rows, 8)), 1), 256,
+         0, p, rows);
+  const size_t smem_dkdv = static_cast<size_t>(2 * kWarpRows + 2 * BMQ) * Tile<HD>::kLd *
+                               sizeof(T) + 2 * BMQ * sizeof(float);
+  launch(attention_backward_dkdv_tc<T, HD, BMQ, NW>,
+         dim3(p.batch * p.kv_heads, tiles(p.k_len, kWarpRows)), NW * 32, smem_dkdv, p);
+  const size_t smem_dq = static_cast<size_t>(2 * kWarpRows + 2 * BN) * Tile<HD>::kLd * sizeof(T);
+  launch(attention_backward_dq_tc<T, HD, BN, NW>,
+         dim3(p.batch * p.heads, tiles(p.q_len, kWarpRows)), NW * 32, smem_dq, p);
+}
+
+template <typename T>
+void backward_tc_dispatch(const Params& p) {
+  if (p.head_dim <= 64) {
+    backward_tc<T, 64, 64, 64, 4>(p);
+  } else {
+    backward_tc<T, 128, 32, 64, 4>(p);
+  }
+}
+
+// ---- SIMT float32 ----
+
+size_t simt_tile_floats(const Params& p) { return size_t{kSimtRows} * (p.head_dim + 1); }
+
+template <int COLS>
+void forward_simt(const Params& p) {
+  const size_t smem = (3 * simt_tile_floats(p) + kSimtRows * 33) * sizeof(float);
+  launch(attention_forward_simt<COLS>, dim3(p.batch * p.heads, tiles(p.q_len, kSimtRows)),
+         kSimtThreads, smem, p);
+}
+
+template <int COLS>
+void backward_simt(const Params& p) {
+  const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
+  launch(attention_backward_delta_simt, dim3(static_cast<unsigned>(lk::ceil_div(rows, 128)), 1),
+         128, 0, p, rows);
+  const size_t smem_dkdv =
+      (4 * simt_tile_floats(p) + 2 * kSimtRows * 33 + 2 * kSimtRows) * sizeof(float);
+  launch(attention_backward_dkdv_simt<COLS>,
+         dim3(p.batch * p.kv_heads, tiles(p.k_len, kSimtRows)), kSimtThreads, smem_dkdv, p);
+  const size_t smem_dq = (4 * simt_tile_floats(p) + kSimtRows * 33) * sizeof(float);
+  launch(attention_backward_dq_simt<COLS>, dim3(p.batch * p.heads, tiles(p.q_len, kSimtRows)),
+         kSimtThreads, smem_dq, p);
+}
+
+template <int COLS_SMALL, int COLS_LARGE>
+void forward_simt_dispatch(const Params& p) {
+  p.head_dim <= 4 * COLS_SMALL ? forward_simt<COLS_SMALL>(p) : forward_simt<COLS_LARGE>(p);
+}
+
+template <int COLS_SMALL, int COLS_LARGE>
+void backward_simt_dispatch(const Params& p) {
+  p.head_dim <= 4 * COLS_SMALL ? backward_simt<COLS_SMALL>(p) : backward_simt<COLS_LARGE>(p);
+}
+
+// D <= 128 uses 32 columns per thread, D <= 256 64.
+constexpr int kColsSmall = 32, kColsLarge = 64;
+
+bool tensor_core_forward(const at::Tensor& q, int64_t head_dim) {
+  return is_16bit(q) && head_dim % 8 == 0;
+}
+
+bool tensor_core_backward(const at::Tensor& q, int64_t head_dim) {
+  return tensor_core_forward(q, head_dim) && head_dim <= 128;
+}
+
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+}  // namespace
+}  // namespace lk::attn
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, bool causal, int64_t causal_offset, double scale) {
+  using namespace lk::attn;
+  constexpr const char* kOp = "attention_forward_cuda";
+  const Sizes s = check_forward_inputs(kOp, q, k, v, mask, scale, at::kCUDA);
+  check_grid(kOp, s);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());  // (B, H, Lq, D) contiguous
+  at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  if (tensor_core_forward(q, s.head_dim)) {
+    const at::Tensor qa = with_aligned_rows(q), ka = with_aligned_rows(k);
+    const at::Tensor va = with_aligned_rows(v);
+    Params p = make_params(s, qa, ka, va, mask, causal, causal_offset, scale);
+    p.out = out.data_ptr();
+    p.lse = lse.data_ptr<float>();
+    if (q.scalar_type() == at::kHalf) {
+      forward_tc_dispatch<__half>(p);
+    } else {
+      forward_tc_dispatch<__nv_bfloat16>(p);
+    }
+    return {out, lse};
+  }
+  const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v);
+  at::Tensor out_f = q.scalar_type() == at::kFloat ? out : at::empty(q.sizes(), qf.options());
+  Params p = make_params(s, qf, kf, vf, mask, causal, causal_offset, scale);
+  p.out = out_f.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  forward_simt_dispatch<kColsSmall, kColsLarge>(p);
+  if (!out_f.is_same(out)) out.copy_(out_f);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    bool causal, int64_t causal_offset, double scale) {
+  using namespace lk::attn;
+  constexpr const char* kOp = "attention_backward_cuda";
+  const Sizes s = check_backward_inputs(kOp, grad_out, q, k, v, out, lse, mask, scale, at::kCUDA);
+  check_grid(kOp, s);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor delta = at::empty({s.batch, s.heads, s.q_len}, lse.options());
+  if (tensor_core_backward(q, s.head_dim)) {
+    const at::Tensor qa = with_aligned_rows(q), ka = with_aligned_rows(k);
+    const at::Tensor va = with_aligned_rows(v);
+    const at::Tensor go = contiguous_aligned(grad_out), o = contiguous_aligned(out);
+    Params p = make_params(s, qa, ka, va, mask, causal, causal_offset, scale);
+    p.dout = go.data_ptr();
+    p.o = o.data_ptr();
+    p.lse = lse_c.data_ptr<float>();
+    p.delta = delta.data_ptr<float>();
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+    if (q.scalar_type() == at::kHalf) {
+      backward_tc_dispatch<__half>(p);
+    } else {
+      backward_tc_dispatch<__nv_bfloat16>(p);
+    }
+    return {dq, dk, dv};
+  }
+  const bool is_float = q.scalar_type() == at::kFloat;
+  const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v);
+  const at::Tensor go = as_float(grad_out).contiguous(), o = as_float(out).contiguous();
+  at::Tensor dq_f = is_float ? dq : at::empty(q.sizes(), qf.options());
+  at::Tensor dk_f = is_float ? dk : at::empty(k.sizes(), qf.options());
+  at::Tensor dv_f = is_float ? dv : at::empty(v.sizes(), qf.options());
+  Params p = make_params(s, qf, kf, vf, mask, causal, causal_offset, scale);
+  p.dout = go.data_ptr();
+  p.o = o.data_ptr();
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq_f.data_ptr();
+  p.dk = dk_f.data_ptr();
+  p.dv = dv_f.data_ptr();
+  backward_simt_dispatch<kColsSmall, kColsLarge>(p);
+  if (!is_float) {
+    dq.copy_(dq_f);
+    dk.copy_(dk_f);
+    dv.copy_(dv_f);
+  }
+  return {dq, dk, dv};
+}

@@ -1,0 +1,866 @@
+// Device code of the CUDA attention (included by attention_cuda.cu only; no torch headers).
+//
+// Tensor-core path (fp16/bf16, sm_80+): FlashAttention-2 with mma.sync.m16n8k16 (fp32
+// accumulation), ldmatrix from padded shared memory tiles filled by cp.async. Each warp owns 16
+// rows of its block's tile; a row's softmax statistics live in the 4 lanes of a quad.
+// SIMT path (float32, and the fallback of everything else): 4 threads per row, 32 rows per
+// block, tiles of 32 keys in shared memory.
+//
+// Conventions: scores are kept in the log2 domain (s * scale * log2(e) + mask * log2(e));
+// lse (natural log) is +inf for a row that sees no key, so every recomputed P of that row is 0.
+// Query i sees key j iff j < Lk and (not causal or j <= i + causal_offset).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lk::attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+enum MaskDType : int { kMaskFloat32 = 0, kMaskFloat16 = 1, kMaskBFloat16 = 2 };
+
+// Everything a kernel needs; strides in elements. dout/out/dq/dk/dv and lse/delta are
+// contiguous: (B, H, Lq, D), (B, Hkv, Lk, D), (B, H, Lq).
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;  // nullptr or additive (B, H, Lq, Lk) with strides mask_stride
+  int mask_dtype;
+  int64_t q_stride[3], k_stride[3], v_stride[3];  // batch, head, row
+  int64_t mask_stride[4];
+  void* out;          // forward output
+  float* lse;         // forward output / backward input (natural log)
+  const void* dout;   // backward
+  const void* o;      // backward: the forward output
+  float* delta;       // backward: rowsum(dout * out)
+  void* dq;
+  void* dk;
+  void* dv;
+  int batch, heads, kv_heads, q_len, k_len, head_dim, group;
+  bool causal;
+  int64_t causal_offset;
+  float scale, scale_log2;
+};
+
+// Row i of query head h of batch b (likewise keys/values of kv head hk): strided tensors.
+template <typename T>
+__device__ __forceinline__ const T* q_row(const Params& p, int b, int h, int i) {
+  return static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+}
+template <typename T>
+__device__ __forceinline__ const T* k_row(const Params& p, int b, int hk, int j) {
+  return static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] + j * p.k_stride[2];
+}
+template <typename T>
+__device__ __forceinline__ const T* v_row(const Params& p, int b, int hk, int j) {
+  return static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] + j * p.v_stride[2];
+}
+
+// Row i of head bh (= b * H + h) of a contiguous (B, H, L, D) tensor.
+template <typename T>
+__device__ __forceinline__ T* head_row(T* base, int64_t bh, int length, int i, int d) {
+  return base + (bh * length + i) * d;
+}
+
+__device__ __forceinline__ float load_mask(const Params& p, int b, int h, int i, int j) {
+  const int64_t idx = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] +
+                      j * p.mask_stride[3];
+  switch (p.mask_dtype) {
+    case kMaskFloat16:
+      return __half2float(static_cast<const __half*>(p.mask)[idx]);
+    case kMaskBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p.mask)[idx]);
+    default:
+      return static_cast<const float*>(p.mask)[idx];
+  }
+}
+
+// The score of query i and key j in the log2 domain, -inf where j is hidden.
+__device__ __forceinline__ float masked_score(const Params& p, float s, int b, int h, int i,
+                                              int j) {
+  if (j >= p.k_len || (p.causal && j > i + p.causal_offset)) return -INFINITY;
+  s *= p.scale_log2;
+  if (p.mask != nullptr && i < p.q_len) s += load_mask(p, b, h, i, j) * kLog2e;
+  return s;
+}
+
+// Keys [0, key_end) are visible to some query in [q0, q1).
+__device__ __forceinline__ int key_end(const Params& p, int q1) {
+  if (!p.causal) return p.k_len;
+  const int64_t end = q1 + p.causal_offset;
+  return static_cast<int>(end < 0 ? 0 : (end > p.k_len ? p.k_len : end));
+}
+
+// First query that sees key k0.
+__device__ __forceinline__ int first_query(const Params& p, int k0) {
+  if (!p.causal) return 0;
+  const int64_t first = k0 - p.causal_offset;
+  return static_cast<int>(first < 0 ? 0 : (first > p.q_len ? p.q_len : first));
+}
+
+// The lse of a row in the log2 domain (rounded once from the float lse).
+__device__ __forceinline__ float lse_log2(float lse) {
+  return static_cast<float>(static_cast<double>(lse) * 1.4426950408889634);
+}
+
+// The natural lse of a row from its log2-domain max m and sum l of 2^(s - m) (rounded once),
+// +inf for an empty row (l == 0).
+__device__ __forceinline__ float lse_of(float m, float l) {
+  if (l == 0.0f) return INFINITY;
+  return static_cast<float>((static_cast<double>(m) + log2(static_cast<double>(l))) *
+                            0.6931471805599453);
+}
+
+// ================================ tensor-core helpers ========================================
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read then).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+  // c += a (16x16, row) * b (16x8, col), fp32 accumulators.
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+// Shared memory tile of ROWS x HD 16-bit values, rows padded by 8 elements (16 bytes) so that
+// the 8 row addresses of an ldmatrix hit 8 different bank groups.
+template <int HD>
+struct Tile {
+  static constexpr int kLd = HD + 8;
+};
+
+// Copies rows [0, rows) x columns [0, d) of a row-major slab (row stride `stride`) into the
+// ROWS x HD shared tile, zero filling the rest. Needs d % 8 == 0 and 16-byte aligned rows.
+template <int ROWS, int HD, int THREADS, typename T>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t stride, int rows,
+                                                int d) {
+  constexpr int kChunks = HD / 8;
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = r < rows && col < d;
+    cp_async_16(tile + r * Tile<HD>::kLd + col, valid ? src + r * stride + col : src, valid);
+  }
+}
+
+// Writes the 16 rows x HD tile a warp staged in shared memory to dst rows [0, rows) (row
+// stride d, contiguous), 16 bytes per store.
+template <int HD, typename T>
+__device__ __forceinline__ void store_warp_rows(const T* tile, T* dst, int rows, int d) {
+  constexpr int kChunks = HD / 8;
+  const int lane = threadIdx.x % 32;
+  for (int c = lane; c < 16 * kChunks; c += 32) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    if (r < rows && col < d) {
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(r) * d + col) =
+          *reinterpret_cast<const uint4*>(tile + r * Tile<HD>::kLd + col);
+    }
+  }
+}
+
+// Stages a warp's 16 x HD fp32 accumulator fragment (times `factor` per row half) as T into
+// its rows of a shared tile.
+template <int HD, typename T>
+__device__ __forceinline__ void stage_fragment(T* tile, const float (&acc)[HD / 8][4],
+                                               const float (&factor)[2]) {
+  const int lane = threadIdx.x % 32;
+  const int r = lane / 4, c = (lane % 4) * 2;
+#pragma unroll
+  for (int nt = 0; nt < HD / 8; ++nt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      *reinterpret_cast<uint32_t*>(tile + (r + 8 * half) * Tile<HD>::kLd + nt * 8 + c) =
+          Mma<T>::pack(acc[nt][2 * half] * factor[half], acc[nt][2 * half + 1] * factor[half]);
+    }
+  }
+}
+
+// acc (16 x 8*N) += A (16 x 16*KSTEPS, the warp's rows `a` of a shared tile) times B^T where B
+// is N*8 rows of a shared tile `b` (row = output column), over columns [0, 16*KSTEPS).
+template <int N, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_rows_x_rows(float (&acc)[N][4], const T* a, const T* b) {
+  constexpr int kLd = Tile<HD>::kLd;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+    uint32_t af[4];
+    ldmatrix_x4(af, a + (lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b + (np * 16 + lane % 8 + (lane / 16) * 8) * kLd + ks * 16 +
+                          ((lane / 8) % 2) * 8);
+      Mma<T>::run(acc[2 * np], af, bf[0], bf[1]);
+      Mma<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 x HD) += A (16 x 16*KSTEPS, register fragments) times B (16*KSTEPS rows x HD of a
+// shared tile `b`, row-major).
+template <int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_regs_x_tile(float (&acc)[HD / 8][4],
+                                                const uint32_t (&a)[KSTEPS][4], const T* b) {
+  constexpr int kLd = Tile<HD>::kLd;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+    for (int dp = 0; dp < HD / 16; ++dp) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, b + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + dp * 16 +
+                                (lane / 16) * 8);
+      Mma<T>::run(acc[2 * dp], a[ks], bf[0], bf[1]);
+      Mma<T>::run(acc[2 * dp + 1], a[ks], bf[2], bf[3]);
+    }
+  }
+}
+
+// The A fragments (16 x 8N as N/2 k-steps of 16) of a 16 x 8N fp32 accumulator.
+template <int N, typename T>
+__device__ __forceinline__ void to_a_fragments(uint32_t (&a)[N / 2][4], const float (&c)[N][4]) {
+#pragma unroll
+  for (int ks = 0; ks < N / 2; ++ks) {
+    a[ks][0] = Mma<T>::pack(c[2 * ks][0], c[2 * ks][1]);
+    a[ks][1] = Mma<T>::pack(c[2 * ks][2], c[2 * ks][3]);
+    a[ks][2] = Mma<T>::pack(c[2 * ks + 1][0], c[2 * ks + 1][1]);
+    a[ks][3] = Mma<T>::pack(c[2 * ks + 1][2], c[2 * ks + 1][3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+}
+
+// Accumulator element e of n-tile nt sits at row (lane/4 + 8*(e/2)), column nt*8 + 2*(lane%4) +
+// e%2 of the warp's 16 x 8N fragment.
+__device__ __forceinline__ int frag_row(int e) { return (threadIdx.x % 32) / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int frag_col(int nt, int e) {
+  return nt * 8 + 2 * (threadIdx.x % 4) + e % 2;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ================================ tensor-core forward ========================================
+
+// Grid (B * H, query tiles); NW warps, BM = 16 * NW query rows x BN keys per step.
+template <typename T, int HD, int BN, int NW>
+__global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) {
+  constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);  // BM x HD
+  T* s_k = s_q + BM * kLd;              // BN x HD
+  T* s_v = s_k + BN * kLd;              // BN x HD
+
+  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // the longest causal rows start first
+  const int warp = threadIdx.x / 32, d = p.head_dim;
+  const T* k = k_row<T>(p, b, hk, 0);
+  const T* v = v_row<T>(p, b, hk, 0);
+  const int q_rows = min(BM, p.q_len - m0);
+  const int n_end = key_end(p, m0 + q_rows);
+  const int n_tiles = (n_end + BN - 1) / BN;
+
+  load_tile_async<BM, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
+  if (n_tiles > 0) load_tile_async<BN, HD, kThreads>(s_k, k, p.k_stride[2], min(BN, p.k_len), d);
+  cp_async_commit();
+
+  float o[HD / 8][4];
+  zero(o);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const T* q_warp = s_q + warp * 16 * kLd;
+  const int row_base = m0 + warp * 16;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = t * BN;
+    cp_async_wait_all();
+    __syncthreads();  // K tile t is in; every warp is done with V tile t-1
+    load_tile_async<BN, HD, kThreads>(s_v, v + n0 * p.v_stride[2], p.v_stride[2],
+                                      min(BN, p.k_len - n0), d);
+    cp_async_commit();
+
+    float s[NT][4];
+    zero(s);
+    mma_rows_x_rows<NT, HD / 16, HD>(s, q_warp, s_k);
+
+    const bool need_mask = p.mask != nullptr || n0 + BN > p.k_len ||
+                           (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] = masked_score(p, s[nt][e], b, h, row_base + frag_row(e), n0 + frag_col(nt, e));
+        }
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
+      }
+    }
+
+    // Online softmax: rescale the running sums and O by 2^(old max - new max).
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float m = row_max[half];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+      m = quad_max(m);
+      const float shift = m == -INFINITY ? 0.0f : m;
+      const float alpha = exp2f(row_max[half] - shift);
+      row_max[half] = m;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - shift);
+          sum += s[nt][e];
+        }
+      }
+      row_sum[half] = row_sum[half] * alpha + sum;  // this lane's share; summed over the quad
+#pragma unroll
+      for (int dt = 0; dt < HD / 8; ++dt) {
+        o[dt][2 * half] *= alpha;
+        o[dt][2 * half + 1] *= alpha;
+      }
+    }
+    uint32_t pa[NT / 2][4];
+    to_a_fragments<NT, T>(pa, s);
+
+    cp_async_wait_all();
+    __syncthreads();  // V tile t is in; every warp is done with K tile t
+    if (t + 1 < n_tiles) {
+      load_tile_async<BN, HD, kThreads>(s_k, k + (n0 + BN) * p.k_stride[2], p.k_stride[2],
+                                        min(BN, p.k_len - n0 - BN), d);
+    }
+    cp_async_commit();
+    mma_regs_x_tile<NT / 2, HD>(o, pa, s_v);
+  }
+
+  float inv[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float sum = quad_sum(row_sum[half]);
+    inv[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const int i = row_base + frag_row(2 * half);
+    if (threadIdx.x % 4 == 0 && i < p.q_len) {
+      p.lse[static_cast<int64_t>(bh) * p.q_len + i] = lse_of(row_max[half], sum);
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();  // nothing is in flight into s_q any more
+  T* stage = s_q + warp * 16 * kLd;
+  stage_fragment<HD>(stage, o, inv);
+  __syncwarp();
+  T* out = head_row(static_cast<T*>(p.out), bh, p.q_len, row_base, d);
+  store_warp_rows<HD>(stage, out, min(16, p.q_len - row_base), d);
+}
+
+// ================================ tensor-core backward =======================================
+
+// delta[row] = sum_d dout[row, d] * o[row, d] (one warp per row).
+template <typename T>
+__global__ void attention_backward_delta(const Params p, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const T* dout = static_cast<const T*>(p.dout) + row * p.head_dim;
+  const T* o = static_cast<const T*>(p.o) + row * p.head_dim;
+  float acc = 0.0f;
+  for (int c = threadIdx.x % 32; c < p.head_dim; c += 32) {
+    acc += static_cast<float>(dout[c]) * static_cast<float>(o[c]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  if (threadIdx.x % 32 == 0) p.delta[row] = acc;
+}
+
+// dK, dV of BN = 16 * NW keys (grid (B * Hkv, key tiles)); loops over the group's query heads
+// and their query tiles of BMQ rows. Each warp owns 16 keys: S^T = K Q^T, P^T, dV += P^T dO,
+// dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+template <typename T, int HD, int BMQ, int NW>
+__global__ void __launch_bounds__(NW * 32) attention_backward_dkdv_tc(const Params p) {
+  constexpr int BN = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NQ = BMQ / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_k = reinterpret_cast<T*>(smem);  // BN x HD
+  T* s_v = s_k + BN * kLd;              // BN x HD
+  T* s_q = s_v + BN * kLd;              // BMQ x HD
+  T* s_do = s_q + BMQ * kLd;            // BMQ x HD
+  float* s_lse = reinterpret_cast<float*>(s_do + BMQ * kLd);  // BMQ, log2 domain
+  float* s_delta = s_lse + BMQ;                                // BMQ
+
+  const int bhk = blockIdx.x, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+  const int n0 = blockIdx.y * BN;
+  const int warp = threadIdx.x / 32, d = p.head_dim;
+  const int key_rows = min(BN, p.k_len - n0);
+  load_tile_async<BN, HD, kThreads>(s_k, k_row<T>(p, b, hk, n0), p.k_stride[2], key_rows, d);
+  load_tile_async<BN, HD, kThreads>(s_v, v_row<T>(p, b, hk, n0), p.v_stride[2], key_rows, d);
+  cp_async_commit();
+
+  float dk[HD / 8][4], dv[HD / 8][4];
+  zero(dk);
+  zero(dv);
+  const T* k_warp = s_k + warp * 16 * kLd;
+  const T* v_warp = s_v + warp * 16 * kLd;
+  const int key_base = n0 + warp * 16;
+  const int m_start = first_query(p, n0) / BMQ * BMQ;
+
+  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+    const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+    for (int m0 = m_start; m0 < p.q_len; m0 += BMQ) {
+      const int q_rows = min(BMQ, p.q_len - m0);
+      load_tile_async<BMQ, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
+      load_tile_async<BMQ, HD, kThreads>(
+          s_do, head_row(static_cast<const T*>(p.dout), bh, p.q_len, m0, d), d, q_rows, d);
+      cp_async_commit();
+      for (int r = threadIdx.x; r < BMQ; r += kThreads) {
+        s_lse[r] = r < q_rows ? lse_log2(p.lse[bh * p.q_len + m0 + r]) : INFINITY;
+        s_delta[r] = r < q_rows ? p.delta[bh * p.q_len + m0 + r] : 0.0f;
+      }
+      cp_async_wait_all();
+      __syncthreads();
+
+      float pt[NQ][4];  // P^T: 16 keys x BMQ queries
+      zero(pt);
+      mma_rows_x_rows<NQ, HD / 16, HD>(pt, k_warp, s_q);
+      const bool need_mask =
+          p.mask != nullptr || (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
+#pragma unroll
+      for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = frag_col(nt, e);
+          const float x = need_mask
+                              ? masked_score(p, pt[nt][e], b, h, m0 + col, key_base + frag_row(e))
+                              : pt[nt][e] * p.scale_log2;
+          pt[nt][e] = exp2f(x - s_lse[col]);
+        }
+      }
+      uint32_t pa[NQ / 2][4];
+      to_a_fragments<NQ, T>(pa, pt);
+      mma_regs_x_tile<NQ / 2, HD>(dv, pa, s_do);  // dV += P^T dO
+
+      float dpt[NQ][4];  // dP^T = V dO^T
+      zero(dpt);
+      mma_rows_x_rows<NQ, HD / 16, HD>(dpt, v_warp, s_do);
+#pragma unroll
+      for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - s_delta[frag_col(nt, e)]);
+        }
+      }
+      to_a_fragments<NQ, T>(pa, dpt);
+      mma_regs_x_tile<NQ / 2, HD>(dk, pa, s_q);  // dK += dS^T Q
+      __syncthreads();  // every warp is done with s_q, s_do before the next tile
+    }
+  }
+
+  cp_async_wait_all();
+  __syncthreads();
+  const float scale_dk[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
+  T* stage_k = s_k + warp * 16 * kLd;
+  T* stage_v = s_v + warp * 16 * kLd;
+  stage_fragment<HD>(stage_k, dk, scale_dk);
+  stage_fragment<HD>(stage_v, dv, one);
+  __syncwarp();
+  const int64_t offset = (static_cast<int64_t>(bhk) * p.k_len + key_base) * d;
+  const int rows = min(16, p.k_len - key_base);
+  store_warp_rows<HD>(stage_k, static_cast<T*>(p.dk) + offset, rows, d);
+  store_warp_rows<HD>(stage_v, static_cast<T*>(p.dv) + offset, rows, d);
+}
+
+// dQ of BM = 16 * NW query rows (grid (B * H, query tiles)) over key tiles of BN:
+// S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+template <typename T, int HD, int BN, int NW>
+__global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params p) {
+  constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);  // BM x HD
+  T* s_do = s_q + BM * kLd;             // BM x HD
+  T* s_k = s_do + BM * kLd;             // BN x HD
+  T* s_v = s_k + BN * kLd;              // BN x HD
+
+  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  const int warp = threadIdx.x / 32, d = p.head_dim;
+  const int q_rows = min(BM, p.q_len - m0);
+  load_tile_async<BM, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
+  load_tile_async<BM, HD, kThreads>(
+      s_do, head_row(static_cast<const T*>(p.dout), bh, p.q_len, m0, d), d, q_rows, d);
+  cp_async_commit();
+  const T* k = k_row<T>(p, b, hk, 0);
+  const T* v = v_row<T>(p, b, hk, 0);
+
+  const int row_base = m0 + warp * 16;
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = row_base + frag_row(2 * half);
+    const int64_t row = static_cast<int64_t>(bh) * p.q_len + i;
+    lse2[half] = i < p.q_len ? lse_log2(p.lse[row]) : INFINITY;
+    delta[half] = i < p.q_len ? p.delta[row] : 0.0f;
+  }
+  float dq[HD / 8][4];
+  zero(dq);
+  const T* q_warp = s_q + warp * 16 * kLd;
+  const T* do_warp = s_do + warp * 16 * kLd;
+  const int n_end = key_end(p, m0 + q_rows);
+
+  for (int n0 = 0; n0 < n_end; n0 += BN) {
+    const int key_rows = min(BN, p.k_len - n0);
+    load_tile_async<BN, HD, kThreads>(s_k, k + n0 * p.k_stride[2], p.k_stride[2], key_rows, d);
+    load_tile_async<BN, HD, kThreads>(s_v, v + n0 * p.v_stride[2], p.v_stride[2], key_rows, d);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    float s[NT][4];
+    zero(s);
+    mma_rows_x_rows<NT, HD / 16, HD>(s, q_warp, s_k);
+    const bool need_mask = p.mask != nullptr || n0 + BN > p.k_len ||
+                           (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = row_base + frag_row(e), j = n0 + frag_col(nt, e);
+        const float x = need_mask ? masked_score(p, s[nt][e], b, h, i, j) : s[nt][e] * p.scale_log2;
+        s[nt][e] = exp2f(x - lse2[e / 2]);
+      }
+    }
+    float dp[NT][4];  // dP = dO V^T
+    zero(dp);
+    mma_rows_x_rows<NT, HD / 16, HD>(dp, do_warp, s_v);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta[e / 2]);
+    }
+    uint32_t ds[NT / 2][4];
+    to_a_fragments<NT, T>(ds, dp);
+    mma_regs_x_tile<NT / 2, HD>(dq, ds, s_k);  // dQ += dS K
+    __syncthreads();  // every warp is done with s_k, s_v before the next tile
+  }
+
+  cp_async_wait_all();
+  __syncthreads();
+  const float scale[2] = {p.scale, p.scale};
+  T* stage = s_q + warp * 16 * kLd;
+  stage_fragment<HD>(stage, dq, scale);
+  __syncwarp();
+  T* dst = head_row(static_cast<T*>(p.dq), bh, p.q_len, row_base, d);
+  store_warp_rows<HD>(stage, dst, min(16, p.q_len - row_base), d);
+}
+
+// ================================ SIMT float32 path ==========================================
+//
+// 128 threads = 32 rows x 4 threads; thread `sub` of a row owns columns sub + 4 * c, c < COLS
+// (D <= 4 * COLS). Tiles of 32 rows live in shared memory with a row stride of D + 1 floats.
+// Every dot product runs over d = 0, 1, ..., D-1 with fmaf from 0, in the delta kernel too, so
+// that dP - delta is exactly 0 for a row that attends to a single key.
+
+constexpr int kSimtRows = 32;
+constexpr int kSimtThreads = 128;
+
+__device__ __forceinline__ float dot_seq(const float* a, const float* b, int d) {
+  float acc = 0.0f;
+  for (int c = 0; c < d; ++c) acc = fmaf(a[c], b[c], acc);
+  return acc;
+}
+
+// rows [0, rows) of a float (L, D) slab into a 32 x D shared tile (row stride ld), zeros after.
+__device__ __forceinline__ void load_rows_f32(float* tile, int ld, const float* src,
+                                              int64_t stride, int rows, int d) {
+  for (int idx = threadIdx.x; idx < kSimtRows * d; idx += blockDim.x) {
+    const int r = idx / d, c = idx % d;
+    tile[r * ld + c] = r < rows ? src[r * stride + c] : 0.0f;
+  }
+}
+
+template <int COLS>
+__global__ void __launch_bounds__(kSimtThreads) attention_forward_simt(const Params p) {
+  extern __shared__ float fsmem[];
+  const int d = p.head_dim, ld = d + 1;
+  float* s_q = fsmem;                      // 32 x ld
+  float* s_k = s_q + kSimtRows * ld;       // 32 x ld
+  float* s_v = s_k + kSimtRows * ld;       // 32 x ld
+  float* s_p = s_v + kSimtRows * ld;       // 32 x 33
+
+  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kSimtRows;
+  const int r = threadIdx.x / 4, sub = threadIdx.x % 4, i = m0 + r;
+  const int q_rows = min(kSimtRows, p.q_len - m0);
+  const float* k = k_row<float>(p, b, hk, 0);
+  const float* v = v_row<float>(p, b, hk, 0);
+  load_rows_f32(s_q, ld, q_row<float>(p, b, h, m0), p.q_stride[2], q_rows, d);
+
+  float o[COLS];
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) o[c] = 0.0f;
+  float row_max = -INFINITY, row_sum = 0.0f;
+  const int n_end = key_end(p, m0 + q_rows);
+  for (int n0 = 0; n0 < n_end; n0 += kSimtRows) {
+    const int key_rows = min(kSimtRows, p.k_len - n0);
+    __syncthreads();  // everyone is done with the previous K, V tiles
+    load_rows_f32(s_k, ld, k + n0 * p.k_stride[2], p.k_stride[2], key_rows, d);
+    load_rows_f32(s_v, ld, v + n0 * p.v_stride[2], p.v_stride[2], key_rows, d);
+    __syncthreads();
+    float s[kSimtRows / 4];
+    float m = row_max;
+#pragma unroll
+    for (int jj = 0; jj < kSimtRows / 4; ++jj) {
+      const int j = sub + 4 * jj;
+      s[jj] = masked_score(p, dot_seq(s_q + r * ld, s_k + j * ld, d), b, h, i, n0 + j);
+      m = fmaxf(m, s[jj]);
+    }
+    m = quad_max(m);
+    const float shift = m == -INFINITY ? 0.0f : m;
+    const float alpha = exp2f(row_max - shift);
+    row_max = m;
+    float sum = 0.0f;
+#pragma unroll
+    for (int jj = 0; jj < kSimtRows / 4; ++jj) {
+      const float pj = exp2f(s[jj] - shift);
+      s_p[r * 33 + sub + 4 * jj] = pj;
+      sum += pj;
+    }
+    row_sum = row_sum * alpha + quad_sum(sum);
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) {
+      const int col = sub + 4 * c;
+      if (col < d) {
+        float acc = o[c] * alpha;
+        for (int j = 0; j < kSimtRows; ++j) acc = fmaf(s_p[r * 33 + j], s_v[j * ld + col], acc);
+        o[c] = acc;
+      }
+    }
+  }
+  if (i >= p.q_len) return;
+  const int64_t row = static_cast<int64_t>(bh) * p.q_len + i;
+  const float inv = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) {
+    const int col = sub + 4 * c;
+    if (col < d) static_cast<float*>(p.out)[row * d + col] = o[c] * inv;
+  }
+  if (sub == 0) p.lse[row] = lse_of(row_max, row_sum);
+}
+
+// delta[row] = dot_seq(dout[row], o[row]) (one thread per row, float32).
+__global__ void attention_backward_delta_simt(const Params p, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const int d = p.head_dim;
+  p.delta[row] = dot_seq(static_cast<const float*>(p.dout) + row * d,
+                         static_cast<const float*>(p.o) + row * d, d);
+}
+
+template <int COLS>
+__global__ void __launch_bounds__(kSimtThreads) attention_backward_dq_simt(const Params p) {
+  extern __shared__ float fsmem[];
+  const int d = p.head_dim, ld = d + 1;
+  float* s_q = fsmem;                  // 32 x ld
+  float* s_do = s_q + kSimtRows * ld;  // 32 x ld
+  float* s_k = s_do + kSimtRows * ld;  // 32 x ld
+  float* s_v = s_k + kSimtRows * ld;   // 32 x ld
+  float* s_ds = s_v + kSimtRows * ld;  // 32 x 33
+
+  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - blockIdx.y) * kSimtRows;
+  const int r = threadIdx.x / 4, sub = threadIdx.x % 4, i = m0 + r;
+  const int q_rows = min(kSimtRows, p.q_len - m0);
+  const int64_t row = static_cast<int64_t>(bh) * p.q_len + i;
+  const float* k = k_row<float>(p, b, hk, 0);
+  const float* v = v_row<float>(p, b, hk, 0);
+  load_rows_f32(s_q, ld, q_row<float>(p, b, h, m0), p.q_stride[2], q_rows, d);
+  load_rows_f32(s_do, ld, head_row(static_cast<const float*>(p.dout), bh, p.q_len, m0, d), d,
+                q_rows, d);
+  const float lse2 = i < p.q_len ? lse_log2(p.lse[row]) : INFINITY;
+  const float delta = i < p.q_len ? p.delta[row] : 0.0f;
+
+  float dq[COLS];
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) dq[c] = 0.0f;
+  const int n_end = key_end(p, m0 + q_rows);
+  for (int n0 = 0; n0 < n_end; n0 += kSimtRows) {
+    const int key_rows = min(kSimtRows, p.k_len - n0);
+    __syncthreads();
+    load_rows_f32(s_k, ld, k + n0 * p.k_stride[2], p.k_stride[2], key_rows, d);
+    load_rows_f32(s_v, ld, v + n0 * p.v_stride[2], p.v_stride[2], key_rows, d);
+    __syncthreads();
+#pragma unroll
+    for (int jj = 0; jj < kSimtRows / 4; ++jj) {
+      const int j = sub + 4 * jj;
+      const float x = masked_score(p, dot_seq(s_q + r * ld, s_k + j * ld, d), b, h, i, n0 + j);
+      const float pj = exp2f(x - lse2);
+      const float dp = dot_seq(s_do + r * ld, s_v + j * ld, d);
+      s_ds[r * 33 + j] = pj * (dp - delta);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) {
+      const int col = sub + 4 * c;
+      if (col < d) {
+        float acc = dq[c];
+        for (int j = 0; j < kSimtRows; ++j) acc = fmaf(s_ds[r * 33 + j], s_k[j * ld + col], acc);
+        dq[c] = acc;
+      }
+    }
+  }
+  if (i >= p.q_len) return;
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) {
+    const int col = sub + 4 * c;
+    if (col < d) static_cast<float*>(p.dq)[row * d + col] = dq[c] * p.scale;
+  }
+}
+
+// dK, dV of 32 keys (4 threads per key) over the group's query heads and query tiles of 32.
+template <int COLS>
+__global__ void __launch_bounds__(kSimtThreads) attention_backward_dkdv_simt(const Params p) {
+  extern __shared__ float fsmem[];
+  const int d = p.head_dim, ld = d + 1;
+  float* s_k = fsmem;                   // 32 x ld
+  float* s_v = s_k + kSimtRows * ld;    // 32 x ld
+  float* s_q = s_v + kSimtRows * ld;    // 32 x ld
+  float* s_do = s_q + kSimtRows * ld;   // 32 x ld
+  float* s_p = s_do + kSimtRows * ld;   // 32 keys x 33: P^T
+  float* s_ds = s_p + kSimtRows * 33;   // 32 keys x 33: dS^T
+  float* s_lse = s_ds + kSimtRows * 33; // 32, log2 domain
+  float* s_delta = s_lse + kSimtRows;   // 32
+
+  const int bhk = blockIdx.x, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+  const int n0 = blockIdx.y * kSimtRows;
+  const int r = threadIdx.x / 4, sub = threadIdx.x % 4, j = n0 + r;
+  const int key_rows = min(kSimtRows, p.k_len - n0);
+  load_rows_f32(s_k, ld, k_row<float>(p, b, hk, n0), p.k_stride[2], key_rows, d);
+  load_rows_f32(s_v, ld, v_row<float>(p, b, hk, n0), p.v_stride[2], key_rows, d);
+
+  float dk[COLS], dv[COLS];
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) dk[c] = dv[c] = 0.0f;
+  const int m_start = first_query(p, n0) / kSimtRows * kSimtRows;
+  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+    const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+    for (int m0 = m_start; m0 < p.q_len; m0 += kSimtRows) {
+      const int q_rows = min(kSimtRows, p.q_len - m0);
+      __syncthreads();
+      load_rows_f32(s_q, ld, q_row<float>(p, b, h, m0), p.q_stride[2], q_rows, d);
+      load_rows_f32(s_do, ld, head_row(static_cast<const float*>(p.dout), bh, p.q_len, m0, d), d,
+                    q_rows, d);
+      for (int t = threadIdx.x; t < kSimtRows; t += blockDim.x) {
+        s_lse[t] = t < q_rows ? lse_log2(p.lse[bh * p.q_len + m0 + t]) : INFINITY;
+        s_delta[t] = t < q_rows ? p.delta[bh * p.q_len + m0 + t] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int ii = 0; ii < kSimtRows / 4; ++ii) {
+        const int qi = sub + 4 * ii;
+        const float x = masked_score(p, dot_seq(s_q + qi * ld, s_k + r * ld, d), b, h, m0 + qi, j);
+        const float pij = exp2f(x - s_lse[qi]);
+        const float dp = dot_seq(s_do + qi * ld, s_v + r * ld, d);
+        s_p[r * 33 + qi] = pij;
+        s_ds[r * 33 + qi] = pij * (dp - s_delta[qi]);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < COLS; ++c) {
+        const int col = sub + 4 * c;
+        if (col < d) {
+          float acc_v = dv[c], acc_k = dk[c];
+          for (int qi = 0; qi < kSimtRows; ++qi) {
+            acc_v = fmaf(s_p[r * 33 + qi], s_do[qi * ld + col], acc_v);
+            acc_k = fmaf(s_ds[r * 33 + qi], s_q[qi * ld + col], acc_k);
+          }
+          dv[c] = acc_v;
+          dk[c] = acc_k;
+        }
+      }
+    }
+  }
+  if (j >= p.k_len) return;
+  const int64_t offset = (static_cast<int64_t>(bhk) * p.k_len + j) * d;
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) {
+    const int col = sub + 4 * c;
+    if (col < d) {
+      static_cast<float*>(p.dk)[offset + col] = dk[c] * p.scale;
+      static_cast<float*>(p.dv)[offset + col] = dv[c];
+    }
+  }
+}
+
+}  // namespace lk::attn

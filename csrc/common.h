@@ -1,0 +1,97 @@
+// Helpers shared by the CUDA kernels (.cu), their C++ CPU twins (*_cpu.cpp) and the binding
+// layer. No torch headers: the .cu files include this and compile in seconds.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LK_HD __host__ __device__ __forceinline__
+#else
+#define LK_HD inline
+#endif
+
+namespace lk {
+
+// Element type of the tensors a kernel reads and writes (math is always float32).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+enum class Activation : int { kGelu = 0, kGeluTanh = 1, kRelu = 2, kSilu = 3 };
+
+LK_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Bytes of one element of `dtype`.
+LK_HD int dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// ---- activation math shared by the CUDA and CPU feed-forward epilogues (float32) ----
+
+constexpr float kSqrt1_2 = 0.70710678118654752440f;      // 1 / sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1 / sqrt(2 pi)
+constexpr float kSqrt2OverPi = 0.79788456080286535588f;  // sqrt(2 / pi)
+constexpr float kGeluTanhCoef = 0.044715f;
+
+LK_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// act(x).
+LK_HD float activation(Activation act, float x) {
+  switch (act) {
+    case Activation::kGelu:
+      return 0.5f * x * (1.0f + erff(x * kSqrt1_2));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluTanhCoef * x * x * x)));
+    case Activation::kRelu:
+      return x > 0.0f ? x : 0.0f;
+    default:
+      return x * sigmoid(x);
+  }
+}
+
+// d act(x) / dx.
+LK_HD float activation_grad(Activation act, float x) {
+  switch (act) {
+    case Activation::kGelu:
+      return 0.5f * (1.0f + erff(x * kSqrt1_2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
+    case Activation::kGeluTanh: {
+      const float t = tanhf(kSqrt2OverPi * (x + kGeluTanhCoef * x * x * x));
+      return 0.5f * (1.0f + t) +
+             0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCoef * x * x);
+    }
+    case Activation::kRelu:
+      return x > 0.0f ? 1.0f : 0.0f;
+    default: {
+      const float s = sigmoid(x);
+      return s * (1.0f + x * (1.0f - s));
+    }
+  }
+}
+
+// silu(g) * u and its gradients: d/dg = u * silu'(g), d/du = silu(g).
+LK_HD float silu(float g) { return g * sigmoid(g); }
+LK_HD float silu_grad(float g) {
+  const float s = sigmoid(g);
+  return s * (1.0f + g * (1.0f - s));
+}
+
+// ---- online softmax statistics: (running max, sum of exp(x - max)) ----
+
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+// Merge two partial (max, sum) pairs; an empty pair has max = -inf and sum = 0.
+LK_HD MaxSum merge(MaxSum a, MaxSum b) {
+  if (a.max == -INFINITY) return b;
+  if (b.max == -INFINITY) return a;
+  const float m = fmaxf(a.max, b.max);
+  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+
+// Add one value to a (max, sum) pair; -inf adds nothing.
+LK_HD MaxSum push(MaxSum a, float x) {
+  if (x == -INFINITY) return a;
+  if (x > a.max) return {x, a.sum * expf(a.max - x) + 1.0f};
+  return {a.max, a.sum + expf(x - a.max)};
+}
+
+}  // namespace lk

@@ -1,0 +1,140 @@
+// Helpers of the C++ CPU twins: dtype dispatch to c10 types, row-parallel loops, float32 row
+// buffers and blocked sums (vectorizable, and accurate for long rows).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace lk {
+
+// Calls f(T{}) with T the c10 element type of `dtype`.
+template <typename F>
+void dispatch_cpu_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      f(float{});
+      break;
+    case DType::kFloat16:
+      f(c10::Half{});
+      break;
+    default:
+      f(c10::BFloat16{});
+  }
+}
+
+// f(begin, end) over row ranges in parallel, about 32K elements per task.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t cols, F&& f) {
+  const int64_t grain = cols >= 32768 ? 1 : 32768 / (cols > 0 ? cols : 1);
+  at::parallel_for(0, rows, grain, f);
+}
+
+// f(begin, end) over element ranges in parallel.
+template <typename F>
+void parallel_elements(int64_t n, F&& f) {
+  at::parallel_for(0, n, 32768, f);
+}
+
+// Row loops in cpu_vec.cpp, cloned for AVX-512 / AVX2 / baseline x86-64.
+void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst);
+void float_to_bf16(const float* src, int64_t n, c10::BFloat16* dst);
+void half_to_float(const c10::Half* src, int64_t n, float* dst);
+void float_to_half(const float* src, int64_t n, c10::Half* dst);
+float sum_floats(const float* v, int64_t n);
+float sum_squared_deviations(const float* v, int64_t n, float mean);
+void add_floats(const float* a, const float* b, int64_t n, float* out);  // out = a + b
+// out = (v - mean) * rstd * w + b (out may be v).
+void normalize_affine(const float* v, int64_t n, float mean, float rstd, const float* w,
+                      const float* b, float* out);
+// One row of the norm backward (math in kernels.h): writes dx (plus grad_h when non-null) and
+// adds grad_y * xhat, grad_y to acc_w, acc_b when non-null.
+void norm_backward_row(const float* dy, const float* h, const float* w, const float* grad_h,
+                       int64_t n, float mean, float rstd, bool rms, float* dx, float* acc_w,
+                       float* acc_b);
+
+// float(src[i]) for i < n into dst.
+template <typename T>
+void to_float(const T* src, int64_t n, float* dst) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    bf16_to_float(src, n, dst);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    half_to_float(src, n, dst);
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+// T(src[i]) for i < n into dst (round to nearest even).
+template <typename T>
+void from_float(const float* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    float_to_bf16(src, n, dst);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    float_to_half(src, n, dst);
+  } else {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+// The float32 values of a row: the row itself for float, else converted into `buffer`.
+template <typename T>
+const float* row_as_float(const T* src, int64_t n, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    to_float(src, n, buffer.data());
+    return buffer.data();
+  }
+}
+
+// Where a kernel writes a float32 row bound for `dst`: dst itself for float, else `buffer`
+// (then stored with from_float).
+template <typename T>
+float* output_row(T* dst, std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return buffer.data();
+  }
+}
+
+// A (C,) parameter as float32, or `fill` when absent.
+template <typename T>
+std::vector<float> param_as_float(const void* p, int64_t n, float fill) {
+  std::vector<float> out(n, fill);
+  if (p != nullptr) to_float(static_cast<const T*>(p), n, out.data());
+  return out;
+}
+
+constexpr int64_t kSumBlock = 512;
+constexpr int kLanes = 8;
+
+// sum_i f(i) for i < n: float32 in kLanes independent lanes within blocks of kSumBlock values
+// (vectorizable), block totals added in double, so the error does not grow with n.
+template <typename F>
+float lane_sum(int64_t n, F&& f) {
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = start + kSumBlock < n ? start + kSumBlock : n;
+    float lanes[kLanes] = {};
+    int64_t i = start;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) lanes[k] += f(i + k);
+    }
+    for (; i < end; ++i) lanes[0] += f(i);
+    float block = 0.0f;
+    for (int k = 0; k < kLanes; ++k) block += lanes[k];
+    total += block;
+  }
+  return static_cast<float>(total);
+}
+
+}  // namespace lk

@@ -1,0 +1,186 @@
+// Vectorizable float32 row loops of the CPU twins (declared in cpu_utils.h), cloned for AVX-512,
+// AVX2 and the baseline ISA on x86-64 Linux (GCC/Clang target_clones: one binary, the best
+// version is picked at load time). Plain loops over raw pointers that the compiler vectorizes;
+// sums keep kVecLanes independent float32 lanes per block of kSumBlock values and add the block
+// totals in double, so their error does not grow with the row length.
+#include <cmath>
+#include <cstring>
+
+#include "cpu_utils.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define LK_F16C 1
+#else
+#define LK_CLONES
+#define LK_F16C 0
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // the vector type never crosses a non-inlined call
+
+namespace lk {
+namespace {
+
+constexpr int kVecLanes = 16;
+typedef float VecF __attribute__((vector_size(kVecLanes * sizeof(float))));
+
+#define LK_INLINE inline __attribute__((always_inline))
+
+LK_INLINE VecF load(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+LK_INLINE float lane_total(const VecF& v) {
+  float total = 0.0f;
+  for (int k = 0; k < kVecLanes; ++k) total += v[k];
+  return total;
+}
+
+uint32_t bits_of(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
+float float_of(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+}  // namespace
+
+LK_CLONES void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_of(static_cast<uint32_t>(src[i].x) << 16);
+}
+
+// Round to nearest even, NaN to the canonical bfloat16 NaN (as c10::BFloat16(float)).
+LK_CLONES void float_to_bf16(const float* src, int64_t n, c10::BFloat16* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = bits_of(src[i]);
+    const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    dst[i].x = static_cast<uint16_t>(std::isnan(src[i]) ? 0x7FC0u : rounded);
+  }
+}
+
+#if LK_F16C
+// fp16 <-> fp32 with the F16C instructions (round to nearest even), 8 values at a time.
+static __attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* src, int64_t n,
+                                                             float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+static __attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, int64_t n,
+                                                             c10::Half* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+static bool has_f16c() {
+  static const bool supported = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  return supported;
+}
+#endif
+
+void half_to_float(const c10::Half* src, int64_t n, float* dst) {
+#if LK_F16C
+  if (has_f16c()) return half_to_float_f16c(src, n, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+void float_to_half(const float* src, int64_t n, c10::Half* dst) {
+#if LK_F16C
+  if (has_f16c()) return float_to_half_f16c(src, n, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+LK_CLONES float sum_floats(const float* v, int64_t n) {
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = start + kSumBlock < n ? start + kSumBlock : n;
+    VecF lanes = {};
+    int64_t i = start;
+    for (; i + kVecLanes <= end; i += kVecLanes) lanes += load(v + i);
+    float block = lane_total(lanes);
+    for (; i < end; ++i) block += v[i];
+    total += block;
+  }
+  return static_cast<float>(total);
+}
+
+LK_CLONES float sum_squared_deviations(const float* v, int64_t n, float mean) {
+  double total = 0.0;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = start + kSumBlock < n ? start + kSumBlock : n;
+    VecF lanes = {};
+    int64_t i = start;
+    for (; i + kVecLanes <= end; i += kVecLanes) {
+      const VecF d = load(v + i) - mean;
+      lanes += d * d;
+    }
+    float block = lane_total(lanes);
+    for (; i < end; ++i) block += (v[i] - mean) * (v[i] - mean);
+    total += block;
+  }
+  return static_cast<float>(total);
+}
+
+LK_CLONES void add_floats(const float* a, const float* b, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+LK_CLONES void normalize_affine(const float* v, int64_t n, float mean, float rstd, const float* w,
+                                const float* b, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = (v[i] - mean) * rstd * w[i] + b[i];
+}
+
+LK_CLONES void norm_backward_row(const float* dy, const float* h, const float* w,
+                                 const float* grad_h, int64_t n, float mean, float rstd, bool rms,
+                                 float* dx, float* acc_w, float* acc_b) {
+  double sum_gx = 0.0, sum_g = 0.0;
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = start + kSumBlock < n ? start + kSumBlock : n;
+    VecF lanes_gx = {}, lanes_g = {};
+    int64_t i = start;
+    for (; i + kVecLanes <= end; i += kVecLanes) {
+      const VecF g = load(dy + i) * load(w + i);
+      lanes_gx += g * ((load(h + i) - mean) * rstd);
+      lanes_g += g;
+    }
+    float block_gx = lane_total(lanes_gx), block_g = lane_total(lanes_g);
+    for (; i < end; ++i) {
+      block_gx += dy[i] * w[i] * ((h[i] - mean) * rstd);
+      block_g += dy[i] * w[i];
+    }
+    sum_gx += block_gx;
+    sum_g += block_g;
+  }
+  const float c1 = static_cast<float>(sum_gx / n);
+  const float c2 = rms ? 0.0f : static_cast<float>(sum_g / n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float xhat = (h[i] - mean) * rstd;
+    dx[i] = (dy[i] * w[i] - xhat * c1 - c2) * rstd + (grad_h != nullptr ? grad_h[i] : 0.0f);
+  }
+  if (acc_w != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      acc_w[i] += dy[i] * ((h[i] - mean) * rstd);
+      acc_b[i] += dy[i];
+    }
+  }
+}
+
+}  // namespace lk

@@ -1,0 +1,480 @@
+// layer_norm / rms_norm forward and backward with the fused residual add (math in kernels.h).
+//
+// Forward: (threads per row) x (rows per block) blocks; each thread keeps up to kCached values
+// of its row in registers (16-byte vector loads when the row allows them) and re-reads only
+// columns past that (C > threads * kCached). Statistics are two-pass in float32.
+// Backward, C <= 512 * kCached (256 * kCached without vector loads): a persistent kernel, one row at a time per block,
+// writes dx and keeps per-column dweight/dbias sums in registers, stored per block to a
+// (blocks, C) float32 workspace; a column kernel then sums the blocks in a fixed order.
+// Wider rows: a dx kernel plus a column-tiled kernel for the partial sums. No atomics anywhere,
+// so dweight/dbias are bitwise reproducible on a given GPU.
+#include "cuda_utils.cuh"
+#include "kernels.h"
+
+namespace lk {
+namespace {
+
+constexpr int kCached = 16;             // float values of a row a thread keeps in registers
+constexpr int kForwardThreads = 512;    // max threads per row, forward
+constexpr int kBackwardThreads = 512;   // max threads per row, fused backward
+
+// Max threads per row of the fused backward: scalar loads need twice the address registers,
+// so VEC == 1 gets 256 threads (255 registers each) to keep everything in registers.
+constexpr int backward_threads(int vec) { return vec == 1 ? kBackwardThreads / 2 : kBackwardThreads; }
+constexpr int kWideThreads = 1024;      // threads per row, backward dx for wide rows
+constexpr int kColTile = 32;            // columns per block in the column kernels
+constexpr int kColLanes = 8;            // row lanes per block in the partial-sum kernel
+constexpr int kSumLanes = 32;           // partial rows summed in parallel by column_sum_kernel
+
+template <typename T>
+struct ForwardParams {
+  const T* x;
+  const T* residual;
+  const T* weight;
+  const T* bias;
+  T* y;
+  T* h;
+  float* mean;
+  float* rstd;
+  int64_t rows;
+  int cols;
+  float eps;
+};
+
+template <typename T>
+struct BackwardParams {
+  const T* grad_y;
+  const T* grad_h;
+  const T* h;
+  const T* weight;
+  const float* mean;
+  const float* rstd;
+  T* dx;
+  int64_t rows;
+  int cols;
+};
+
+// Loads VEC values of h = x (+ residual, rounded to T and stored to p.h) at flat index i.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_input(const ForwardParams<T>& p, int64_t i, float (&v)[VEC]) {
+  load_vec<T, VEC>(p.x + i, v);
+  if (p.residual != nullptr) {
+    float r[VEC];
+    load_vec<T, VEC>(p.residual + i, r);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = to_float(from_float<T>(v[k] + r[k]));
+    store_vec<T, VEC>(p.h + i, v);
+  }
+}
+
+// y = (v - mean) * rstd * weight + bias for the VEC columns at `col` of the row at `base`.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_output(const ForwardParams<T>& p, int64_t base, int col,
+                                             const float (&v)[VEC], float mean, float rstd) {
+  float w[VEC], b[VEC], out[VEC];
+  if (p.weight != nullptr) {
+    load_vec<T, VEC>(p.weight + col, w);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) w[k] = 1.0f;
+  }
+  if (p.bias != nullptr) {
+    load_vec<T, VEC>(p.bias + col, b);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) b[k] = 0.0f;
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = (v[k] - mean) * rstd * w[k] + b[k];
+  store_vec<T, VEC>(p.y + base + col, out);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kForwardThreads, 1)
+    layer_norm_forward_kernel(ForwardParams<T> p, bool rms) {
+  constexpr int kItems = kCached / VEC;
+  __shared__ float smem[32];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = row < p.rows;  // inactive threads still join the reductions
+  const int cols = p.cols;
+  const int64_t base = row * cols;
+  const int step = blockDim.x * VEC;
+  const int first = threadIdx.x * VEC;
+  const int uncached = kItems * step + first;  // columns from here on are re-read
+  // Columns past the cache are re-read from h when it was written, else from x.
+  const T* reread = p.residual != nullptr ? p.h : p.x;
+
+  float v[kItems][VEC];
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = i * step + first;
+    if (active && col < cols) {
+      load_input<T, VEC>(p, base + col, v[i]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += v[i][k];
+    }
+  }
+  for (int col = uncached; active && col < cols; col += step) {
+    float t[VEC];
+    load_input<T, VEC>(p, base + col, t);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum += t[k];
+  }
+  const float mean = rms ? 0.0f : row_reduce(sum, smem, SumOp{}) / cols;
+
+  float squares = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (active && i * step + first < cols) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) squares += (v[i][k] - mean) * (v[i][k] - mean);
+    }
+  }
+  for (int col = uncached; active && col < cols; col += step) {
+    float t[VEC];
+    load_vec<T, VEC>(reread + base + col, t);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) squares += (t[k] - mean) * (t[k] - mean);
+  }
+  const float rstd = rsqrtf(row_reduce(squares, smem, SumOp{}) / cols + p.eps);
+
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = i * step + first;
+    if (active && col < cols) store_output<T, VEC>(p, base, col, v[i], mean, rstd);
+  }
+  for (int col = uncached; active && col < cols; col += step) {
+    float t[VEC];
+    load_vec<T, VEC>(reread + base + col, t);
+    store_output<T, VEC>(p, base, col, t, mean, rstd);
+  }
+  if (active && threadIdx.x == 0) {
+    if (p.mean != nullptr) p.mean[row] = mean;
+    p.rstd[row] = rstd;
+  }
+}
+
+// Loads grad_y and xhat = (h - mean) * rstd for VEC columns; g = grad_y * weight.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_grad(const BackwardParams<T>& p, int64_t base, int col,
+                                          float mean, float rstd, float (&dy)[VEC],
+                                          float (&xhat)[VEC]) {
+  load_vec<T, VEC>(p.grad_y + base + col, dy);
+  load_vec<T, VEC>(p.h + base + col, xhat);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) xhat[k] = (xhat[k] - mean) * rstd;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void weighted(const BackwardParams<T>& p, int col,
+                                         const float (&dy)[VEC], float (&g)[VEC]) {
+  if (p.weight != nullptr) {
+    load_vec<T, VEC>(p.weight + col, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g[k] *= dy[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) g[k] = dy[k];
+  }
+}
+
+// dx = rstd * (g - xhat * c1 - c2) + grad_h for VEC columns.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_dx(const BackwardParams<T>& p, int64_t base, int col,
+                                         const float (&dy)[VEC], const float (&xhat)[VEC],
+                                         float c1, float c2, float rstd) {
+  float g[VEC], out[VEC];
+  weighted<T, VEC>(p, col, dy, g);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = (g[k] - xhat[k] * c1 - c2) * rstd;
+  if (p.grad_h != nullptr) {
+    float gh[VEC];
+    load_vec<T, VEC>(p.grad_h + base + col, gh);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] += gh[k];
+  }
+  store_vec<T, VEC>(p.dx + base + col, out);
+}
+
+// (sum(g * xhat), sum(g)) over the row -> (c1, c2) of store_dx.
+__device__ __forceinline__ float2 dx_coefficients(float2 partial, float2* smem, int cols,
+                                                  bool rms) {
+  const float2 s = row_reduce(partial, smem, Sum2Op{});
+  return make_float2(s.x / cols, rms ? 0.0f : s.y / cols);
+}
+
+// Persistent: block b handles rows b, b + gridDim.x, ...; blockDim = (threads, 1) and
+// cols <= blockDim.x * kCached. Writes its dweight/dbias sums to partial_w/b[b * cols + col].
+template <typename T, int VEC>
+__global__ void __launch_bounds__(backward_threads(VEC), 1)
+    layer_norm_backward_fused_kernel(BackwardParams<T> p, bool rms, float* partial_w,
+                                     float* partial_b) {
+  constexpr int kItems = kCached / VEC;
+  __shared__ float2 smem[32];
+  const int cols = p.cols;
+  const int step = blockDim.x * VEC;
+  const int first = threadIdx.x * VEC;
+  float acc_w[kItems][VEC] = {}, acc_b[kItems][VEC] = {};
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t base = row * cols;
+    const float mean = p.mean != nullptr ? p.mean[row] : 0.0f;
+    const float rstd = p.rstd[row];
+    float dy[kItems][VEC], xhat[kItems][VEC];
+    float2 partial = make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * step + first;
+      if (col < cols) {
+        float g[VEC];
+        load_grad<T, VEC>(p, base, col, mean, rstd, dy[i], xhat[i]);
+        weighted<T, VEC>(p, col, dy[i], g);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          partial.x += g[k] * xhat[i][k];
+          partial.y += g[k];
+        }
+      }
+    }
+    const float2 c = dx_coefficients(partial, smem, cols, rms);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * step + first;
+      if (col < cols) {
+        store_dx<T, VEC>(p, base, col, dy[i], xhat[i], c.x, c.y, rstd);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          acc_w[i][k] += dy[i][k] * xhat[i][k];
+          acc_b[i][k] += dy[i][k];
+        }
+      }
+    }
+  }
+  if (partial_w == nullptr) return;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int col = i * step + first;
+    if (col < cols) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        partial_w[static_cast<int64_t>(blockIdx.x) * cols + col + k] = acc_w[i][k];
+        partial_b[static_cast<int64_t>(blockIdx.x) * cols + col + k] = acc_b[i][k];
+      }
+    }
+  }
+}
+
+// dx only, one row per block, nothing cached (rows wider than the fused kernel takes).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWideThreads)
+    layer_norm_backward_dx_kernel(BackwardParams<T> p, bool rms) {
+  __shared__ float2 smem[32];
+  const int64_t row = blockIdx.x;
+  const int64_t base = row * p.cols;
+  const float mean = p.mean != nullptr ? p.mean[row] : 0.0f;
+  const float rstd = p.rstd[row];
+  const int step = blockDim.x * VEC;
+  float2 partial = make_float2(0.0f, 0.0f);
+  for (int col = threadIdx.x * VEC; col < p.cols; col += step) {
+    float dy[VEC], xhat[VEC], g[VEC];
+    load_grad<T, VEC>(p, base, col, mean, rstd, dy, xhat);
+    weighted<T, VEC>(p, col, dy, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      partial.x += g[k] * xhat[k];
+      partial.y += g[k];
+    }
+  }
+  const float2 c = dx_coefficients(partial, smem, p.cols, rms);
+  for (int col = threadIdx.x * VEC; col < p.cols; col += step) {
+    float dy[VEC], xhat[VEC];
+    load_grad<T, VEC>(p, base, col, mean, rstd, dy, xhat);
+    store_dx<T, VEC>(p, base, col, dy, xhat, c.x, c.y, rstd);
+  }
+}
+
+// Block (kColTile, kColLanes) sums grad_y * xhat and grad_y over the rows of chunk blockIdx.y
+// for kColTile columns, into partial_w/b[blockIdx.y * cols + col].
+template <typename T>
+__global__ void __launch_bounds__(kColTile * kColLanes)
+    layer_norm_param_partial_kernel(BackwardParams<T> p, int64_t rows_per_chunk,
+                                    float* partial_w, float* partial_b) {
+  __shared__ float2 lanes[kColLanes][kColTile];
+  const int col = blockIdx.x * kColTile + threadIdx.x;
+  const int64_t begin = blockIdx.y * rows_per_chunk;
+  const int64_t end = begin + rows_per_chunk < p.rows ? begin + rows_per_chunk : p.rows;
+  float2 acc = make_float2(0.0f, 0.0f);
+  if (col < p.cols) {
+    for (int64_t row = begin + threadIdx.y; row < end; row += kColLanes) {
+      const float mean = p.mean != nullptr ? p.mean[row] : 0.0f;
+      const float dy = to_float(p.grad_y[row * p.cols + col]);
+      const float xhat = (to_float(p.h[row * p.cols + col]) - mean) * p.rstd[row];
+      acc.x += dy * xhat;
+      acc.y += dy;
+    }
+  }
+  lanes[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= p.cols) return;
+  for (int lane = 1; lane < kColLanes; ++lane) {
+    acc.x += lanes[lane][threadIdx.x].x;
+    acc.y += lanes[lane][threadIdx.x].y;
+  }
+  const int64_t at = static_cast<int64_t>(blockIdx.y) * p.cols + col;
+  partial_w[at] = acc.x;
+  partial_b[at] = acc.y;
+}
+
+// out[col] = sum over parts of partial[part * cols + col], in a fixed order.
+template <typename T>
+__global__ void __launch_bounds__(kColTile * kSumLanes)
+    column_sum_kernel(const float* partial, int64_t parts, int cols, T* out) {
+  __shared__ float lanes[kSumLanes][kColTile + 1];
+  const int col = blockIdx.x * kColTile + threadIdx.x;
+  float acc = 0.0f;
+  if (col < cols) {
+    for (int64_t part = threadIdx.y; part < parts; part += kSumLanes) acc += partial[part * cols + col];
+  }
+  lanes[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= cols) return;
+  for (int lane = 1; lane < kSumLanes; ++lane) acc += lanes[lane][threadIdx.x];
+  out[col] = from_float<T>(acc);
+}
+
+// ---- host side -------------------------------------------------------------------------------
+
+template <typename T>
+ForwardParams<T> forward_params(const NormForwardArgs& a) {
+  return {static_cast<const T*>(a.x),    static_cast<const T*>(a.residual),
+          static_cast<const T*>(a.weight), static_cast<const T*>(a.bias),
+          static_cast<T*>(a.y),          static_cast<T*>(a.h),
+          a.mean,                        a.rstd,
+          a.rows,                        static_cast<int>(a.cols),
+          a.eps};
+}
+
+template <typename T>
+BackwardParams<T> backward_params(const NormBackwardArgs& a) {
+  return {static_cast<const T*>(a.grad_y), static_cast<const T*>(a.grad_h),
+          static_cast<const T*>(a.h),      static_cast<const T*>(a.weight),
+          a.mean,                          a.rstd,
+          static_cast<T*>(a.dx),           a.rows,
+          static_cast<int>(a.cols)};
+}
+
+template <typename T, int VEC>
+void launch_forward(const NormForwardArgs& a, cudaStream_t stream) {
+  const RowShape shape = row_shape(a.cols, VEC, kCached / VEC, kForwardThreads);
+  const dim3 block(shape.threads, shape.rows);
+  const unsigned grid = static_cast<unsigned>(ceil_div(a.rows, shape.rows));
+  layer_norm_forward_kernel<T, VEC><<<grid, block, 0, stream>>>(forward_params<T>(a), a.rms);
+}
+
+// How the backward splits its work; the workspace holds 2 * partials * cols floats.
+struct BackwardPlan {
+  bool fused;
+  int threads;       // per row (fused kernel)
+  int64_t partials;  // rows of the dweight/dbias workspace: fused blocks or row chunks
+};
+
+template <typename T, int VEC>
+BackwardPlan backward_plan(const NormBackwardArgs& a) {
+  const int64_t capacity = static_cast<int64_t>(backward_threads(VEC)) * kCached;
+  if (a.cols <= capacity) {
+    const int threads = row_shape(a.cols, VEC, kCached / VEC, backward_threads(VEC), 0).threads;
+    int per_sm = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, layer_norm_backward_fused_kernel<T, VEC>, threads, 0);
+    const int64_t blocks = static_cast<int64_t>(num_sms()) * (per_sm > 0 ? per_sm : 1);
+    return {true, threads, blocks < a.rows ? blocks : a.rows};
+  }
+  const int64_t tiles = ceil_div(a.cols, kColTile);
+  const int64_t chunks = ceil_div(4LL * num_sms(), tiles);
+  return {false, kWideThreads, chunks < a.rows ? chunks : a.rows};
+}
+
+template <typename T, int VEC>
+void launch_backward(const NormBackwardArgs& a, cudaStream_t stream) {
+  const BackwardPlan plan = backward_plan<T, VEC>(a);
+  const BackwardParams<T> p = backward_params<T>(a);
+  const bool param_grads = a.dweight != nullptr || a.dbias != nullptr;
+  float* partial_w = param_grads ? a.workspace : nullptr;
+  float* partial_b = param_grads ? a.workspace + plan.partials * a.cols : nullptr;
+  if (plan.fused) {
+    layer_norm_backward_fused_kernel<T, VEC><<<static_cast<unsigned>(plan.partials), plan.threads, 0,
+                                               stream>>>(p, a.rms, partial_w, partial_b);
+  } else {
+    layer_norm_backward_dx_kernel<T, VEC>
+        <<<static_cast<unsigned>(a.rows), kWideThreads, 0, stream>>>(p, a.rms);
+    if (param_grads) {
+      const dim3 grid(static_cast<unsigned>(ceil_div(a.cols, kColTile)),
+                      static_cast<unsigned>(plan.partials));
+      layer_norm_param_partial_kernel<T><<<grid, dim3(kColTile, kColLanes), 0, stream>>>(
+          p, ceil_div(a.rows, plan.partials), partial_w, partial_b);
+    }
+  }
+  const unsigned col_blocks = static_cast<unsigned>(ceil_div(a.cols, kColTile));
+  const dim3 sum_block(kColTile, kSumLanes);
+  const int cols = static_cast<int>(a.cols);
+  if (a.dweight != nullptr) {
+    column_sum_kernel<T><<<col_blocks, sum_block, 0, stream>>>(partial_w, plan.partials, cols,
+                                                               static_cast<T*>(a.dweight));
+  }
+  if (a.dbias != nullptr) {
+    column_sum_kernel<T><<<col_blocks, sum_block, 0, stream>>>(partial_b, plan.partials, cols,
+                                                               static_cast<T*>(a.dbias));
+  }
+}
+
+template <typename T>
+bool forward_vectorizable(const NormForwardArgs& a) {
+  return vectorizable(a.cols, kVec16<T>, {a.x, a.residual, a.weight, a.bias, a.y, a.h});
+}
+
+template <typename T>
+bool backward_vectorizable(const NormBackwardArgs& a) {
+  return vectorizable(a.cols, kVec16<T>, {a.grad_y, a.grad_h, a.h, a.weight, a.dx});
+}
+
+}  // namespace
+
+const char* layer_norm_forward_cuda(const NormForwardArgs& args, void* stream) {
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto s = static_cast<cudaStream_t>(stream);
+    if (forward_vectorizable<T>(args)) {
+      launch_forward<T, kVec16<T>>(args, s);
+    } else {
+      launch_forward<T, 1>(args, s);
+    }
+    return launch_error();
+  });
+}
+
+int64_t layer_norm_backward_workspace_floats(const NormBackwardArgs& args) {
+  if (args.dweight == nullptr && args.dbias == nullptr) return 0;
+  int64_t partials = 0;
+  dispatch_dtype(args.dtype, [&](auto tag) -> const char* {
+    using T = decltype(tag);
+    partials = backward_vectorizable<T>(args) ? backward_plan<T, kVec16<T>>(args).partials
+                                              : backward_plan<T, 1>(args).partials;
+    return nullptr;
+  });
+  return 2 * partials * args.cols;
+}
+
+const char* layer_norm_backward_cuda(const NormBackwardArgs& args, void* stream) {
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto s = static_cast<cudaStream_t>(stream);
+    if (backward_vectorizable<T>(args)) {
+      launch_backward<T, kVec16<T>>(args, s);
+    } else {
+      launch_backward<T, 1>(args, s);
+    }
+    return launch_error();
+  });
+}
+
+}  // namespace lk
