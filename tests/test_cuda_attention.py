@@ -11,10 +11,10 @@ SIMT path (float32, D % 8 != 0, and the backward at D > 128).
 import pytest
 import torch
 
+import attention_check
 import llm_kernels as lk
+from attention_check import make_qkv
 from llm_kernels.backends import extension_status
-from llm_kernels.numerics import assert_close
-from llm_kernels.reference import attention_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -26,41 +26,9 @@ def needs_extension():
         pytest.skip(f"the cuda backend is not built: {why}")
 
 
-def make_qkv(b, h, hkv, lq, lk_, d, dtype, device, seq_major=False):
-    """q (B, H, Lq, D), k/v (B, Hkv, Lk, D) leaves; with seq_major, views of (B, L, H, D)
-    tensors transposed (strided, last dim contiguous)."""
-    def make(heads, length):
-        if seq_major:
-            base = torch.randn(b, length, heads, d, dtype=dtype, device=device)
-            return base.transpose(1, 2).requires_grad_()
-        return torch.randn(b, heads, length, d, dtype=dtype, device=device, requires_grad=True)
-    return make(h, lq), make(hkv, lk_), make(hkv, lk_)
-
-
-def leaf64(t):
-    return t.detach().double().requires_grad_()
-
-
-def check_attention(q, k, v, *, causal=False, scale=None, attn_mask=None, grad_out=None):
-    """Forward and backward of the cuda backend against the fp64 reference; returns
-    (out, dq, dk, dv) of the cuda backend."""
-    dtype = q.dtype
-    kwargs = dict(causal=causal, scale=scale, attn_mask=attn_mask)
-    out = lk.attention(q, k, v, backend="cuda", **kwargs)
-    torch_out = lk.attention(q, k, v, backend="torch", **kwargs)
-    q64, k64, v64 = leaf64(q), leaf64(k), leaf64(v)
-    ref = attention_ref(q64, k64, v64, upcast=True, **kwargs)
-    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
-    assert_close(out, ref, torch_out, dtype, "out")
-    if grad_out is None:
-        grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    torch_grads = torch.autograd.grad(torch_out, (q, k, v), grad_out)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
-    for name, g, tg, rg in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads):
-        assert g.dtype == dtype and g.shape == rg.shape
-        assert_close(g, rg, tg, dtype, name)
-    return (out, *grads)
+def check_attention(q, k, v, **kwargs):
+    """Forward and backward of the cuda backend against the fp64 reference."""
+    return attention_check.check_attention("cuda", q, k, v, **kwargs)
 
 
 def assert_rows_zero(t, rows):
