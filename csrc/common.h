@@ -40,7 +40,7 @@ LK_HD float activation(Activation act, float x) {
     case Activation::kGeluTanh:
       return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluTanhCoef * x * x * x)));
     case Activation::kRelu:
-      return x > 0.0f ? x : 0.0f;
+      return x < 0.0f ? 0.0f : x;  // NaN stays NaN, as in torch
     default:
       return x * sigmoid(x);
   }

@@ -41,26 +41,33 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
     softmax_backward_kernel(const T* grad_y, const T* y, T* dx, int64_t rows, int cols) {
-  __shared__ float smem[32];
+  // y was rounded to T: renormalize it (p = y / sum(y)) so that dx = p * (dy - sum(dy * p))
+  // stays accurate on saturated rows; an all-zero row (all -inf logits) gives dx = 0.
+  __shared__ float2 smem[32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = row < rows;
   const int64_t base = row * cols;
   const int step = blockDim.x * VEC;
-  float dot = 0.0f;
+  float2 sums = make_float2(0.0f, 0.0f);  // (sum y, sum dy * y)
   for (int col = threadIdx.x * VEC; active && col < cols; col += step) {
     float g[VEC], v[VEC];
     load_vec<T, VEC>(grad_y + base + col, g);
     load_vec<T, VEC>(y + base + col, v);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) dot += g[k] * v[k];
+    for (int k = 0; k < VEC; ++k) {
+      sums.x += v[k];
+      sums.y += g[k] * v[k];
+    }
   }
-  dot = row_reduce(dot, smem, SumOp{});
+  sums = row_reduce(sums, smem, Sum2Op{});
+  const float inv = sums.x != 0.0f ? 1.0f / sums.x : 0.0f;
+  const float dot = sums.y * inv;
   for (int col = threadIdx.x * VEC; active && col < cols; col += step) {
     float g[VEC], v[VEC];
     load_vec<T, VEC>(grad_y + base + col, g);
     load_vec<T, VEC>(y + base + col, v);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) g[k] = v[k] * (g[k] - dot);
+    for (int k = 0; k < VEC; ++k) g[k] = v[k] * inv * (g[k] - dot);
     store_vec<T, VEC>(dx + base + col, g);
   }
 }

@@ -39,8 +39,12 @@ void softmax_backward_cpu(const SoftmaxBackwardArgs& a) {
       for (int64_t row = begin; row < end; ++row) {
         to_float(static_cast<const T*>(a.grad_y) + row * a.cols, a.cols, g.data());
         to_float(static_cast<const T*>(a.y) + row * a.cols, a.cols, y.data());
-        const float dot = lane_sum(a.cols, [&](int64_t j) { return g[j] * y[j]; });
-        for (int64_t j = 0; j < a.cols; ++j) g[j] = y[j] * (g[j] - dot);
+        // y was rounded to T: renormalize it (p = y / sum(y)) so that dx = p * (dy - sum(dy * p))
+        // stays accurate on saturated rows; an all-zero row (all -inf logits) gives dx = 0.
+        const float total = lane_sum(a.cols, [&](int64_t j) { return y[j]; });
+        const float inv = total != 0.0f ? 1.0f / total : 0.0f;
+        const float dot = lane_sum(a.cols, [&](int64_t j) { return g[j] * y[j]; }) * inv;
+        for (int64_t j = 0; j < a.cols; ++j) g[j] = y[j] * inv * (g[j] - dot);
         from_float(g.data(), a.cols, static_cast<T*>(a.dx) + row * a.cols);
       }
     });

@@ -45,7 +45,9 @@ def _cross_entropy_fwd_kernel(LOGITS, TARGET, LOSS, LSE, V, ignore_index,
     lse = m + tl.log(total)
     target = tl.load(TARGET + row)
     valid = target != ignore_index
-    target_logit = tl.load(LOGITS + start + target, mask=valid, other=0.0).to(tl.float32)
+    in_range = (target >= 0) & (target < V)  # a target outside [0, V) is never read: NaN loss
+    target_logit = tl.load(LOGITS + start + target, mask=valid & in_range,
+                           other=float("nan")).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - target_logit, 0.0))
     tl.store(LSE + row, lse)
 
@@ -63,7 +65,9 @@ def _cross_entropy_bwd_kernel(GRAD_LOSS, LOGITS, TARGET, LSE, DLOGITS, V, ignore
     lse = tl.load(LSE + row)
     x = tl.load(LOGITS + offs, mask=mask & valid, other=0.0).to(tl.float32)  # skip ignored rows
     prob = tl.exp(x - lse)
-    d = tl.where(valid, grad * (prob - tl.where(cols == target, 1.0, 0.0)), 0.0)
+    in_range = (target >= 0) & (target < V)
+    d = grad * (prob - tl.where(cols == target, 1.0, 0.0))
+    d = tl.where(valid, tl.where(in_range, d, float("nan")), 0.0)
     tl.store(DLOGITS + offs, to_dtype(d, DLOGITS.dtype.element_ty, INTERPRET), mask=mask)
 
 

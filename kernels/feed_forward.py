@@ -63,7 +63,7 @@ def _activation(x, act):
     elif act == ACT_GELU_TANH:
         y = 0.5 * x * (1.0 + _tanh((x + x * x * x * GELU_TANH_C) * SQRT_2_OVER_PI))
     elif act == ACT_RELU:
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN, as in torch
     elif act == ACT_SILU:
         y = x * tl.sigmoid(x)
     return y

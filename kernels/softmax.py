@@ -31,8 +31,8 @@ def _finite_or_zero(m):
 
 @triton.jit
 def _inverse_or_zero(total):
-    """1 / total, or 0 for a row of zeros (all -inf logits)."""
-    return tl.where(total > 0, 1.0, 0.0) / tl.where(total > 0, total, 1.0)
+    """1 / total, or 0 for a row of zeros (all -inf logits); a NaN total stays NaN."""
+    return tl.where(total != 0, 1.0, 0.0) / tl.where(total != 0, total, 1.0)
 
 
 @triton.jit

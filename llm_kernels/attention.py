@@ -52,9 +52,9 @@ def _validate(q, k, v, attn_mask):
     if bk != b or dk != d:
         raise ValueError(f"q (B, H, Lq, D) = {tuple(q.shape)} and k (B, Hkv, Lk, D) = "
                          f"{tuple(k.shape)} must agree in B and D")
+    _checks.nonempty(q=q, k=k, v=v)
     if h % hkv != 0:
         raise ValueError(f"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv}")
-    _checks.nonempty(q=q, k=k, v=v)
     _checks.last_dim_contiguous(q=q, k=k, v=v)
     if attn_mask is not None:
         _validate_mask(attn_mask, q, (b, h, lq, lk))
@@ -77,12 +77,15 @@ def _validate_mask(attn_mask, q, full_shape):
 
 def kernel_mask(attn_mask: Optional[torch.Tensor], full_shape) -> Optional[torch.Tensor]:
     """The additive float mask the kernels read, as a (B, H, Lq, Lk) view with 0 strides on
-    broadcast dims (never expanded in memory). A bool mask becomes 0 / -inf of its own shape."""
+    broadcast dims (never expanded in memory). A bool mask becomes 0 / -inf of its own shape,
+    a float64 one float32."""
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
         additive = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
         attn_mask = additive.masked_fill_(~attn_mask, float("-inf"))
+    elif attn_mask.dtype not in _checks.KERNEL_DTYPES:  # float64: the kernels read 16/32 bits
+        attn_mask = attn_mask.float()
     while attn_mask.dim() < 4:
         attn_mask = attn_mask.unsqueeze(0)
     return attn_mask.expand(full_shape)
@@ -119,6 +122,8 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, a
     """
     _validate(q, k, v, attn_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
     offset = k.shape[2] - q.shape[2] if causal else None
     return _attention(q, k, v, causal_offset=offset, scale=scale, attn_mask=attn_mask,
                       backend=backend, op="attention", torch_fn=lambda: attention_ref(
@@ -128,9 +133,11 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, a
 _warned: set[str] = set()
 
 
-def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     if dropout_p != 0.0:
         return f"dropout_p={dropout_p} (the kernels compute no dropout)"
+    if scale is not None and not math.isfinite(scale):
+        return f"scale={scale} (the kernels take a finite scale)"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return "inputs are not 4-D (B, H, L, D)"
     if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
@@ -164,7 +171,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     cannot do falls back to torch, with a warning (once per reason) and a dispatch_log entry."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _checks.tensor(name, t, min_ndim=2)
-    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                   enable_gqa)
     if reason is not None:
         if reason not in _warned:
             _warned.add(reason)

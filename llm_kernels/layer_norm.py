@@ -55,7 +55,7 @@ def _validate(x, weight, bias, residual, eps):
     _checks.same_dtype_device("x", x, weight=weight, bias=bias, residual=residual)
     _checks.nonempty(x=x)
     _checks.last_dim_contiguous(x=x, residual=residual)
-    if not isinstance(eps, (float, int)) or eps < 0:
+    if not isinstance(eps, (float, int)) or not eps >= 0:  # NaN too
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 

@@ -129,11 +129,13 @@ def _affine(normed, weight, bias):
 
 def softmax_ref(x, dim=-1, *, upcast=False):
     """exp(x - max) / sum(exp(x - max)) along ``dim``; a row of all -inf gives zeros."""
-    dtype = x.dtype
-    x = _up(x, upcast)
-    xf = x if upcast else x.float()
-    out = _safe_softmax(xf.transpose(dim, -1)).transpose(dim, -1)
-    return out if upcast else out.to(dtype)
+    if upcast:
+        return _safe_softmax(x.double().transpose(dim, -1)).transpose(dim, -1)
+    # torch's own softmax in x's dtype (its backward reads the rounded output, as the kernels'
+    # do), with rows of all -inf set to zeros instead of NaN.
+    empty_rows = (x == float("-inf")).all(dim=dim, keepdim=True)
+    out = torch.softmax(x.masked_fill(empty_rows, 0.0), dim=dim)
+    return out.masked_fill(empty_rows, 0.0)
 
 
 def activation_ref(x, activation: str):

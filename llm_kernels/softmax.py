@@ -32,7 +32,7 @@ class SoftmaxFunction(torch.autograd.Function):
 def softmax(x, dim: int = -1, *, backend: Optional[str] = None) -> torch.Tensor:
     """Softmax of ``x`` along ``dim``, in x's dtype (computed in float32)."""
     _checks.tensor("x", x, min_ndim=1)
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
     _checks.nonempty(x=x)
     name = select("softmax", backend, x.device, lambda _: _checks.kernel_dtype_reason(x.dtype))
