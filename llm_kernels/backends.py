@@ -35,8 +35,12 @@ _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cuda", "torch"),
 }
-# Ops whose CUDA C++ kernels beat the Triton ones on a GPU (measured by bench/gpu_check.sh).
-_AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {}
+# Per-op exceptions, from `llm-kernels bench --quick` on the 2-core CPU machine (2026-11-26):
+# torch's own CPU kernels beat the C++ ones for these ops (softmax 0.16x, cross_entropy 0.26x,
+# feed_forward 0.64x, swiglu 0.61x fwd+bwd), while the C++ norms (3-13x) and attention win.
+_AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {
+    (op, "cpu"): ("torch",) for op in ("softmax", "cross_entropy", "feed_forward", "swiglu")
+}
 
 _state = threading.local()
 _LOG: collections.deque = collections.deque(maxlen=1000)
