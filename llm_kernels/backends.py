@@ -35,11 +35,13 @@ _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cuda", "torch"),
 }
-# Per-op exceptions, from `llm-kernels bench --quick` on the 2-core CPU machine (2026-11-26):
-# torch's own CPU kernels beat the C++ ones for these ops (softmax 0.16x, cross_entropy 0.26x,
-# feed_forward 0.64x, swiglu 0.61x fwd+bwd), while the C++ norms (3-13x) and attention win.
+# Per-op exceptions, measured with `llm-kernels bench` on the 2-core CPU machine (2026-11-26,
+# bench/results/2026-11-26-cpu-2core.md): torch's own CPU kernels beat the C++ ones for these
+# ops (layer_norm 0.72-0.92x, softmax 0.16x, cross_entropy 0.26x, feed_forward 0.64x, swiglu
+# 0.61x), while the C++ RMSNorm (1.35-3.2x) and attention (1.03-1.23x) win.
 _AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {
-    (op, "cpu"): ("torch",) for op in ("softmax", "cross_entropy", "feed_forward", "swiglu")
+    (op, "cpu"): ("torch",)
+    for op in ("layer_norm", "softmax", "cross_entropy", "feed_forward", "swiglu")
 }
 
 _state = threading.local()
