@@ -19,13 +19,15 @@ from typing import Optional
 
 import torch
 
-from llm_kernels.bench import (attention, cross_entropy, feed_forward, harness, layer_norm,
-                               report, rms_norm, softmax, swiglu)
+from llm_kernels.bench import (attention, cross_entropy, feed_forward, gpt_train, harness,
+                               layer_norm, report, rms_norm, softmax, swiglu)
 from llm_kernels.bench.common import DTYPES, MODES, Options
 from llm_kernels.bench.runner import DeviceFault, PlanItem, Runner
 
 OPS = {m.NAME: m for m in (attention, layer_norm, rms_norm, softmax, feed_forward, swiglu,
-                           cross_entropy)}
+                           cross_entropy, gpt_train)}
+# What a run without OP names measures (gpt_train, a whole training step, only when named).
+DEFAULT_OPS = [name for name, m in OPS.items() if getattr(m, "IN_DEFAULT_RUN", True)]
 EXIT_DEVICE_FAULT = 3
 INTERPRETER_NOTE = ("note: no GPU, so lk-triton is not timed (the Triton interpreter is not "
                     "benchmarked); CPU providers: torch, torch SDPA, and lk-cuda's C++ kernels "
@@ -58,7 +60,8 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ops", nargs="*", metavar="OP",
-                        help=f"ops to benchmark (default: all): {', '.join(OPS)}")
+                        help=f"ops to benchmark (default: {', '.join(DEFAULT_OPS)}); also: "
+                             f"{', '.join(sorted(set(OPS) - set(DEFAULT_OPS)))}")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="default: bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--causal", nargs="?", const="on", default="both",
@@ -126,7 +129,7 @@ def build_plan(args, opts: Options, device: torch.device) -> list[PlanItem]:
     if unknown:
         raise UsageError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS)}")
     plan = []
-    for name in args.ops or list(OPS):
+    for name in args.ops or DEFAULT_OPS:
         module = OPS[name]
         providers = list(module.PROVIDERS)
         plan += [PlanItem(module, case, providers) for case in module.cases(opts, device)]

@@ -145,9 +145,13 @@ class Runner:
             del fn
             harness.free_memory(self.device)
         row = self._row(case, provider, timing, note)
+        describe = getattr(module, "row_note", None)  # a note from the measured time
+        if describe is not None:
+            row["note"] = describe(case, row, self.device)
         self.results.rows.append(row)
         self.echo(f"  {case.op:<13} {case.mode:<7} {case.variant or '-':<10} {case.shape:<34} "
-                  f"{provider:<15} {row['ms']:9.3f} ms" + self._rate(row))
+                  f"{provider:<15} {row['ms']:9.3f} ms" + self._rate(row)
+                  + (f"  {row['note']}" if describe is not None else ""))
         return row
 
     def measure_copy(self) -> Optional[dict]:

@@ -7,15 +7,17 @@ sized to the issues' performance targets, and the bit-for-bit determinism check.
   in the same run by the runner);
 - feed-forward forward and forward+backward at tokens 8192, d 4096, d_ff 16384;
 - cross-entropy forward+backward at N = 8192, V = 128k (peak memory);
-- rms_norm, softmax and swiglu once each; torch.compile providers last (their compile time is
-  the first thing the time budget cuts).
+- rms_norm, softmax and swiglu once each;
+- one training step of GPT-2 small (124M, batch 8 x 1024, bf16 autocast) per backend, eager
+  torch and torch SDPA (issue 6: tokens/s and MFU in the row's note);
+- torch.compile providers last (their compile time is the first thing the time budget cuts).
 """
 from __future__ import annotations
 
 import torch
 
-from llm_kernels.bench import (attention, cross_entropy, feed_forward, layer_norm, rms_norm,
-                               softmax, swiglu)
+from llm_kernels.bench import (attention, cross_entropy, feed_forward, gpt_train, layer_norm,
+                               rms_norm, softmax, swiglu)
 from llm_kernels.bench.common import Case
 from llm_kernels.bench.harness import free_memory
 from llm_kernels.bench.runner import PlanItem
@@ -58,6 +60,9 @@ def standard_plan() -> list[PlanItem]:
                          ["lk-triton", "lk-cuda", "torch", "torch-native"]))
     plan.append(PlanItem(swiglu, swiglu.swiglu_case("fwd+bwd", 8192, 4096, 11008, DTYPE),
                          ["lk-triton", "lk-cuda", "torch"]))
+    plan.append(PlanItem(gpt_train, gpt_train.train_case(gpt_train.GPT2_SMALL, 8, DTYPE,
+                                                         "gpt2-small"),
+                         ["lk-triton", "lk-cuda", "torch-sdpa", "torch"]))
     return deferred_last(plan, LAST)
 
 

@@ -1,0 +1,64 @@
+"""The gpt_train benchmark (issue 6) on CPU: the FLOP count, the SDPA model variant, and a
+quick CLI run of the tiny config producing timed rows with tokens/s."""
+import json
+import re
+
+import pytest
+import torch
+
+from llm_kernels.bench import cli, gpt_train, suite
+from llm_kernels.bench.common import Options
+
+CPU = torch.device("cpu")
+
+
+def _param_count(v: int, n_layer: int, d: int, d_ff: int) -> int:
+    """Parameters of the tied-head GPT without the position embedding, counted by hand."""
+    attention = 3 * d * d + 3 * d + d * d + d  # qkv and proj, weights and biases
+    mlp = 2 * d * d_ff + d_ff + d
+    norms = 2 * 2 * d
+    return v * d + n_layer * (attention + mlp + norms) + 2 * d
+
+
+def test_gpt2_small_flops_per_step():
+    case = gpt_train.train_case(gpt_train.GPT2_SMALL, 8, torch.bfloat16, "gpt2-small")
+    n = _param_count(50304, 12, 768, 3072)
+    assert 123e6 < n < 125e6  # GPT-2 small
+    tokens = 8 * 1024
+    assert case.flops == pytest.approx((6 * n + 12 * 12 * 768 * 1024) * tokens)
+    assert case.extra["tokens"] == tokens and case.x == 1024
+
+
+def test_sdpa_variant_computes_the_same_loss():
+    case = gpt_train.cases(Options(quick=True), CPU)[0]
+    x, y = (torch.randint(0, case.params["V"], (2, case.params["T"])) for _ in range(2))
+    losses = []
+    for sdpa in (False, True):
+        torch.manual_seed(0)
+        model = gpt_train.build_model(case, "torch", CPU, sdpa=sdpa)
+        losses.append(model(x, y)[1])
+    assert type(model.blocks[0].attn).__name__ == "SDPASelfAttention"
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_only_named_runs_and_the_gpu_suite_include_it():
+    assert "gpt_train" in cli.OPS and "gpt_train" not in cli.DEFAULT_OPS
+    item = next(i for i in suite.standard_plan() if i.case.op == "gpt_train")
+    assert item.case.params == {"B": 8, "T": 1024, "layers": 12, "d": 768, "V": 50304}
+    assert {"lk-triton", "lk-cuda", "torch", "torch-sdpa"} <= set(item.providers)
+
+
+def test_quick_cpu_run_times_a_training_step(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    assert cli.main(["gpt_train", "--quick", "--device", "cpu", "--json", str(path)]) == 0
+    capsys.readouterr()
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if r["op"] == "gpt_train"]
+    assert {"torch", "torch-sdpa"} <= {r["provider"] for r in rows}
+    assert any(s["provider"] == "lk-triton" for s in data["skipped"])
+    case = gpt_train.cases(Options(quick=True), CPU)[0]
+    for row in rows:
+        assert row["mode"] == "train" and row["ms"] > 0
+        assert row["tflops"] == pytest.approx(case.flops / (row["ms"] * 1e-3) / 1e12)
+        tokens_per_s = float(re.match(r"(\d+) tokens/s, MFU n/a", row["note"]).group(1))
+        assert tokens_per_s == pytest.approx(case.extra["tokens"] / (row["ms"] * 1e-3), abs=1)
