@@ -132,7 +132,9 @@ def softmax_ref(x, dim=-1, *, upcast=False):
     if upcast:
         return _safe_softmax(x.double().transpose(dim, -1)).transpose(dim, -1)
     # torch's own softmax in x's dtype (its backward reads the rounded output, as the kernels'
-    # do), with rows of all -inf set to zeros instead of NaN.
+    # do), with rows of all -inf set to zeros instead of NaN (checked only when x has an -inf).
+    if not torch.compiler.is_compiling() and not bool(torch.isneginf(x).any()):
+        return torch.softmax(x, dim=dim)
     empty_rows = (x == float("-inf")).all(dim=dim, keepdim=True)
     out = torch.softmax(x.masked_fill(empty_rows, 0.0), dim=dim)
     return out.masked_fill(empty_rows, 0.0)
