@@ -48,8 +48,12 @@ void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst);
 void float_to_bf16(const float* src, int64_t n, c10::BFloat16* dst);
 void half_to_float(const c10::Half* src, int64_t n, float* dst);
 void float_to_half(const float* src, int64_t n, c10::Half* dst);
-float sum_floats(const float* v, int64_t n);
-float sum_squared_deviations(const float* v, int64_t n, float mean);
+// Mean and sum of squared deviations from the mean of one row.
+struct RowMoments {
+  float mean, m2;
+};
+RowMoments row_moments(const float* v, int64_t n);
+float sum_squares(const float* v, int64_t n);  // sum v^2
 void add_floats(const float* a, const float* b, int64_t n, float* out);  // out = a + b
 // out = (v - mean) * rstd * w + b (out may be v).
 void normalize_affine(const float* v, int64_t n, float mean, float rstd, const float* w,

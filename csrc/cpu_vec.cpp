@@ -3,6 +3,7 @@
 // version is picked at load time). Plain loops over raw pointers that the compiler vectorizes;
 // sums keep kVecLanes independent float32 lanes per block of kSumBlock values and add the block
 // totals in double, so their error does not grow with the row length.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -32,6 +33,8 @@ LK_INLINE VecF load(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+
+LK_INLINE void store(float* p, const VecF& v) { std::memcpy(p, &v, sizeof(v)); }
 
 LK_INLINE float lane_total(const VecF& v) {
   float total = 0.0f;
@@ -108,35 +111,59 @@ void float_to_half(const float* src, int64_t n, c10::Half* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
 
-LK_CLONES float sum_floats(const float* v, int64_t n) {
-  double total = 0.0;
+namespace {
+
+// s += sum(v[i] - c), q += sum((v[i] - c)^2) over [0, n): two float32 vector accumulators each
+// within blocks of kSumBlock values, block totals added in double.
+LK_INLINE void shifted_sums(const float* v, int64_t n, float c, double& s, double& q) {
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t end = start + kSumBlock < n ? start + kSumBlock : n;
-    VecF lanes = {};
+    VecF s0 = {}, s1 = {}, q0 = {}, q1 = {};
     int64_t i = start;
-    for (; i + kVecLanes <= end; i += kVecLanes) lanes += load(v + i);
-    float block = lane_total(lanes);
-    for (; i < end; ++i) block += v[i];
-    total += block;
+    for (; i + 2 * kVecLanes <= end; i += 2 * kVecLanes) {
+      const VecF d0 = load(v + i) - c, d1 = load(v + i + kVecLanes) - c;
+      s0 += d0;
+      s1 += d1;
+      q0 += d0 * d0;
+      q1 += d1 * d1;
+    }
+    float block_s = lane_total(s0 + s1), block_q = lane_total(q0 + q1);
+    for (; i < end; ++i) {
+      const float d = v[i] - c;
+      block_s += d;
+      block_q += d * d;
+    }
+    s += block_s;
+    q += block_q;
   }
-  return static_cast<float>(total);
 }
 
-LK_CLONES float sum_squared_deviations(const float* v, int64_t n, float mean) {
-  double total = 0.0;
-  for (int64_t start = 0; start < n; start += kSumBlock) {
-    const int64_t end = start + kSumBlock < n ? start + kSumBlock : n;
-    VecF lanes = {};
-    int64_t i = start;
-    for (; i + kVecLanes <= end; i += kVecLanes) {
-      const VecF d = load(v + i) - mean;
-      lanes += d * d;
-    }
-    float block = lane_total(lanes);
-    for (; i < end; ++i) block += (v[i] - mean) * (v[i] - mean);
-    total += block;
+}  // namespace
+
+// One read in the common case: with c the mean of the first few values, m2 = q - s^2 / n from
+// the shifted sums, which is accurate while c is within the spread of the row
+// (s^2 / n <= q / 4: the subtraction keeps at least three quarters of q). Otherwise (sorted
+// rows, outliers up front) a second, exact pass about the mean.
+LK_CLONES RowMoments row_moments(const float* v, int64_t n) {
+  const int64_t head = std::min<int64_t>(n, 2 * kVecLanes);
+  float c = 0.0f;
+  for (int64_t i = 0; i < head; ++i) c += v[i];
+  c /= static_cast<float>(head);
+  double s = 0.0, q = 0.0;
+  shifted_sums(v, n, c, s, q);
+  if (s * s <= 0.25 * q * n) {
+    return {static_cast<float>(c + s / n), static_cast<float>(std::max(q - s * s / n, 0.0))};
   }
-  return static_cast<float>(total);
+  const float mean = static_cast<float>(c + s / n);
+  double s2 = 0.0, q2 = 0.0;
+  shifted_sums(v, n, mean, s2, q2);
+  return {static_cast<float>(mean + s2 / n), static_cast<float>(std::max(q2 - s2 * s2 / n, 0.0))};
+}
+
+LK_CLONES float sum_squares(const float* v, int64_t n) {
+  double s = 0.0, q = 0.0;
+  shifted_sums(v, n, 0.0f, s, q);
+  return static_cast<float>(q);
 }
 
 LK_CLONES void add_floats(const float* a, const float* b, int64_t n, float* out) {
@@ -145,7 +172,11 @@ LK_CLONES void add_floats(const float* a, const float* b, int64_t n, float* out)
 
 LK_CLONES void normalize_affine(const float* v, int64_t n, float mean, float rstd, const float* w,
                                 const float* b, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = (v[i] - mean) * rstd * w[i] + b[i];
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    store(out + i, (load(v + i) - mean) * rstd * load(w + i) + load(b + i));
+  }
+  for (; i < n; ++i) out[i] = (v[i] - mean) * rstd * w[i] + b[i];
 }
 
 LK_CLONES void norm_backward_row(const float* dy, const float* h, const float* w,

@@ -1,6 +1,6 @@
 // layer_norm / rms_norm forward and backward on CPU tensors (math in kernels.h): rows in
-// parallel, each row converted to a float32 buffer once, statistics two-pass in float32, the row
-// loops vectorized (cpu_vec.cpp).
+// parallel, each row converted to a float32 buffer once, statistics from one read of the row in
+// the common case (cpu_vec.cpp row_moments), the row loops vectorized.
 // dweight/dbias: per-chunk partial sums over a fixed split of the rows, added in chunk order, so
 // the result does not depend on the number of threads.
 #include <algorithm>
@@ -36,9 +36,9 @@ void forward_rows(const NormForwardArgs& a, const float* w, const float* b, int6
       }
       v = sum;
     }
-    const float mean = a.rms ? 0.0f : sum_floats(v, cols) / cols;
-    const float var = sum_squared_deviations(v, cols, mean) / cols;
-    const float rstd = 1.0f / std::sqrt(var + a.eps);
+    const RowMoments m = a.rms ? RowMoments{0.0f, sum_squares(v, cols)} : row_moments(v, cols);
+    const float mean = m.mean;
+    const float rstd = 1.0f / std::sqrt(m.m2 / cols + a.eps);
     T* y = static_cast<T*>(a.y) + base;
     float* out = output_row(y, yb);
     normalize_affine(v, cols, mean, rstd, w, b, out);
