@@ -1,7 +1,10 @@
 """Cross-entropy over (N, V) logits, mean reduction: GB/s and peak memory.
 
 Bytes: forward reads the logits and targets; backward reads the logits again and writes their
-gradient. The x axis is the vocabulary size V (``--hidden-sizes`` sets it).
+gradient. The x axis is the vocabulary size V (``--hidden-sizes`` sets it). The ``-inplace``
+providers run ``inplace_backward=True`` (the gradient written over the logits, which the next
+timed call then takes as its logits); they skip the ``bwd`` mode, whose retained graph cannot
+be replayed once its saved logits are overwritten.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 
 from llm_kernels.bench import rowwise
 from llm_kernels.bench.common import Case, Options, check_importable, randn
+from llm_kernels.bench.harness import Skip
 
 NAME = "cross_entropy"
 METRIC = "gbps"
@@ -36,9 +40,18 @@ def make_inputs(case: Case, device: torch.device):
     return logits, torch.randint(0, v, (n,), device=device)
 
 
-def lk_cross_entropy(logits, target, *, backend):
+def lk_cross_entropy(logits, target, *, backend, inplace_backward=False):
     import llm_kernels as lk
-    return lk.cross_entropy(logits, target, backend=backend)
+    return lk.cross_entropy(logits, target, backend=backend, inplace_backward=inplace_backward)
+
+
+def lk_inplace_provider(provider: str, case: Case, device: torch.device, opts: Options):
+    """``provider`` (lk-triton or lk-cuda) with ``inplace_backward=True``."""
+    if case.mode == "bwd":
+        raise Skip("the in-place backward overwrites the saved logits: bwd mode cannot replay "
+                   "its retained graph (fwd+bwd measures it)")
+    fn = functools.partial(lk_cross_entropy, inplace_backward=True)
+    return rowwise.lk_provider(fn, make_inputs, provider, case, device, opts)
 
 
 def torch_cross_entropy(logits, target):
@@ -60,6 +73,8 @@ PROVIDERS = {
     "lk-triton": functools.partial(rowwise.lk_provider, lk_cross_entropy, make_inputs,
                                    "lk-triton"),
     "lk-cuda": functools.partial(rowwise.lk_provider, lk_cross_entropy, make_inputs, "lk-cuda"),
+    "lk-triton-inplace": functools.partial(lk_inplace_provider, "lk-triton"),
+    "lk-cuda-inplace": functools.partial(lk_inplace_provider, "lk-cuda"),
     "torch": functools.partial(rowwise.lk_provider, lk_cross_entropy, make_inputs, "lk-torch"),
     "torch-compile": functools.partial(rowwise.compile_provider, torch_cross_entropy,
                                        make_inputs),

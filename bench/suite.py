@@ -6,7 +6,8 @@ sized to the issues' performance targets, and the bit-for-bit determinism check.
 - layer norm forward+backward, hidden 4096 and 8192, 16k rows (the copy bandwidth is measured
   in the same run by the runner);
 - feed-forward forward and forward+backward at tokens 8192, d 4096, d_ff 16384;
-- cross-entropy forward+backward at N = 8192, V = 128k (peak memory);
+- cross-entropy forward+backward at N = 8192, V = 128k (peak memory), with the in-place
+  backward too (``lk-triton-inplace``);
 - rms_norm, softmax and swiglu once each;
 - one training step of GPT-2 small (124M, batch 8 x 1024, bf16 autocast) per backend, eager
   torch and torch SDPA (issue 6: tokens/s and MFU in the row's note);
@@ -54,7 +55,7 @@ def standard_plan() -> list[PlanItem]:
         plan.append(PlanItem(feed_forward, feed_forward.ff_case(mode, 8192, 4096, 16384, DTYPE),
                              ["lk-triton", "lk-cuda", "torch"]))
     plan.append(PlanItem(cross_entropy, _rows(cross_entropy, "fwd+bwd", 8192, 131072),
-                         ROW_PROVIDERS + [LAST]))
+                         ROW_PROVIDERS + ["lk-triton-inplace", LAST]))
     plan.append(PlanItem(rms_norm, _rows(rms_norm, "fwd+bwd", 16384, 8192), list(ROW_PROVIDERS)))
     plan.append(PlanItem(softmax, _rows(softmax, "fwd+bwd", 16384, 8192),
                          ["lk-triton", "lk-cuda", "torch", "torch-native"]))

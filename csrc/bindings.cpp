@@ -1,6 +1,7 @@
 // The one binding layer of llm_kernels._C: declares every op of llm_kernels/_ops.py SCHEMAS in
 // TORCH_LIBRARY(llm_kernels, ...) with the identical schema, TORCH_CHECKs every precondition
-// (device, dtype, contiguity, shapes) with a clear message, allocates the outputs, and runs the
+// (device, dtype, contiguity, shapes) with a clear message, allocates the outputs (the one
+// mutating op, cross_entropy_backward_inplace, writes into its logits instead), and runs the
 // CPU twin or enqueues the CUDA kernel on the current stream. The feed-forward GEMMs run here
 // through at::mm/at::addmm (cuBLAS on CUDA tensors, CPU BLAS otherwise) around the fused
 // epilogue kernels. Gradients arriving from autograd may have any strides; they are made
@@ -275,29 +276,54 @@ Tensor2 cross_entropy_forward(const Tensor& logits, const Tensor& target, int64_
   return {loss, lse};
 }
 
-Tensor cross_entropy_backward(const Tensor& grad_loss_in, const Tensor& logits,
-                              const Tensor& target, const Tensor& lse, int64_t ignore_index) {
-  constexpr const char* op = "llm_kernels::cross_entropy_backward";
+lk::DType check_cross_entropy_backward(const char* op, const Tensor& grad_loss,
+                                       const Tensor& logits, const Tensor& target,
+                                       const Tensor& lse) {
   const lk::DType dtype = check_rows(op, "logits", logits);
   check_target(op, target, logits);
   const int64_t rows = logits.size(0);
-  check_device(op, "grad_loss", grad_loss_in, logits, "logits");
-  TORCH_CHECK(grad_loss_in.scalar_type() == at::kFloat, op, ": grad_loss must be float32, got ",
-              grad_loss_in.scalar_type());
-  check_shape(op, "grad_loss", grad_loss_in, {rows});
-  const Tensor grad_loss = grad_loss_in.contiguous();
+  check_device(op, "grad_loss", grad_loss, logits, "logits");
+  TORCH_CHECK(grad_loss.scalar_type() == at::kFloat, op, ": grad_loss must be float32, got ",
+              grad_loss.scalar_type());
+  check_shape(op, "grad_loss", grad_loss, {rows});
   check_stat(op, "lse", lse, logits, rows);
-  const at::OptionalDeviceGuard guard(logits.device());
-  Tensor grad = at::empty_like(logits);
+  return dtype;
+}
+
+// Writes the gradient into `grad` (logits' shape and dtype, contiguous), which may be logits
+// itself: both kernels read each logit once and overwrite it from the same thread (CUDA) or
+// loop iteration (CPU) afterwards, and never read logits[target] or another element of the row.
+void run_cross_entropy_backward(const char* op, lk::DType dtype, const Tensor& grad_loss_in,
+                                const Tensor& logits, const Tensor& target, const Tensor& lse,
+                                int64_t ignore_index, const Tensor& grad) {
+  const Tensor grad_loss = grad_loss_in.contiguous();
   const lk::CrossEntropyBackwardArgs args{grad_loss.data_ptr<float>(), logits.data_ptr(),
                                           target.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                                          grad.data_ptr(), rows, logits.size(1), ignore_index,
-                                          dtype};
-  if (rows > 0) {
+                                          grad.data_ptr(), logits.size(0), logits.size(1),
+                                          ignore_index, dtype};
+  if (logits.size(0) > 0) {
     run(op, logits, lk::cross_entropy_backward_cpu, LK_CUDA_FN(lk::cross_entropy_backward_cuda),
         args);
   }
+}
+
+Tensor cross_entropy_backward(const Tensor& grad_loss, const Tensor& logits,
+                              const Tensor& target, const Tensor& lse, int64_t ignore_index) {
+  constexpr const char* op = "llm_kernels::cross_entropy_backward";
+  const lk::DType dtype = check_cross_entropy_backward(op, grad_loss, logits, target, lse);
+  const at::OptionalDeviceGuard guard(logits.device());
+  Tensor grad = at::empty_like(logits);
+  run_cross_entropy_backward(op, dtype, grad_loss, logits, target, lse, ignore_index, grad);
   return grad;
+}
+
+// The gradient written over the logits (schema `Tensor(a!) logits`): no (N, V) allocation.
+void cross_entropy_backward_inplace(const Tensor& grad_loss, Tensor& logits, const Tensor& target,
+                                    const Tensor& lse, int64_t ignore_index) {
+  constexpr const char* op = "llm_kernels::cross_entropy_backward_inplace";
+  const lk::DType dtype = check_cross_entropy_backward(op, grad_loss, logits, target, lse);
+  const at::OptionalDeviceGuard guard(logits.device());
+  run_cross_entropy_backward(op, dtype, grad_loss, logits, target, lse, ignore_index, logits);
 }
 
 // ---- feed_forward / swiglu ---------------------------------------------------------------------
@@ -476,21 +502,24 @@ TORCH_LIBRARY(llm_kernels, m) {
         "-> (Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
         "int ignore_index) -> Tensor");
+  m.def("cross_entropy_backward_inplace(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+        "Tensor lse, int ignore_index) -> ()");
 }
 
 // The non-attention functions are device-generic and serve both keys: each checks that every
 // tensor shares the first one's device, then runs the CPU twin or the CUDA kernel.
-#define LK_IMPL_ROW_OPS(m)                                 \
-  m.impl("layer_norm_forward", &layer_norm_forward);       \
-  m.impl("layer_norm_backward", &layer_norm_backward);     \
-  m.impl("softmax_forward", &softmax_forward);             \
-  m.impl("softmax_backward", &softmax_backward);           \
-  m.impl("feed_forward_forward", &feed_forward_forward);   \
-  m.impl("feed_forward_backward", &feed_forward_backward); \
-  m.impl("swiglu_forward", &swiglu_forward);               \
-  m.impl("swiglu_backward", &swiglu_backward);             \
-  m.impl("cross_entropy_forward", &cross_entropy_forward); \
-  m.impl("cross_entropy_backward", &cross_entropy_backward)
+#define LK_IMPL_ROW_OPS(m)                                                 \
+  m.impl("layer_norm_forward", &layer_norm_forward);                       \
+  m.impl("layer_norm_backward", &layer_norm_backward);                     \
+  m.impl("softmax_forward", &softmax_forward);                             \
+  m.impl("softmax_backward", &softmax_backward);                           \
+  m.impl("feed_forward_forward", &feed_forward_forward);                   \
+  m.impl("feed_forward_backward", &feed_forward_backward);                 \
+  m.impl("swiglu_forward", &swiglu_forward);                               \
+  m.impl("swiglu_backward", &swiglu_backward);                             \
+  m.impl("cross_entropy_forward", &cross_entropy_forward);                 \
+  m.impl("cross_entropy_backward", &cross_entropy_backward);               \
+  m.impl("cross_entropy_backward_inplace", &cross_entropy_backward_inplace)
 
 TORCH_LIBRARY_IMPL(llm_kernels, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);

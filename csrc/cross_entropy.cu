@@ -1,7 +1,9 @@
 // Cross-entropy forward and backward over (N, V) logits, chunked over V (math in kernels.h).
 // The forward streams each row once through an online (max, sum) in float32 registers; the
 // backward streams it once more and writes the gradient in the logits' dtype. The target logit
-// is read only after its index has been checked against [0, V).
+// is read only after its index has been checked against [0, V). The backward's grad may be the
+// logits themselves (cross_entropy_backward_inplace): each thread reads its vector of logits,
+// then overwrites that same vector, and reads no other logit (not even logits[target]).
 #include "cuda_utils.cuh"
 #include "kernels.h"
 

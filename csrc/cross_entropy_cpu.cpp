@@ -1,6 +1,8 @@
 // Cross-entropy forward and backward on CPU (N, V) logits (math in kernels.h), rows in
 // parallel, chunked over V with an online (max, sum) in float32; the target logit is read only
-// after its index has been checked against [0, V).
+// after its index has been checked against [0, V). The backward's grad may be the logits
+// themselves (cross_entropy_backward_inplace): g[j] is written right after x[j] is read, and no
+// other logit of the row (not even x[target]) is read.
 #include <algorithm>
 #include <cmath>
 

@@ -4,7 +4,8 @@ Forward, one program per row, one read of the logits: an online max and rescaled
 lse = logsumexp(logits_i) in float32, and loss_i = lse - logits_i[target_i] (0 when
 target_i == ignore_index). Backward, one program per (row, chunk of V), one read and one
 write: dlogits_ij = grad_loss_i * (exp(logits_ij - lse_i) - [j == target_i]), 0 on ignored
-rows, written in the logits' dtype. Nothing of size (N, V) is allocated beyond dlogits.
+rows, written in the logits' dtype. Nothing of size (N, V) is allocated beyond dlogits, and
+not even that with ``cross_entropy_backward_inplace``, which writes dlogits over the logits.
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def _cross_entropy_bwd_kernel(GRAD_LOSS, LOGITS, TARGET, LSE, DLOGITS, V, ignore
     valid = target != ignore_index
     grad = tl.load(GRAD_LOSS + row)
     lse = tl.load(LSE + row)
+    # DLOGITS may be LOGITS (in-place backward): this program reads exactly the elements offs
+    # it writes, each stored value depends only on the value loaded from the same address (so
+    # the store cannot come first), and no other element (not even logits[target]) is read.
     x = tl.load(LOGITS + offs, mask=mask & valid, other=0.0).to(tl.float32)  # skip ignored rows
     prob = tl.exp(x - lse)
     in_range = (target >= 0) & (target < V)
@@ -87,14 +91,26 @@ def cross_entropy_forward(logits, target, ignore_index):
     return loss, lse
 
 
-def cross_entropy_backward(grad_loss, logits, target, lse, ignore_index):
-    """dlogits (N, V) in the logits' dtype: grad_loss_i * (softmax(logits_i) - onehot(t_i))."""
-    logits, target = logits.contiguous(), target.contiguous()
-    grad_loss = grad_loss.float().contiguous()
+def _backward_into(dlogits, grad_loss, logits, target, lse, ignore_index):
+    """Launch the backward writing into dlogits (N, V), contiguous, possibly logits itself."""
     n, v = logits.shape
-    dlogits = torch.empty_like(logits)
     with _device(logits):
         _cross_entropy_bwd_kernel[(n, triton.cdiv(v, BLOCK_V))](
-            grad_loss, logits, target, lse, dlogits, v, ignore_index, BLOCK=BLOCK_V,
-            INTERPRET=interpreting(), num_warps=NUM_WARPS)
+            grad_loss.float().contiguous(), logits, target.contiguous(), lse, dlogits, v,
+            ignore_index, BLOCK=BLOCK_V, INTERPRET=interpreting(), num_warps=NUM_WARPS)
+
+
+def cross_entropy_backward(grad_loss, logits, target, lse, ignore_index):
+    """dlogits (N, V) in the logits' dtype: grad_loss_i * (softmax(logits_i) - onehot(t_i))."""
+    logits = logits.contiguous()
+    dlogits = torch.empty_like(logits)
+    _backward_into(dlogits, grad_loss, logits, target, lse, ignore_index)
     return dlogits
+
+
+def cross_entropy_backward_inplace(grad_loss, logits, target, lse, ignore_index):
+    """cross_entropy_backward's dlogits written over logits (N, V), which must be contiguous."""
+    if not logits.is_contiguous():
+        raise ValueError(f"logits must be contiguous for the in-place backward, got strides "
+                         f"{logits.stride()}")
+    _backward_into(logits, grad_loss, logits, target, lse, ignore_index)

@@ -5,8 +5,9 @@ Both backends implement the same ops with the same schemas: ``torch.ops.llm_kern
 ``torch.ops.llm_kernels.*`` (the compiled extension, ``csrc/bindings.cpp``). The autograd
 Functions in this package call either namespace, so the math around the kernels is shared.
 Every op returns freshly allocated contiguous tensors; an absent optional output (no residual,
-no weight, no bias) is an empty tensor. Fake implementations make the ops traceable by
-``torch.compile``.
+no weight, no bias) is an empty tensor. The one exception, ``cross_entropy_backward_inplace``,
+writes the gradient over its logits (declared ``Tensor(a!)``) and returns nothing. Fake
+implementations make the ops traceable by ``torch.compile``.
 
 Conventions: attention ``q (B, H, Lq, D)``, ``k/v (B, Hkv, Lk, D)``, stride(-1) == 1, any other
 strides; ``mask`` None or a floating additive mask of shape ``(B, H, Lq, Lk)`` with any strides
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import threading
 
 import torch
@@ -48,15 +50,23 @@ SCHEMAS = {
                              "-> (Tensor, Tensor)",
     "cross_entropy_backward": "(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
                               "int ignore_index) -> Tensor",
+    "cross_entropy_backward_inplace": "(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+                                      "Tensor lse, int ignore_index) -> ()",
 }
 
 TRITON_NAMESPACE = "llm_kernels_triton"
 CUDA_NAMESPACE = "llm_kernels"
 
 
+def op_family(op: str) -> str:
+    """``feed_forward_forward`` -> ``feed_forward``, ``cross_entropy_backward_inplace`` ->
+    ``cross_entropy``."""
+    return re.fullmatch(r"(.+)_(?:forward|backward)(?:_inplace)?", op).group(1)
+
+
 def kernel_module_name(op: str) -> str:
     """``attention_forward`` -> ``llm_kernels.kernels.attention``."""
-    return "llm_kernels.kernels." + op.rsplit("_", 1)[0]
+    return "llm_kernels.kernels." + op_family(op)
 
 
 def triton_kernel_reason(op: str) -> str | None:
@@ -133,6 +143,10 @@ def _fake_cross_entropy_backward(grad_loss, logits, target, lse, ignore_index):
     return _empty(logits, logits.shape)
 
 
+def _fake_cross_entropy_backward_inplace(grad_loss, logits, target, lse, ignore_index):
+    return None
+
+
 FAKES = {name: globals()["_fake_" + name] for name in SCHEMAS}
 
 _lock = threading.Lock()
@@ -160,6 +174,13 @@ def triton_ops():
                 torch.library.register_fake(f"{TRITON_NAMESPACE}::{op}", FAKES[op], lib=lib)
             _triton_library = lib
     return getattr(torch.ops, TRITON_NAMESPACE)
+
+
+def missing_cuda_ops() -> list[str]:
+    """The ops of SCHEMAS that the loaded extension does not define: a build older than the
+    Python package."""
+    namespace = getattr(torch.ops, CUDA_NAMESPACE)
+    return [op for op in SCHEMAS if not hasattr(namespace, op)]
 
 
 def register_cuda_fakes() -> None:

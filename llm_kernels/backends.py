@@ -115,7 +115,13 @@ def load_extension():
         _extension_error.append(f"llm_kernels._C could not be imported ({exc}); "
                                 "reinstall with `pip install --no-build-isolation -e .`")
         return None
-    from llm_kernels._ops import register_cuda_fakes
+    from llm_kernels._ops import missing_cuda_ops, register_cuda_fakes
+    missing = missing_cuda_ops()
+    if missing:
+        _extension_error.append(f"llm_kernels._C is older than the Python package (it lacks "
+                                f"{', '.join(missing)}): rebuild it with "
+                                "`pip install --no-build-isolation -e .`")
+        return None
     register_cuda_fakes()
     return module
 

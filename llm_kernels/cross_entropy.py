@@ -2,7 +2,9 @@
 
 The kernels work in chunks over V: the forward keeps only the per-row loss and logsumexp in
 float32, the backward writes softmax(logits) - onehot(target) straight into the gradient, in
-the logits' dtype, never an fp32 (N, V) copy.
+the logits' dtype, never an fp32 (N, V) copy. With ``inplace_backward=True`` (FlashAttention's
+and Apex's option of that name) the gradient is written over the logits themselves, so the
+backward allocates nothing of size (N, V).
 """
 from __future__ import annotations
 
@@ -18,25 +20,38 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Per-row losses (N,) float32 (0 on ignored rows) around the cross_entropy kernels."""
+    """Per-row losses (N,) float32 (0 on ignored rows) around the cross_entropy kernels.
+
+    In-place backward: dlogits (N, V) overwrites the saved logits and is returned as their
+    gradient; the logits' version counter is bumped, so another autograd node that saved them
+    and runs later raises "modified by an inplace operation" instead of reading the gradient
+    as logits.
+    """
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index: int, backend: str):
+    def forward(ctx, logits, target, ignore_index: int, backend: str, inplace_backward: bool):
         loss, lse = _ops.ops(backend).cross_entropy_forward(logits, target, ignore_index)
         ctx.save_for_backward(logits, target, lse)
-        ctx.args = (ignore_index, backend)
+        ctx.args = (ignore_index, backend, inplace_backward)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         logits, target, lse = ctx.saved_tensors
-        ignore_index, backend = ctx.args
-        grad = _ops.ops(backend).cross_entropy_backward(
-            grad_loss.float().contiguous(), logits, target, lse, ignore_index)
-        return grad, None, None, None
+        ignore_index, backend, inplace_backward = ctx.args
+        ops = _ops.ops(backend)
+        grad_loss = grad_loss.float().contiguous()
+        if not inplace_backward:
+            grad = ops.cross_entropy_backward(grad_loss, logits, target, lse, ignore_index)
+            return grad, None, None, None, None
+        ops.cross_entropy_backward_inplace(grad_loss, logits, target, lse, ignore_index)
+        torch.autograd.graph.increment_version(logits)
+        # A new tensor on the same storage: autograd adopts it as a leaf's .grad without the
+        # copy it makes of a tensor referenced elsewhere (the saved logits are).
+        return logits.detach(), None, None, None, None
 
 
-def _validate(logits, target, ignore_index, reduction):
+def _validate(logits, target, ignore_index, reduction, inplace_backward):
     _checks.tensor("logits", logits, ndim=2)
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
         raise TypeError(f"target must be an int64 tensor, got "
@@ -50,6 +65,8 @@ def _validate(logits, target, ignore_index, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     _checks.nonempty(logits=logits)
     _checks.last_dim_contiguous(logits=logits)
     if not torch.compiler.is_compiling():
@@ -60,14 +77,26 @@ def _validate(logits, target, ignore_index, reduction):
 
 
 def cross_entropy(logits, target, *, ignore_index: int = -100, reduction: str = "mean",
-                  backend: Optional[str] = None) -> torch.Tensor:
-    """Same result as ``torch.nn.functional.cross_entropy`` on (N, V) logits, in their dtype."""
-    _validate(logits, target, ignore_index, reduction)
+                  backend: Optional[str] = None, inplace_backward: bool = False) -> torch.Tensor:
+    """Same result as ``torch.nn.functional.cross_entropy`` on (N, V) logits, in their dtype.
+
+    loss_i = logsumexp(logits_i) - logits_i[target_i], 0 where target_i == ignore_index;
+    reduced by ``mean`` (over the rows not ignored), ``sum`` or ``none`` ((N,) losses).
+    dlogits_ij = dloss_i * (softmax(logits_i)_j - [j == target_i]), 0 on ignored rows.
+
+    ``inplace_backward=True``: the backward writes dlogits over the logits' storage and returns
+    it as their gradient, so it allocates no (N, V) buffer; the logits' values are lost after
+    the backward, and another op that saved them for a backward running after this one raises
+    torch's "modified by an inplace operation" error. Logits that are not contiguous are copied
+    first (the copy is overwritten). A memory hint only: ignored by the ``torch`` backend.
+    """
+    _validate(logits, target, ignore_index, reduction, inplace_backward)
     name = select("cross_entropy", backend, logits.device,
                   lambda _: _checks.kernel_dtype_reason(logits.dtype))
     if name == "torch":
         return cross_entropy_ref(logits, target, ignore_index=ignore_index, reduction=reduction)
-    loss = CrossEntropyFunction.apply(logits.contiguous(), target.contiguous(), ignore_index, name)
+    loss = CrossEntropyFunction.apply(logits.contiguous(), target.contiguous(), ignore_index, name,
+                                      inplace_backward)
     if reduction == "none":
         return loss.to(logits.dtype)
     total = loss.sum()

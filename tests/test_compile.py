@@ -3,7 +3,8 @@
 The ops of both kernel backends (torch.ops.llm_kernels.* from the compiled extension,
 torch.ops.llm_kernels_triton.* from kernels/) go through torch.library.opcheck with small valid
 inputs. A block calling lk.attention, lk.layer_norm and lk.feed_forward compiles with
-fullgraph=True and gives eager's output and gradients.
+fullgraph=True and gives eager's output and gradients, and so does lk.cross_entropy with its
+in-place backward (a mutating op).
 """
 import pytest
 import torch
@@ -20,7 +21,7 @@ OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 def family(op):
-    return op.rsplit("_", 1)[0]
+    return _ops.op_family(op)
 
 
 def namespace(backend, op):
@@ -184,3 +185,33 @@ def test_compiled_block_on_gpu_with_inductor(backend):
     torch_out = run(block, inputs, "torch")
     for name, got, want, base in zip(NAMES, results, ref, torch_out):
         assert_close(got, want, base, torch.float32, f"compiled block {name}")
+
+
+
+def lm_head_loss(h, w, target, backend, inplace_backward):
+    return lk.cross_entropy(h @ w, target, backend=backend, inplace_backward=inplace_backward)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"], **BACKEND_IDS)
+def test_compiled_inplace_cross_entropy_matches_eager_without_graph_break(backend):
+    """The mutating cross_entropy_backward_inplace op under aot_eager with fullgraph: the loss
+    and the gradients of h and w are eager's (default backward) bit for bit."""
+    h = torch.randn(37, 16).requires_grad_()
+    w = (torch.randn(16, 101) / 4).requires_grad_()
+    target = torch.randint(0, 101, (37,))
+    target[3] = -100
+
+    def loss_and_grads(fn, inplace_backward):
+        loss = fn(h, w, target, backend, inplace_backward)
+        return (loss, *torch.autograd.grad(loss, (h, w)))
+
+    try:
+        expected = loss_and_grads(lm_head_loss, False)
+    except lk.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lm_head_loss)(h, w, target, backend, True)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(lm_head_loss, fullgraph=True, backend="aot_eager")
+    for name, got, want in zip(("loss", "dh", "dw"), loss_and_grads(compiled, True), expected):
+        assert torch.equal(got, want), f"{name} differs between compiled in-place and eager"

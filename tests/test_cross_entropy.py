@@ -1,9 +1,11 @@
-"""Triton cross-entropy (chunked over V) against the float64 reference by the pass rule."""
+"""Triton cross-entropy (chunked over V) against the float64 reference by the pass rule, and
+the in-place backward (``inplace_backward=True``) of the triton and cuda backends."""
 import pytest
 import torch
 
 import llm_kernels as lk
 from llm_kernels import _ops
+from llm_kernels.backends import extension_status
 from llm_kernels.kernels import cross_entropy as kernels
 from llm_kernels.numerics import assert_close
 from llm_kernels.reference import cross_entropy_ref
@@ -102,6 +104,120 @@ def test_lse_and_row_losses_are_float32(device):
                                rtol=1e-6, atol=1e-6)
     ignored = target == IGNORE
     assert torch.equal(loss[ignored], torch.zeros_like(loss[ignored]))
+
+
+def _kernel_backend(backend):
+    """``backend`` ("triton" or "cuda"), or skip when the compiled extension is not built."""
+    if backend == "cuda":
+        ok, why = extension_status()
+        if not ok:
+            pytest.skip(why)
+    return backend
+
+
+def _loss_and_grad(logits, target, reduction, grad_out, **kwargs):
+    """(loss, dlogits) for a leaf copy of ``logits``, and that leaf (overwritten in place)."""
+    leaf = logits.detach().clone().requires_grad_()
+    loss = lk.cross_entropy(leaf, target, reduction=reduction, **kwargs)
+    return loss, torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))[0], leaf
+
+
+INPLACE_CASES = [((37, 1025), F32, "mean"), ((1, 17), F32, "none"), ((17, 5003), F32, "sum"),
+                 ((37, 1025), F16, "none"), ((17, 127), F16, "sum"), ((1, 5003), F16, "mean"),
+                 ((37, 1025), BF16, "sum"), ((17, 127), BF16, "mean"), ((37, 1), BF16, "none")]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"{b}_backend")
+@pytest.mark.parametrize("shape,dtype,reduction", INPLACE_CASES, ids=_id)
+def test_inplace_backward_overwrites_logits_with_the_same_gradient(backend, shape, dtype,
+                                                                    reduction, device):
+    """Bit for bit the default backward's loss and dlogits, stored in the logits' own storage
+    (also on ignored rows), and within the pass rule of the float64 reference."""
+    backend = _kernel_backend(backend)
+    n, v = shape
+    logits = (2 * torch.randn(shape, device=device)).to(dtype)
+    target = _targets(n, v, device)
+    grad_out = torch.randn(() if reduction != "none" else (n,), device=device)
+    loss, grad, _ = _loss_and_grad(logits, target, reduction, grad_out, backend=backend)
+    loss_in, grad_in, leaf = _loss_and_grad(logits, target, reduction, grad_out, backend=backend,
+                                            inplace_backward=True)
+    assert torch.equal(loss_in, loss) and torch.equal(grad_in, grad)
+    assert grad_in.data_ptr() == leaf.data_ptr() and torch.equal(leaf.detach(), grad)
+    ref = _loss_and_grad(logits.double(), target, reduction, grad_out.double(),
+                         backend="torch")[1]
+    torch_grad = _loss_and_grad(logits, target, reduction, grad_out, backend="torch")[1]
+    assert_close(grad_in, ref, torch_grad, dtype, f"in-place dlogits {shape} {reduction}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"{b}_backend")
+def test_inplace_backward_through_a_matmul_and_into_leaf_grad(backend, device):
+    """Logits from a matmul (the gradient flows on to h and w, bit for bit), and leaf logits
+    whose .grad (set by .backward()) is their own storage."""
+    backend = _kernel_backend(backend)
+    h, w = torch.randn(37, 64, device=device), torch.randn(64, 1000, device=device) / 8
+    target = _targets(37, 1000, device)
+    grads = []
+    for inplace in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (h, w)]
+        loss = lk.cross_entropy(leaves[0] @ leaves[1], target, backend=backend,
+                                inplace_backward=inplace)
+        grads.append(torch.autograd.grad(loss, leaves))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    logits = (h @ w).requires_grad_()
+    expected = torch.autograd.grad(lk.cross_entropy(logits, target, backend=backend), logits)[0]
+    lk.cross_entropy(logits, target, backend=backend, inplace_backward=True).backward()
+    assert logits.grad.data_ptr() == logits.data_ptr() and torch.equal(logits.grad, expected)
+
+
+def test_inplace_backward_of_strided_logits_overwrites_a_copy(device):
+    """Logits with a row stride (a slice of wider rows) are copied: the copy is overwritten,
+    the caller's logits are not, and the gradient is the default one."""
+    wide = torch.randn(37, 1100, device=device)
+    target = _targets(37, 1000, device)
+    grads = []
+    for inplace in (False, True):
+        base = wide.clone().requires_grad_()
+        loss = lk.cross_entropy(base[:, :1000], target, backend="triton",
+                                inplace_backward=inplace)
+        grads.append(torch.autograd.grad(loss, base)[0])
+        assert torch.equal(base.detach(), wide)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_inplace_backward_raises_when_another_node_saved_the_logits(device):
+    """sin saves its input: once the in-place backward (which runs first, its node being the
+    newer) has overwritten the logits, sin's backward must refuse them, not use them."""
+    x = torch.randn(37, 1000, device=device, requires_grad=True)
+    target = _targets(37, 1000, device)
+    logits = x * 2
+    other = logits.sin().sum()
+    loss = lk.cross_entropy(logits, target, backend="triton", inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+
+
+def test_inplace_backward_is_ignored_by_the_torch_backend(device):
+    logits = torch.randn(37, 127, device=device)
+    target = _targets(37, 127, device)
+    loss, grad, leaf = _loss_and_grad(logits, target, "mean", torch.ones((), device=device),
+                                      backend="torch", inplace_backward=True)
+    assert torch.equal(leaf.detach(), logits) and grad.data_ptr() != leaf.data_ptr()
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_inplace_backward_must_be_a_bool(value, device):
+    logits = torch.randn(5, 7, device=device)
+    target = torch.zeros(5, dtype=torch.long, device=device)
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        lk.cross_entropy(logits, target, backend="triton", inplace_backward=value)
+
+
+def test_inplace_launcher_refuses_non_contiguous_logits(device):
+    logits = torch.randn(7, 10, device=device)[:, :5]
+    target = torch.zeros(7, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="logits must be contiguous"):
+        kernels.cross_entropy_backward_inplace(torch.ones(7, device=device), logits, target,
+                                               torch.zeros(7, device=device), IGNORE)
 
 
 @pytest.mark.cuda

@@ -117,10 +117,24 @@ def test_norm_cpu(ext, rms, dtype, rows, cols, weight, bias, residual):
     _check_norm(rms, rows, cols, dtype, CPU, weight, bias, residual)
 
 
-def test_layer_norm_large_mean_cpu(ext):
-    """Rows of 100 + N(0, 1): the two-pass variance keeps full float32 accuracy."""
-    leaves = {"x": 100 + torch.randn(7, 3001)}
-    _check(_norm(False), leaves, [torch.randn(7, 3001)], F32, "layer_norm of rows with mean 100")
+# Rows whose mean is far outside their spread, where E[h^2] - E[h]^2 (or sums about a poor
+# shift) would lose most digits of the variance: each row kind by name. (Means beyond ~1e3
+# times the spread are out of reach: the float32 mean alone then rounds by more than the
+# 1e-5 cap of the pass rule, in torch as here.)
+LARGE_MEAN_ROWS = {
+    "100+N(0,1)": lambda: 100 + torch.randn(7, 3001),
+    "0.5+1e-2N(0,1)": lambda: 0.5 + 1e-2 * torch.randn(7, 3001),
+    "outlier_first": lambda: torch.randn(7, 3001).index_fill_(1, torch.tensor([0]), 1e3),
+    "sorted+100": lambda: 100 + torch.randn(7, 3001).sort(dim=1).values,
+}
+
+
+@pytest.mark.parametrize("rows", LARGE_MEAN_ROWS)
+def test_layer_norm_large_mean_cpu(ext, rows):
+    """The variance keeps full float32 accuracy whatever the mean (one-read moments with an
+    exact second pass when the shifted sums would cancel)."""
+    x = LARGE_MEAN_ROWS[rows]()
+    _check(_norm(False), {"x": x}, [torch.randn_like(x)], F32, f"layer_norm of rows {rows}")
 
 
 def test_norm_statistics_and_empty_outputs(ext):
@@ -329,6 +343,35 @@ def test_every_op_has_cpu_and_cuda_kernels(ext):
         for key in keys:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"llm_kernels::{op}", key), (
                 op, key)
+
+
+STALE_BUILD = """
+import torch
+import llm_kernels as lk
+from llm_kernels import _ops
+_ops.SCHEMAS["newer_op_forward"] = "(Tensor x) -> Tensor"  # an op this build predates
+ok, why = lk.available_backends()["cuda"]
+print(ok, why)
+x = torch.randn(3, 5)
+assert torch.equal(lk.layer_norm(x, backend=None), lk.layer_norm(x, backend="torch"))
+try:
+    lk.rms_norm(x, backend="cuda")
+except lk.BackendUnavailableError as exc:
+    print(exc)
+"""
+
+
+def test_extension_older_than_the_package_is_reported_not_fatal(ext):
+    """A _C built before an op was added: the cuda backend is unavailable with a rebuild hint,
+    auto dispatch falls back, and naming the backend raises with the same reason."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", STALE_BUILD], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()
+    assert first.startswith("False llm_kernels._C is older than the Python package (it lacks "
+                            "newer_op_forward): rebuild it with `pip install")
+    assert "backend 'cuda' cannot run this call: llm_kernels._C is older" in second
 
 
 @pytest.mark.parametrize("op,args", [
