@@ -18,6 +18,7 @@ from llm_kernels.bench import cli, cross_entropy, harness, layer_norm, report, r
 from llm_kernels.bench import summarize, suite
 from llm_kernels.bench.common import Options
 from llm_kernels.bench.runner import DeviceFault, PlanItem, Runner
+from llm_kernels.backends import extension_status
 from llm_kernels.reference import causal_keep
 
 CPU = torch.device("cpu")
@@ -267,6 +268,22 @@ def test_quick_cli_run_on_cpu(tmp_path, capsys):
     assert os.path.exists(tmp_path / "plots" / "attention.png")
 
 
+def test_quick_cross_entropy_run_with_the_inplace_providers(tmp_path, capsys):
+    """lk-cuda-inplace is timed in fwd+bwd (on the C++ CPU kernels) and refuses bwd, whose
+    retained graph it would break; lk-triton-inplace is not timed under the interpreter."""
+    code = cli.main(["cross_entropy", "--quick", "--device", "cpu", "--hidden-sizes", "33",
+                     "--modes", "bwd,fwd+bwd", "--providers", "lk-cuda-inplace,lk-triton-inplace",
+                     "--json", str(tmp_path / "b.json")])
+    assert code == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    skipped = {(s["mode"], s["provider"]): s["reason"] for s in data["skipped"]}
+    assert "Triton interpreter is not benchmarked" in skipped[("fwd+bwd", "lk-triton-inplace")]
+    assert "cannot replay" in skipped[("bwd", "lk-cuda-inplace")]
+    if extension_status()[0]:
+        measured = [(r["mode"], r["provider"]) for r in data["rows"] if r["op"] == "cross_entropy"]
+        assert measured == [("fwd+bwd", "lk-cuda-inplace")]
+
+
 @pytest.mark.parametrize("argv", [["no_such_op"], ["softmax", "--modes", "sideways"],
                                   ["--suite", "standard", "--device", "cpu"]])
 def test_bad_arguments_exit_2(argv, capsys):
@@ -285,6 +302,8 @@ def test_standard_suite_covers_the_targets():
     assert decode.params == {"B": 8, "H": 32, "Hkv": 8, "Lq": 1, "Lk": 16384, "D": 128}
     assert {("layer_norm", "fwd+bwd", "", 4096), ("layer_norm", "fwd+bwd", "", 8192),
             ("feed_forward", "fwd", "", 4096), ("cross_entropy", "fwd+bwd", "", 131072)} <= cases
+    cross_entropy_item = next(i for i in plan if i.case.op == "cross_entropy")
+    assert {"lk-triton", "lk-triton-inplace", "torch"} <= set(cross_entropy_item.providers)
     first_compile = next(n for n, i in enumerate(plan) if "torch-compile" in i.providers)
     assert all(i.providers == ["torch-compile"] for i in plan[first_compile:])
 
@@ -352,6 +371,35 @@ def test_summary_targets_from_bench_rows():
     assert found["decode lk-triton time / KV read time"].value == pytest.approx(decode_ms / kv_read_ms)
     assert found["attn fwd causal lk-cuda / best SDPA"].status == "n/a"
     assert found["bwd bit-identical lk-triton causal"].status == "MET"
+
+
+def test_summary_cross_entropy_memory_target_reads_the_inplace_provider():
+    """Issue 4's peak-memory target reads lk-triton-inplace; lk-triton's ratio is information."""
+    peaks = {"torch": 6144.0, "lk-triton": 2049.0, "lk-triton-inplace": 1.0}
+    rows = [_row(p, 1.0, op="cross_entropy", mode="fwd+bwd", shape="N=8192 V=131072",
+                 peak_mb=peak, dtype="bf16") for p, peak in peaks.items()]
+    found = {t.what: t for t in summarize.targets({"rows": rows})}
+    inplace = found["cross_entropy peak mem lk-triton-inplace / torch"]
+    assert inplace.value == pytest.approx(1 / 6144) and inplace.status == "MET"
+    default = found["cross_entropy peak mem lk-triton / torch"]
+    assert default.value == pytest.approx(2049 / 6144) and default.status == "info"
+
+
+def test_summary_keeps_the_profile_tables(tmp_path):
+    """The profile step's tables reach the markdown; the profiler's own log lines do not."""
+    ms = round(random.uniform(1, 9), 3)
+    table = ["== lk-triton: 61.20 ms/step under the profiler (133856 tokens/s), kernels 58.1 ms/step",
+             f"{'kernel':<78} {'calls':>6} {'ms/step':>8} {'share':>6}",
+             f"{'_attn_bwd_dkdv_kernel':<78} {24:>6} {ms:>8.3f} {31.5:>5.1f}%"]
+    log = "\n".join(["@@info mode=full", "@@begin profile: python -m ...",
+                     "[W1126 profiler.cpp] CUPTI warning", *table[:2],
+                     "STAGE:2026-11-26 ActivityProfilerController.cpp:314] Completed Stage",
+                     table[2], "@@step profile status=ok rc=0 secs=30"])
+    (tmp_path / "gpu_check.log").write_text(log)
+    summary = summarize.summarize(str(tmp_path))
+    assert summary["profile"] == table
+    md = summarize.format_markdown(summary, None, None)
+    assert "\n".join(["```", *table, "```"]) in md
 
 
 def test_summary_reads_the_log_and_verify(tmp_path):

@@ -62,3 +62,25 @@ def test_quick_cpu_run_times_a_training_step(tmp_path, capsys):
         assert row["tflops"] == pytest.approx(case.flops / (row["ms"] * 1e-3) / 1e12)
         tokens_per_s = float(re.match(r"(\d+) tokens/s, MFU n/a", row["note"]).group(1))
         assert tokens_per_s == pytest.approx(case.extra["tokens"] / (row["ms"] * 1e-3), abs=1)
+
+
+def test_profile_step_lists_the_kernels_of_a_step(capsys):
+    from llm_kernels.bench import profile_step
+    assert profile_step.main(["--providers", "torch-sdpa,lk-triton", "--top", "4", "--warmup",
+                              "1", "--steps", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    sdpa = out.split("== torch-sdpa: ")[1].split("== lk-triton")[0].strip().splitlines()
+    assert re.match(r"[\d.]+ ms/step under the profiler \(\d+ tokens/s\), kernels [\d.]+ ms/step",
+                    sdpa[0])
+    rows = sdpa[2:]
+    assert len(rows) == 4
+    assert any(row.startswith("aten::") for row in rows)
+    shares = [float(row.split()[-1].rstrip("%")) for row in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+    assert "== lk-triton: skipped (the Triton interpreter is not benchmarked" in out
+
+
+def test_profile_step_rejects_unknown_providers():
+    from llm_kernels.bench import profile_step
+    with pytest.raises(SystemExit):
+        profile_step.parse_args(["--providers", "lk-nope"])

@@ -1,0 +1,102 @@
+"""Where a training step's time goes: the kernels of one GPT training step, per provider.
+
+    python -m llm_kernels.bench.profile_step                      # GPU: GPT-2 small, bf16
+    python -m llm_kernels.bench.profile_step --providers lk-triton,torch-sdpa --top 12
+
+Builds the step of ``bench/gpt_train.py`` (the same model, batch and optimizer), runs
+``--warmup`` steps (Triton autotuning happens there), then profiles ``--steps`` steps with
+``torch.profiler`` and prints, per provider, the step time and the ``--top`` kernels by device
+time per step: name, launches per step, ms per step and share of the step's kernel time. On a
+CPU it profiles the tiny model's CPU ops instead (a smoke run, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from llm_kernels.bench import gpt_train
+from llm_kernels.bench.common import Options
+from llm_kernels.bench.harness import Skip, free_memory
+
+NAME_WIDTH = 78
+
+
+def kernel_table(prof, steps: int, on_gpu: bool, top: int) -> tuple[list[tuple], float]:
+    """([(name, launches per step, ms per step)], total kernel ms per step), largest first."""
+    rows = []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if us <= 0 or (on_gpu and event.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        rows.append((event.key, event.count / steps, us / 1e3 / steps))
+    rows.sort(key=lambda r: -r[2])
+    return rows[:top], sum(r[2] for r in rows)
+
+
+def profile_provider(provider: str, case, device: torch.device, warmup: int, steps: int,
+                     top: int) -> list[str]:
+    """The report lines of one provider (a Skip gives one line saying why)."""
+    try:
+        step = gpt_train.PROVIDERS[provider](case, device, Options())
+    except Skip as skip:
+        return [f"== {provider}: skipped ({skip})"]
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    began = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    step_ms = (time.perf_counter() - began) * 1e3 / steps
+    rows, total = kernel_table(prof, steps, device.type == "cuda", top)
+    tokens = case.extra["tokens"]
+    lines = [f"== {provider}: {step_ms:.2f} ms/step under the profiler "
+             f"({tokens / step_ms * 1e3:.0f} tokens/s), kernels {total:.2f} ms/step",
+             f"{'kernel':<{NAME_WIDTH}} {'calls':>6} {'ms/step':>8} {'share':>6}"]
+    for name, calls, ms in rows:
+        short = name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
+        lines.append(f"{short:<{NAME_WIDTH}} {calls:>6.0f} {ms:>8.3f} {100 * ms / total:>5.1f}%")
+    return lines
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m llm_kernels.bench.profile_step",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--providers", default="lk-triton,lk-cuda,torch-sdpa",
+                        help=f"comma-separated, from {', '.join(gpt_train.PROVIDERS)}")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed per provider")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.providers.split(",") if p not in gpt_train.PROVIDERS]
+    if unknown:
+        parser.error(f"unknown providers {unknown}; choose from {list(gpt_train.PROVIDERS)}")
+    if min(args.top, args.warmup + 1, args.steps) < 1:
+        parser.error("--top and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    case = gpt_train.cases(Options(quick=True), device)[0]
+    print(f"profile of one training step: {case.variant} {case.shape}, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
+    for provider in args.providers.split(","):
+        for line in profile_provider(provider, case, device, args.warmup, args.steps, args.top):
+            print(line, flush=True)
+        free_memory(device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
