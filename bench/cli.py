@@ -151,6 +151,8 @@ def _filtered(plan: list[PlanItem], providers: Optional[tuple[str, ...]]) -> lis
 def write_outputs(args, runner: Runner) -> None:
     results = runner.results
     report.add_ratios(results.rows)
+    for kernel, chosen in harness.autotuned_configs().items():
+        results.autotune.setdefault(kernel, {}).update(chosen)
     if args.csv:
         report.write_csv(results.rows, args.csv)
     if args.json:

@@ -13,6 +13,7 @@ import gc
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -115,6 +116,25 @@ def measure(fn: Callable[[], object], device: torch.device,
         samples = time_cpu(fn, config)
         ms, p20, p80 = (percentile(samples, q) for q in QUANTILES)
     return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=peak)
+
+
+def autotuned_configs() -> dict[str, dict[str, str]]:
+    """``{kernel: {tuning key: chosen config}}`` of every llm_kernels Triton autotuner that has
+    tuned something in this process (kernel modules not imported yet have tuned nothing)."""
+    autotuner = sys.modules.get("triton.runtime.autotuner")
+    if autotuner is None:
+        return {}
+    modules = [sys.modules.get(f"llm_kernels.kernels.{name}")
+               for name in ("attention", "feed_forward", "swiglu")]
+    tuners = [obj for module in modules if module is not None for obj in vars(module).values()
+              if isinstance(obj, autotuner.Autotuner)]
+    if modules[0] is not None:
+        tuners += modules[0].tuned_kernels()
+    chosen: dict[str, dict[str, str]] = {}
+    for tuner in tuners:
+        for key, config in tuner.cache.items():
+            chosen.setdefault(tuner.fn.__name__, {})[str(key)] = str(config)
+    return chosen
 
 
 def free_memory(device: torch.device) -> None:

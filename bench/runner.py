@@ -51,10 +51,11 @@ class Results:
     skipped: list[dict] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
     excluded: list[list[str]] = field(default_factory=list)
+    autotune: dict = field(default_factory=dict)  # kernel -> {tuning key: chosen config}
 
     def as_dict(self) -> dict:
         return {"environment": self.environment, "rows": self.rows, "skipped": self.skipped,
-                "checks": self.checks, "excluded": self.excluded}
+                "checks": self.checks, "excluded": self.excluded, "autotune": self.autotune}
 
     @classmethod
     def from_dict(cls, data: dict, environment: dict) -> "Results":
@@ -62,7 +63,8 @@ class Results:
         resumed process has time of its own)."""
         return cls(environment=environment, rows=list(data.get("rows", [])),
                    skipped=[s for s in data.get("skipped", []) if s.get("kind") != "budget"],
-                   checks=list(data.get("checks", [])), excluded=list(data.get("excluded", [])))
+                   checks=list(data.get("checks", [])), excluded=list(data.get("excluded", [])),
+                   autotune=dict(data.get("autotune", {})))
 
 
 def case_key(op: str, mode: str, variant: str, shape: str, provider: str) -> tuple:

@@ -295,6 +295,7 @@ def summarize(out_dir: str) -> dict:
         "bench_errors": [s for s in skipped if s.get("kind") in ("error", "oom")],
         "targets": [dict(asdict(t), status=t.status) for t in targets(bench)],
         "profile": profile_lines(log["steps"].get("profile", {}).get("output", "")),
+        "autotune": bench.get("autotune", {}),
     }
 
 
@@ -410,6 +411,10 @@ def format_markdown(summary: dict, csv_name: Optional[str], png_name: Optional[s
     if summary.get("profile"):
         md += ["", "## Where a GPT-2-small training step's time goes", "", "```"]
         md += summary["profile"] + ["```"]
+    if summary.get("autotune"):
+        md += ["", "## Configs the Triton autotuners chose (kernel, tuning key: config)", "", "```"]
+        md += [f"{kernel} {key}: {config}" for kernel, chosen in sorted(summary["autotune"].items())
+               for key, config in chosen.items()] + ["```"]
     problems = problem_lines(summary)
     if problems:
         md += ["", "## Problems", ""] + [f"- `{line}`" for line in problems]

@@ -569,12 +569,22 @@ def _autotune_enabled() -> bool:
     return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
 
 
+_TUNERS: list = []  # every autotuner _tuned has made, for tuned_kernels()
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kernel, candidates: tuple[Launch, ...], tune_block_m: bool):
     configs = [triton.Config(c.meta() if tune_block_m else {"BLOCK_N": c.block_n},
                              num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
     keys = _TUNE_KEYS + ([] if tune_block_m else ["BLOCK_M"])
-    return triton.autotune(configs=configs, key=keys)(kernel)
+    tuner = triton.autotune(configs=configs, key=keys)(kernel)
+    _TUNERS.append(tuner)
+    return tuner
+
+
+def tuned_kernels() -> list:
+    """The attention kernels' autotuners made so far (their ``cache``: key -> chosen config)."""
+    return list(_TUNERS)
 
 
 def _launch(kernel, grid: Callable[[dict], tuple], candidates: list[Launch], args: tuple,

@@ -178,9 +178,32 @@ def test_csv_and_json_schema(tmp_path):
     back = report.read_csv(str(tmp_path / "b.csv"))
     assert back[1]["ms"] == pytest.approx(results.rows[1]["ms"], rel=1e-5)
     data = json.loads((tmp_path / "b.json").read_text())
-    assert set(data) == {"environment", "rows", "skipped", "checks", "excluded"}
+    assert set(data) == {"environment", "rows", "skipped", "checks", "excluded", "autotune"}
     assert data["rows"][1]["device"] == data["environment"]["device"]
     assert "Triton" in data["skipped"][0]["reason"]
+
+
+def test_autotuned_configs_lists_each_kernels_choices(monkeypatch):
+    """What the autotuners chose, per kernel and tuning key (here set by hand: under the
+    interpreter every kernel has one config, so nothing is tuned)."""
+    import triton
+
+    from llm_kernels.kernels import attention, feed_forward
+    matmul = triton.autotune(configs=[triton.Config({"BLOCK_M": 64}), triton.Config({"BLOCK_M": 128})],
+                             key=["M"])(feed_forward._matmul_kernel.fn)
+    block = random.choice([64, 128])
+    matmul.cache[(8192, "torch.bfloat16")] = triton.Config({"BLOCK_M": block}, num_warps=8)
+    monkeypatch.setattr(feed_forward, "_tuned_for_test", matmul, raising=False)
+    attn = attention._tuned(attention._attn_fwd_kernel, tuple(attention.launches(
+        "fwd", 64, torch.bfloat16)), True)
+    attn.cache[(1024, 1024)] = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)
+    try:
+        chosen = harness.autotuned_configs()
+    finally:
+        del attn.cache[(1024, 1024)]
+    assert chosen[matmul.fn.__name__]["(8192, 'torch.bfloat16')"].startswith(
+        f"BLOCK_M: {block}, num_warps: 8")
+    assert chosen[attn.fn.__name__]["(1024, 1024)"].startswith("BLOCK_N: 32, num_warps: 4")
 
 
 def test_a_failing_provider_is_recorded_and_the_run_goes_on():
@@ -385,8 +408,9 @@ def test_summary_cross_entropy_memory_target_reads_the_inplace_provider():
     assert default.value == pytest.approx(2049 / 6144) and default.status == "info"
 
 
-def test_summary_keeps_the_profile_tables(tmp_path):
-    """The profile step's tables reach the markdown; the profiler's own log lines do not."""
+def test_summary_keeps_the_profile_tables_and_autotune_choices(tmp_path):
+    """The profile step's tables reach the markdown (the profiler's own log lines do not), and so
+    do the autotuners' choices from bench.json."""
     ms = round(random.uniform(1, 9), 3)
     table = ["== lk-triton: 61.20 ms/step under the profiler (133856 tokens/s), kernels 58.1 ms/step",
              f"{'kernel':<78} {'calls':>6} {'ms/step':>8} {'share':>6}",
@@ -396,10 +420,14 @@ def test_summary_keeps_the_profile_tables(tmp_path):
                      "STAGE:2026-11-26 ActivityProfilerController.cpp:314] Completed Stage",
                      table[2], "@@step profile status=ok rc=0 secs=30"])
     (tmp_path / "gpu_check.log").write_text(log)
+    block = random.choice([64, 128])
+    autotune = {"_matmul_kernel": {"(8192, 768, 3072)": f"BLOCK_M: {block}, num_warps: 8"}}
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": [], "autotune": autotune}))
     summary = summarize.summarize(str(tmp_path))
     assert summary["profile"] == table
     md = summarize.format_markdown(summary, None, None)
     assert "\n".join(["```", *table, "```"]) in md
+    assert f"_matmul_kernel (8192, 768, 3072): BLOCK_M: {block}, num_warps: 8" in md
 
 
 def test_summary_reads_the_log_and_verify(tmp_path):
