@@ -9,15 +9,19 @@ an API a triton version lacks, shared memory over the device limit) before GPU t
 A fake CUDA driver reports the target GPU, and every launch becomes a compile-only warmup
 (nothing runs, outputs stay garbage); the autotuners' benchmarks just compile each candidate.
 The launchers get CPU tensors of the shapes, dtypes and flags a GPU run would see. Prints one
-line per compiled kernel variant (name, warps, stages, shared memory) and exits 1 when a case
-fails to compile or a kernel needs more shared memory than the GPU has. Relies on triton
+line per compiled kernel variant (name, warps, stages, shared memory, registers and spill bytes
+from triton's bundled cuobjdump) and exits 1 when a case fails to compile or a kernel needs more
+shared memory than the GPU has (spills are reported, not failures: the autotuner weighs them). Relies on triton
 internals (``driver.set_active``, ``JITFunction.run``) present in triton 3.6 to 3.8.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -71,6 +75,24 @@ def install(arch: int, compiled: list) -> None:
         compiled.append((self.__name__, kernel))
         return kernel
     JITFunction.run = compile_only
+
+
+def resource_usage(kernel) -> tuple[int, int]:
+    """(registers per thread, spill bytes: stack + local) of a compiled kernel, read from its
+    cubin by triton's bundled cuobjdump; (-1, -1) when that is unavailable."""
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in kernel.asm or not os.path.exists(tool):
+        return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    if found is None:
+        return -1, -1
+    return int(found.group(1)), int(found.group(2)) + int(found.group(3))
 
 
 def _randn(*shape, dtype):
@@ -205,7 +227,7 @@ def main(argv=None) -> int:
              for c in group(dtypes, args.quick) if args.only in c[0]]
     print(f"triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}, "
           f"{len(cases)} cases", flush=True)
-    failures, seen, start = [], set(), time.monotonic()
+    failures, seen, spilling, start = [], set(), 0, time.monotonic()
     for name, thunk in cases:
         before = len(compiled)
         try:
@@ -223,10 +245,14 @@ def main(argv=None) -> int:
             over = meta.shared > MAX_SHARED[args.arch]
             if over:
                 failures.append(f"{name}: {kernel_name} needs {meta.shared} B of shared memory")
+            regs, spill = resource_usage(kernel)
+            spilling += spill > 0
             print(f"{'OVER ' if over else 'ok   '}{kernel_name:<32} warps={meta.num_warps} "
-                  f"stages={meta.num_stages} shared={meta.shared:>6}  ({name})", flush=True)
+                  f"stages={meta.num_stages} shared={meta.shared:>6} regs={regs:>3} "
+                  f"spill={spill:>4}  ({name})", flush=True)
     print(f"{len(seen)} kernel variants compiled for sm_{args.arch} in "
-          f"{time.monotonic() - start:.0f} s; {len(failures)} failures", flush=True)
+          f"{time.monotonic() - start:.0f} s ({spilling} of them spill registers); "
+          f"{len(failures)} failures", flush=True)
     for failure in failures:
         print(f"  FAILED: {failure}")
     return 1 if failures else 0
