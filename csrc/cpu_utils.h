@@ -1,5 +1,5 @@
 // Helpers of the C++ CPU twins: dtype dispatch to c10 types, row-parallel loops, float32 row
-// buffers and blocked sums (vectorizable, and accurate for long rows).
+// buffers, and the vectorized row loops of cpu_vec.cpp (sums accurate for long rows).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -64,6 +64,20 @@ void norm_backward_row(const float* dy, const float* h, const float* w, const fl
                        int64_t n, float mean, float rstd, bool rms, float* dx, float* acc_w,
                        float* acc_b);
 
+// Softmax rows: max(v[0:n]) skipping NaN (-inf when n == 0 or all NaN); out = exp(v - shift)
+// returning sum(out) (blocked float32 lanes, block totals in double; shift > -inf, out may be v);
+// out = v * factor.
+float max_of(const float* v, int64_t n);
+float exp_shift_sum(const float* v, int64_t n, float shift, float* out);
+void scale_floats(const float* v, int64_t n, float factor, float* out);
+// Softmax backward of one row from its output y rounded to the storage dtype: with
+// p = y / sum(y) (0 when sum(y) == 0), dx = p * (dy - sum(dy * p)).
+void softmax_backward_row(const float* dy, const float* y, int64_t n, float* dx);
+// Cross-entropy gradient row: out[i] = scale * (exp(v[i] - shift) - [i == hot]) for i < n, with
+// shift the row's logsumexp (hot outside [0, n) matches nothing; out may be v).
+void softmax_minus_onehot(const float* v, int64_t n, float shift, float scale, int64_t hot,
+                          float* out);
+
 // float(src[i]) for i < n into dst.
 template <typename T>
 void to_float(const T* src, int64_t n, float* dst) {
@@ -116,29 +130,6 @@ std::vector<float> param_as_float(const void* p, int64_t n, float fill) {
   std::vector<float> out(n, fill);
   if (p != nullptr) to_float(static_cast<const T*>(p), n, out.data());
   return out;
-}
-
-constexpr int64_t kSumBlock = 512;
-constexpr int kLanes = 8;
-
-// sum_i f(i) for i < n: float32 in kLanes independent lanes within blocks of kSumBlock values
-// (vectorizable), block totals added in double, so the error does not grow with n.
-template <typename F>
-float lane_sum(int64_t n, F&& f) {
-  double total = 0.0;
-  for (int64_t start = 0; start < n; start += kSumBlock) {
-    const int64_t end = start + kSumBlock < n ? start + kSumBlock : n;
-    float lanes[kLanes] = {};
-    int64_t i = start;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int k = 0; k < kLanes; ++k) lanes[k] += f(i + k);
-    }
-    for (; i < end; ++i) lanes[0] += f(i);
-    float block = 0.0f;
-    for (int k = 0; k < kLanes; ++k) block += lanes[k];
-    total += block;
-  }
-  return static_cast<float>(total);
 }
 
 }  // namespace lk

@@ -1,5 +1,6 @@
 // Row softmax forward and backward on CPU tensors (math in kernels.h), rows in parallel, float32
-// math; -inf entries contribute nothing and a row of all -inf gives zeros.
+// math in the vectorized row loops of cpu_vec.cpp; -inf entries contribute nothing and a row of
+// all -inf gives zeros.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -9,23 +10,25 @@
 
 namespace lk {
 
+// y = exp(x - max) / sum(exp(x - max)): a max pass, an exp-and-sum pass writing y, a scale pass.
 void softmax_forward_cpu(const SoftmaxForwardArgs& a) {
   dispatch_cpu_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_rows(a.rows, a.cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> v(a.cols);
+    const int64_t cols = a.cols;
+    parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(cols);  // fp16/bf16: the row as float32, then y in place
       for (int64_t row = begin; row < end; ++row) {
-        to_float(static_cast<const T*>(a.x) + row * a.cols, a.cols, v.data());
-        float max = -INFINITY;
-        for (float x : v) max = std::fmax(max, x);
+        const float* x = row_as_float(static_cast<const T*>(a.x) + row * cols, cols, buffer);
+        T* y = static_cast<T*>(a.y) + row * cols;
+        float* out = output_row(y, buffer);
+        const float max = max_of(x, cols);
         if (max == -INFINITY) {
-          std::fill(v.begin(), v.end(), 0.0f);
+          std::fill(out, out + cols, 0.0f);
         } else {
-          for (float& x : v) x = std::exp(x - max);
-          const float inv_sum = 1.0f / lane_sum(a.cols, [&](int64_t j) { return v[j]; });
-          for (float& x : v) x *= inv_sum;
+          const float sum = exp_shift_sum(x, cols, max, out);
+          scale_floats(out, cols, 1.0f / sum, out);
         }
-        from_float(v.data(), a.cols, static_cast<T*>(a.y) + row * a.cols);
+        if constexpr (!std::is_same_v<T, float>) from_float(out, cols, y);
       }
     });
   });
@@ -34,18 +37,19 @@ void softmax_forward_cpu(const SoftmaxForwardArgs& a) {
 void softmax_backward_cpu(const SoftmaxBackwardArgs& a) {
   dispatch_cpu_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    parallel_rows(a.rows, a.cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> g(a.cols), y(a.cols);
+    const int64_t cols = a.cols;
+    parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
+      std::vector<float> gb(cols), yb(cols), dxb(cols);
       for (int64_t row = begin; row < end; ++row) {
-        to_float(static_cast<const T*>(a.grad_y) + row * a.cols, a.cols, g.data());
-        to_float(static_cast<const T*>(a.y) + row * a.cols, a.cols, y.data());
-        // y was rounded to T: renormalize it (p = y / sum(y)) so that dx = p * (dy - sum(dy * p))
-        // stays accurate on saturated rows; an all-zero row (all -inf logits) gives dx = 0.
-        const float total = lane_sum(a.cols, [&](int64_t j) { return y[j]; });
-        const float inv = total != 0.0f ? 1.0f / total : 0.0f;
-        const float dot = lane_sum(a.cols, [&](int64_t j) { return g[j] * y[j]; }) * inv;
-        for (int64_t j = 0; j < a.cols; ++j) g[j] = y[j] * inv * (g[j] - dot);
-        from_float(g.data(), a.cols, static_cast<T*>(a.dx) + row * a.cols);
+        const int64_t base = row * cols;
+        T* dx = static_cast<T*>(a.dx) + base;
+        float* out = output_row(dx, dxb);
+        // y was rounded to T: the row routine renormalizes it (p = y / sum(y)) so that
+        // dx = p * (dy - sum(dy * p)) stays accurate on saturated rows; an all-zero row (all
+        // -inf logits) gives dx = 0.
+        softmax_backward_row(row_as_float(static_cast<const T*>(a.grad_y) + base, cols, gb),
+                             row_as_float(static_cast<const T*>(a.y) + base, cols, yb), cols, out);
+        if constexpr (!std::is_same_v<T, float>) from_float(out, cols, dx);
       }
     });
   });

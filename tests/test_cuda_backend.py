@@ -212,6 +212,17 @@ def test_softmax_minus_inf_rows_cpu(ext, dtype):
     assert_close(y, ref, softmax_ref(x.detach()), dtype, "softmax with -inf")
 
 
+def test_softmax_tiny_probabilities_cpu(ext):
+    """The vectorized exp near float32's underflow: probabilities down to the subnormals come
+    out right (within two subnormal ulps), smaller ones and -inf entries give exactly 0."""
+    row = [0.0, -20.0, -87.0, -90.0, -100.0, -103.0, -105.0, -200.0, float("-inf")]
+    x = torch.tensor([row * 3])  # 27 values: one full vector and a tail
+    y = ext.softmax_forward(x)
+    torch.testing.assert_close(y.double(), softmax_ref(x, upcast=True), rtol=1e-6, atol=2**-148)
+    assert (y[0, 6::9] == 0).all() and (y[0, 7::9] == 0).all() and (y[0, 8::9] == 0).all()
+    assert (y[0, 3::9] > 0).all() and (y[0, 4::9] > 0).all()  # subnormal, not flushed
+
+
 # ---- cross_entropy ----------------------------------------------------------------------------
 
 def _cross_entropy(reduction, ignore_index=-100):
@@ -266,6 +277,36 @@ def test_cross_entropy_op_out_of_range_target_gives_nan(ext):
     assert torch.equal(grad[2], torch.zeros(17))
     expected = torch.softmax(logits[0], -1) - torch.nn.functional.one_hot(torch.tensor(3), 17)
     torch.testing.assert_close(grad[0], expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_and_cross_entropy_are_deterministic_across_thread_counts(ext, dtype):
+    """Rows are independent: bitwise equal results for 1 and 2 threads; the in-place
+    cross-entropy backward equals the out-of-place one (V = 5000: chunks and a vector tail,
+    one target in the tail)."""
+    x, grad_y = torch.randn(301, 1025).to(dtype), torch.randn(301, 1025).to(dtype)
+    logits = (torch.randn(97, 5000) * 3).to(dtype)
+    target = torch.randint(0, 5000, (97,))
+    target[::7] = -100
+    target[1] = 4999
+    grad_loss = torch.randn(97)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = ext.softmax_forward(x)
+            loss, lse = ext.cross_entropy_forward(logits, target, -100)
+            inplace = logits.clone()
+            ext.cross_entropy_backward_inplace(grad_loss, inplace, target, lse, -100)
+            results.append((y, ext.softmax_backward(grad_y, y), loss, lse,
+                            ext.cross_entropy_backward(grad_loss, logits, target, lse, -100),
+                            inplace))
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+    assert torch.equal(results[0][4], results[0][5])
 
 
 # ---- feed_forward / swiglu --------------------------------------------------------------------
