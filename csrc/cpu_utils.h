@@ -102,6 +102,12 @@ void from_float(const float* src, int64_t n, T* dst) {
   }
 }
 
+// A float32 row buffer for row_as_float / output_row: empty for float rows, which need none.
+template <typename T>
+std::vector<float> row_buffer(int64_t n) {
+  return std::vector<float>(std::is_same_v<T, float> ? 0 : n);
+}
+
 // The float32 values of a row: the row itself for float, else converted into `buffer`.
 template <typename T>
 const float* row_as_float(const T* src, int64_t n, std::vector<float>& buffer) {

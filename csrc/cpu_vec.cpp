@@ -239,13 +239,23 @@ LK_CLONES void norm_backward_row(const float* dy, const float* h, const float* w
   }
   const float c1 = static_cast<float>(sum_gx / n);
   const float c2 = rms ? 0.0f : static_cast<float>(sum_g / n);
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) {  // dx and the dweight/dbias sums in one pass
+    const VecF g = load(dy + i);
+    const VecF xhat = (load(h + i) - mean) * rstd;
+    VecF d = (g * load(w + i) - xhat * c1 - c2) * rstd;
+    if (grad_h != nullptr) d += load(grad_h + i);
+    store(dx + i, d);
+    if (acc_w != nullptr) {
+      store(acc_w + i, load(acc_w + i) + g * xhat);
+      store(acc_b + i, load(acc_b + i) + g);
+    }
+  }
+  for (; i < n; ++i) {
     const float xhat = (h[i] - mean) * rstd;
     dx[i] = (dy[i] * w[i] - xhat * c1 - c2) * rstd + (grad_h != nullptr ? grad_h[i] : 0.0f);
-  }
-  if (acc_w != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      acc_w[i] += dy[i] * ((h[i] - mean) * rstd);
+    if (acc_w != nullptr) {
+      acc_w[i] += dy[i] * xhat;
       acc_b[i] += dy[i];
     }
   }

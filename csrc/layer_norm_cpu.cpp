@@ -22,7 +22,9 @@ template <typename T>
 void forward_rows(const NormForwardArgs& a, const float* w, const float* b, int64_t begin,
                   int64_t end) {
   const int64_t cols = a.cols;
-  std::vector<float> xb(cols), rb(a.residual != nullptr ? cols : 0), hb(cols), yb(cols);
+  const int64_t residual_cols = a.residual != nullptr ? cols : 0;
+  std::vector<float> xb = row_buffer<T>(cols), yb = row_buffer<T>(cols);
+  std::vector<float> rb = row_buffer<T>(residual_cols), hb = row_buffer<T>(residual_cols);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * cols;
     const float* v = row_as_float(static_cast<const T*>(a.x) + base, cols, xb);
@@ -53,7 +55,8 @@ template <typename T>
 void backward_rows(const NormBackwardArgs& a, const float* w, int64_t begin, int64_t end,
                    float* acc_w, float* acc_b) {
   const int64_t cols = a.cols;
-  std::vector<float> dyb(cols), hb(cols), ghb(a.grad_h != nullptr ? cols : 0), dxb(cols);
+  std::vector<float> dyb = row_buffer<T>(cols), hb = row_buffer<T>(cols), dxb = row_buffer<T>(cols);
+  std::vector<float> ghb = row_buffer<T>(a.grad_h != nullptr ? cols : 0);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * cols;
     const float* gh = a.grad_h != nullptr

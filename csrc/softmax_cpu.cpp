@@ -16,7 +16,7 @@ void softmax_forward_cpu(const SoftmaxForwardArgs& a) {
     using T = decltype(tag);
     const int64_t cols = a.cols;
     parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(cols);  // fp16/bf16: the row as float32, then y in place
+      std::vector<float> buffer = row_buffer<T>(cols);  // the row as float32, then y in place
       for (int64_t row = begin; row < end; ++row) {
         const float* x = row_as_float(static_cast<const T*>(a.x) + row * cols, cols, buffer);
         T* y = static_cast<T*>(a.y) + row * cols;
@@ -39,7 +39,8 @@ void softmax_backward_cpu(const SoftmaxBackwardArgs& a) {
     using T = decltype(tag);
     const int64_t cols = a.cols;
     parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> gb(cols), yb(cols), dxb(cols);
+      std::vector<float> gb = row_buffer<T>(cols), yb = row_buffer<T>(cols);
+      std::vector<float> dxb = row_buffer<T>(cols);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * cols;
         T* dx = static_cast<T*>(a.dx) + base;
