@@ -4,7 +4,7 @@
 - CPU build of torch (or no nvcc): the C++ CPU kernels only.
 - No torch importable in the build environment, or ``LLM_KERNELS_SKIP_EXT=1``: pure Python.
 
-Environment: ``LLM_KERNELS_CUDA_ARCHS`` (default: the visible GPU, else ``8.0;9.0``),
+Environment: ``LLM_KERNELS_CUDA_ARCHS`` (default: the visible GPU, else ``8.0;9.0+PTX``),
 ``MAX_JOBS`` (parallel compile jobs, read by torch's ninja build), ``LLM_KERNELS_SKIP_EXT=1``.
 The build status is written to ``llm_kernels/_build_info.json`` for ``llm-kernels info``.
 """
@@ -43,7 +43,7 @@ def _cuda_archs(torch):
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         return f"{major}.{minor}"
-    return "8.0;9.0"
+    return "8.0;9.0+PTX"  # the PTX JIT-compiles on newer GPUs
 
 
 def _openmp_flags(torch):

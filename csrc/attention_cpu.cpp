@@ -92,7 +92,7 @@ LK_INLINE VecF exp2_nonpositive(VecF x) {
   p = p * f + 6.9314718e-1f;
   p = p * f + 1.0f;
   const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
-  return p * reinterpret_cast<const VecF&>(bits);
+  return p * (VecF)bits;  // a same-size vector cast reinterprets the bits
 }
 
 float exp2_nonpositive_scalar(float x) {

@@ -85,11 +85,14 @@ void check_contiguous(const char* op, const char* name, const Tensor& t) {
               t.strides());
 }
 
-// A contiguous 2D (N, C) kernel input with 1 <= C < 2^31; returns its dtype.
+// Columns per row the kernels take: their int column index plus one loop step stays < 2^31.
+constexpr int64_t kMaxCols = INT32_MAX - 65536;
+
+// A contiguous 2D (N, C) kernel input with 1 <= C <= kMaxCols; returns its dtype.
 lk::DType check_rows(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2D (N, C), got shape ", t.sizes());
-  TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= INT32_MAX, op, ": ", name,
-              " must have 1 <= C < 2^31 columns, got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxCols, op, ": ", name, " must have 1 <= C <= ",
+              kMaxCols, " columns, got shape ", t.sizes());
   TORCH_CHECK(t.size(0) <= INT32_MAX, op, ": ", name, " must have fewer than 2^31 rows, got ",
               t.size(0));
   TORCH_CHECK(t.is_cpu() || t.is_cuda(), op, ": ", name, " must be a CPU or CUDA tensor, got ",

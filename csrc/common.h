@@ -79,18 +79,22 @@ struct MaxSum {
   float sum;
 };
 
-// Merge two partial (max, sum) pairs; an empty pair has max = -inf and sum = 0.
+// A pair that has seen only -inf values: max = -inf and sum = 0. A NaN or +inf value poisons
+// the sum with NaN (as exp(x - max) does in torch), and merging never drops a poisoned pair.
+LK_HD bool is_empty(MaxSum a) { return a.max == -INFINITY && a.sum == 0.0f; }
+
+// Merge two partial (max, sum) pairs.
 LK_HD MaxSum merge(MaxSum a, MaxSum b) {
-  if (a.max == -INFINITY) return b;
-  if (b.max == -INFINITY) return a;
+  if (is_empty(a)) return b;
+  if (is_empty(b)) return a;
   const float m = fmaxf(a.max, b.max);
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
 
-// Add one value to a (max, sum) pair; -inf adds nothing.
+// Add one value to a (max, sum) pair; -inf adds nothing; exp(x - x) is NaN for x = +inf.
 LK_HD MaxSum push(MaxSum a, float x) {
   if (x == -INFINITY) return a;
-  if (x > a.max) return {x, a.sum * expf(a.max - x) + 1.0f};
+  if (x > a.max) return {x, a.sum * expf(a.max - x) + (x == INFINITY ? NAN : 1.0f)};
   return {a.max, a.sum + expf(x - a.max)};
 }
 

@@ -64,8 +64,9 @@ void norm_backward_row(const float* dy, const float* h, const float* w, const fl
                        int64_t n, float mean, float rstd, bool rms, float* dx, float* acc_w,
                        float* acc_b);
 
-// Softmax rows: max(v[0:n]) skipping NaN (-inf when n == 0 or all NaN); out = exp(v - shift)
-// returning sum(out) (blocked float32 lanes, block totals in double; shift > -inf, out may be v);
+// Softmax rows: max(v[0:n]), NaN when a value is NaN (-inf when n == 0); out = exp(v - shift)
+// returning sum(out) (blocked float32 lanes, block totals in double; shift > -inf or NaN, out
+// may be v);
 // out = v * factor.
 float max_of(const float* v, int64_t n);
 float exp_shift_sum(const float* v, int64_t n, float shift, float* out);

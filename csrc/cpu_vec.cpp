@@ -261,17 +261,17 @@ LK_CLONES void norm_backward_row(const float* dy, const float* h, const float* w
   }
 }
 
-// Vector max; `x > m ? x : m` skips NaN as std::fmax does.
+// Vector max that propagates NaN (a NaN lane stays NaN: `x > NaN` is false).
 LK_CLONES float max_of(const float* v, int64_t n) {
   VecF lanes = VecF{} - INFINITY;
   int64_t i = 0;
   for (; i + kVecLanes <= n; i += kVecLanes) {
     const VecF x = load(v + i);
-    lanes = x > lanes ? x : lanes;
+    lanes = (x > lanes) | (x != x) ? x : lanes;
   }
   float m = -INFINITY;
-  for (int k = 0; k < kVecLanes; ++k) m = std::fmax(m, lanes[k]);
-  for (; i < n; ++i) m = std::fmax(m, v[i]);
+  for (int k = 0; k < kVecLanes; ++k) m = lanes[k] > m || lanes[k] != lanes[k] ? lanes[k] : m;
+  for (; i < n; ++i) m = v[i] > m || v[i] != v[i] ? v[i] : m;
   return m;
 }
 

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   stats = row_reduce(stats, smem, MergeOp{});
   if (!active || threadIdx.x != 0) return;
-  const float row_lse = stats.max == -INFINITY ? -INFINITY : stats.max + logf(stats.sum);
+  const float row_lse = is_empty(stats) ? -INFINITY : stats.max + logf(stats.sum);
   const int64_t t = p.target[row];
   float row_loss = 0.0f;
   if (t != p.ignore_index) row_loss = (t >= 0 && t < p.cols) ? row_lse - to_float(x[t]) : NAN;

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int k = 0; k < VEC; ++k) stats = push(stats, v[k]);
   }
   stats = row_reduce(stats, smem, MergeOp{});
-  const bool empty = stats.max == -INFINITY;
+  const bool empty = is_empty(stats);
   const float inv_sum = empty ? 0.0f : 1.0f / stats.sum;
   for (int col = threadIdx.x * VEC; active && col < cols; col += step) {
     float v[VEC];

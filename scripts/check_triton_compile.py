@@ -106,6 +106,7 @@ def attention_cases(dtypes, quick: bool):
 
     from llm_kernels.kernels import attention as k
     dims = (64, 128) if quick else (16, 40, 64, 80, 96, 128, 160, 256)
+    mask_dims = (64,) if quick else (32, 64, 128, 256)
 
     def run(b, h, hkv, lq, lk, d, dtype, causal, masked):
         q = _randn(b, h, lq, d, dtype=dtype)
@@ -122,8 +123,9 @@ def attention_cases(dtypes, quick: bool):
                 cases.append((f"attention d={d} {dtype} causal={causal}",
                               lambda d=d, dtype=dtype, c=causal: run(1, 4, 2, 300, 300, d, dtype,
                                                                      c, False)))
-        cases.append((f"attention mask {dtype}",
-                      lambda dtype=dtype: run(1, 2, 2, 97, 130, 64, dtype, False, True)))
+        for d in mask_dims:
+            cases.append((f"attention mask d={d} {dtype}",
+                          lambda d=d, dtype=dtype: run(1, 2, 2, 97, 130, d, dtype, False, True)))
         cases.append((f"attention decode {dtype}",
                       lambda dtype=dtype: run(2, 8, 2, 1, 4096, 128, dtype, True, False)))
     return cases

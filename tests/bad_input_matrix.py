@@ -412,6 +412,8 @@ def softmax_cases(lk, backend: str, inp: Inputs) -> list[Case]:
     transposed = x.transpose(0, 2)
     all_neg_inf = x.clone()
     all_neg_inf[1, 2] = -INF
+    nan_and_neg_inf = poisoned(x, (1, 2), NAN)
+    nan_and_neg_inf[1, 2, ::2] = -INF
     return named("softmax", [
         ("not_a_tensor", call(x_=x.tolist()), Raises(TypeError, r"x must be a torch\.Tensor")),
         ("rank_0", call(x_=x[0, 0, 0]), Raises(ValueError, r"x must have at least 1 dims")),
@@ -429,6 +431,8 @@ def softmax_cases(lk, backend: str, inp: Inputs) -> list[Case]:
         non_finite("nan", poisoned(x, (1, 2, 3), NAN)),
         non_finite("inf", poisoned(x, (0, 1, 8), INF)),
         non_finite("neg_inf", poisoned(x, (2, 3, 0), -INF)),
+        non_finite("nan_whole_row", poisoned(x, (1, 2), NAN)),
+        non_finite("nan_and_neg_inf_row", nan_and_neg_inf),
         non_finite("nan_dim_1", poisoned(x, (1, 2, 3), NAN), dim=1),
         non_finite("nan_fp16", poisoned(x, (1, 2, 3), NAN).half()),
         non_finite("nan_bf16", poisoned(x, (0, 0, 0), NAN).bfloat16()),
@@ -544,6 +548,9 @@ def cross_entropy_cases(lk, backend: str, inp: Inputs) -> list[Case]:
     def non_finite(name, logits_=logits, target_=target, **kw):
         return (name, call(logits_, target_, **kw), NonFinite(ref(logits_, target_, **kw)))
     rows_strided = inp.randn(12, 11)[::2]
+    long_rows, long_target = inp.randn(2, 9000), inp.target(2, 9000)
+    long_rows[0, :4096] = NAN  # NaN in whole leading chunks, the target among the finite values
+    long_target[0] = 8999
     t0 = int(target[0])
     ignored_row = target.clone()
     ignored_row[2] = -100
@@ -576,6 +583,8 @@ def cross_entropy_cases(lk, backend: str, inp: Inputs) -> list[Case]:
         ("ignore_index_not_int", call(ignore_index="x"), Raises(TypeError, r"ignore_index must")),
         non_finite("nan_row", poisoned(logits, (3, 4), NAN)),
         non_finite("nan_row_none", poisoned(logits, (3, 4), NAN), reduction="none"),
+        non_finite("nan_whole_row", poisoned(logits, 3, NAN), reduction="none"),
+        non_finite("nan_leading_chunks", long_rows, long_target, reduction="none"),
         non_finite("nan_in_ignored_row", poisoned(logits, (2, 4), NAN), ignored_row,
                    reduction="none"),
         non_finite("nan_in_ignored_row_mean", poisoned(logits, (2, 4), NAN), ignored_row),
