@@ -42,7 +42,10 @@ def _cuda_archs(torch):
         return archs
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        return f"{major}.{minor}"
+        if major >= 8:
+            return f"{major}.{minor}"
+        print(f"llm_kernels: the visible GPU is sm_{major}{minor}; the CUDA kernels need sm_80 or "
+              "newer, building for the default archs")
     return "8.0;9.0+PTX"  # the PTX JIT-compiles on newer GPUs
 
 

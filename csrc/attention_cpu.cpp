@@ -32,7 +32,6 @@ namespace {
 
 using lk::attn::Sizes;
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // The natural lse of a row from its log2-domain max m and sum l of 2^(s - m), rounded once.
@@ -242,7 +241,7 @@ struct Mask {
   template <typename M>
   void add_row_as(const M* src, int64_t n, float* row) const {
     const int64_t step = strides[3];
-    for (int64_t j = 0; j < n; ++j) row[j] += static_cast<float>(src[j * step]) * kLog2e;
+    for (int64_t j = 0; j < n; ++j) row[j] += lk::mask_log2(static_cast<float>(src[j * step]));
   }
 };
 

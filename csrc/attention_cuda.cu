@@ -8,6 +8,7 @@
 // thread block (dK/dV per key tile over the group's query heads, dQ per query tile).
 #include "attention.h"
 
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -91,6 +92,10 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem, Args... args) {
   if (grid.x == 0 || grid.y == 0) return;
+  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(smem <= smem_limit, "llm_kernels::attention: this head dim needs ", smem,
+              " bytes of shared memory per block, the GPU allows ", smem_limit,
+              "; use backend='triton' or 'torch' for it");
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));

@@ -17,9 +17,10 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace lk::attn {
 
-constexpr float kLog2e = 1.4426950408889634f;
 
 enum MaskDType : int { kMaskFloat32 = 0, kMaskFloat16 = 1, kMaskBFloat16 = 2 };
 
@@ -85,7 +86,7 @@ __device__ __forceinline__ float masked_score(const Params& p, float s, int b, i
                                               int j) {
   if (j >= p.k_len || (p.causal && j > i + p.causal_offset)) return -INFINITY;
   s *= p.scale_log2;
-  if (p.mask != nullptr && i < p.q_len) s += load_mask(p, b, h, i, j) * kLog2e;
+  if (p.mask != nullptr && i < p.q_len) s += mask_log2(load_mask(p, b, h, i, j));
   return s;
 }
 

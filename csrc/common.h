@@ -72,6 +72,21 @@ LK_HD float silu_grad(float g) {
   return s * (1.0f + g * (1.0f - s));
 }
 
+// ---- attention scores are kept in the log2 domain ----
+
+constexpr float kLog2e = 1.4426950408889634f;
+// An additive-mask value below kMaskFloor2 / log2(e) (about -45426, e.g. torch.finfo(dtype).min
+// or masked_fill(-1e9)) hides its key like -inf. Such a key has zero weight (below fp32's exp
+// range) in any row with a visible key; a row with none gives zeros and zero gradients instead of
+// a score so large that the backward's recomputed P = exp2(s - lse) loses all precision. NaN
+// is kept.
+constexpr float kMaskFloor2 = -65536.0f;
+
+LK_HD float mask_log2(float m) {
+  const float s = m * kLog2e;
+  return s < kMaskFloor2 ? -INFINITY : s;
+}
+
 // ---- online softmax statistics: (running max, sum of exp(x - max)) ----
 
 struct MaxSum {

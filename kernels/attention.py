@@ -43,6 +43,11 @@ from llm_kernels.backends import interpreting
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+# An additive-mask value below _MASK_FLOOR2 / log2(e) (about -45426, e.g. torch.finfo(dtype).min
+# or masked_fill(-1e9)) hides its key like -inf: zero weight (below fp32's exp range) in any row
+# with a visible key, and a row with none gives zeros and zero gradients instead of a score so
+# large that the backward's recomputed P = exp2(s - lse) loses all precision.
+_MASK_FLOOR2 = tl.constexpr(-65536.0)
 
 # Set to "0" to launch the table's config without autotuning (GPU only; the interpreter never
 # autotunes).
@@ -134,6 +139,28 @@ def _key_range(m0, Lk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _clamp(offs, n):
+    """offs with the indices past n - 1 replaced by n - 1: rows past the end read a real row
+    (their results are never stored), so their loads need no predicate."""
+    return tl.minimum(offs, n - 1)
+
+
+@triton.jit
+def _mask_log2(bias):
+    """The additive mask in the log2 domain, -inf below _MASK_FLOOR2 (NaN kept)."""
+    s = bias * _LOG2E
+    return tl.where(s < _MASK_FLOOR2, float("-inf"), s)
+
+
+@triton.jit
+def _load_bias(ptrs, cols_ok, BOUNDARY: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) tile of the additive mask; only a BOUNDARY tile masks the key tail."""
+    if BOUNDARY:
+        return tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows, start, end,
                   Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -142,7 +169,7 @@ def _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows, 
     """Online softmax over the key tiles [start, end): returns the updated (acc, m2, l).
 
     q (BLOCK_M, BLOCK_D); offs_m the query index of each row; mask_rows (BLOCK_M, 1) pointers to
-    the rows of the additive mask. BOUNDARY tiles mask the key tail and, if CAUSAL, j > i + offset.
+    the rows of the additive mask (rows past the end point at the last row). BOUNDARY tiles mask the key tail and, if CAUSAL, j > i + offset.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -154,9 +181,8 @@ def _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows, 
         s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), acc.dtype), UPCAST, PRECISION)
         s = s * qk_scale                                                    # (BLOCK_M, BLOCK_N)
         if HAS_MASK:
-            bias = tl.load(mask_rows + offs_n[None, :] * stride_mn,
-                           mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
-            s += bias.to(s.dtype) * _LOG2E
+            bias = _load_bias(mask_rows + offs_n[None, :] * stride_mn, cols_ok, BOUNDARY)
+            s += _mask_log2(bias.to(s.dtype))
         if BOUNDARY:
             keep = cols_ok[None, :]
             if CAUSAL:
@@ -207,7 +233,7 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
                    + offs_d[None, :], rows_ok, D, BLOCK_D, True)            # (BLOCK_M, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    mask_rows = Mask + b * stride_mb + h * stride_mh + _clamp(offs_m, Lq)[:, None] * stride_mm
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
@@ -254,7 +280,9 @@ def _attn_fwd_split_kernel(Q, K, V, Mask, PartO, PartM, PartL,
                    + offs_d[None, :], rows_ok, D, BLOCK_D, True)            # (BLOCK_M, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_rows = Mask + b * stride_mb + h[:, None] * stride_mh + offs_m[:, None] * stride_mm
+    last_r = _clamp(offs_r, GROUP * Lq)
+    mask_rows = (Mask + b * stride_mb + (hk * GROUP + last_r // Lq)[:, None] * stride_mh
+                 + (last_r % Lq)[:, None] * stride_mm)
     start = pid_s * keys_per_split
     end = tl.minimum(start + keys_per_split, Lk)
     if CAUSAL:
@@ -382,9 +410,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
         s_t = s_t * qk_scale                                                # (BLOCK_N, BLOCK_M)
         if HAS_MASK:
             bias_t = tl.load(Mask + b * stride_mb + h * stride_mh + offs_n[:, None] * stride_mn
-                             + offs_m[None, :] * stride_mm,
-                             mask=cols_ok[:, None] & rows_ok[None, :], other=0.0)
-            s_t += bias_t.to(s_t.dtype) * _LOG2E
+                             + _clamp(offs_m, Lq)[None, :] * stride_mm,
+                             mask=cols_ok[:, None], other=0.0)
+            s_t += _mask_log2(bias_t.to(s_t.dtype))
         p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])
         if CAUSAL:
             p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
@@ -416,9 +444,8 @@ def _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_r
         s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dq.dtype), UPCAST, PRECISION)
         s = s * qk_scale                                                    # (BLOCK_M, BLOCK_N)
         if HAS_MASK:
-            bias = tl.load(mask_rows + offs_n[None, :] * stride_mn,
-                           mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
-            s += bias.to(s.dtype) * _LOG2E
+            bias = _load_bias(mask_rows + offs_n[None, :] * stride_mn, cols_ok, BOUNDARY)
+            s += _mask_log2(bias.to(s.dtype))
         p = tl.exp2(s - lse2[:, None])
         if BOUNDARY:
             keep = cols_ok[None, :]
@@ -460,7 +487,7 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
     delta = tl.load(Delta + rows, mask=rows_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m[:, None] * stride_mm
+    mask_rows = Mask + b * stride_mb + h * stride_mh + _clamp(offs_m, Lq)[:, None] * stride_mm
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     full_end, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_rows,
@@ -507,6 +534,15 @@ _TABLE: dict[str, dict[tuple[int, int], list[Launch]]] = {
         (64, 4): [Launch(32, 32, 8, 2), Launch(64, 32, 8, 2)],
         (128, 4): [Launch(32, 16, 8, 2), Launch(16, 32, 8, 2)],
         (256, 4): [Launch(32, 16, 8, 2), Launch(16, 32, 8, 2)],
+    },
+    # The forward with an additive mask (one more (BLOCK_M, BLOCK_N) tile per step): candidates
+    # that do not spill on sm_90 with triton 3.6 (scripts/check_triton_compile.py); "fwd" for
+    # the other keys.
+    "fwd_mask": {
+        (16, 2): [Launch(64, 32, 4, 3), Launch(128, 32, 8, 3), Launch(64, 64, 8, 3)],
+        (32, 2): [Launch(64, 32, 4, 3), Launch(128, 32, 8, 3), Launch(64, 64, 8, 3)],
+        (64, 2): [Launch(128, 64, 8, 3), Launch(64, 64, 4, 3), Launch(64, 64, 8, 3)],
+        (128, 2): [Launch(32, 64, 4, 3), Launch(64, 64, 8, 2), Launch(64, 128, 8, 2)],
     },
     "split": {
         (16, 2): [Launch(16, 128, 4, 3), Launch(16, 64, 4, 4)],
@@ -557,12 +593,16 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def launches(kernel: str, d: int, dtype: torch.dtype) -> list[Launch]:
-    """The candidate launch settings of ``kernel`` for head dim ``d`` and ``dtype``; the first is
-    the default. One fixed config under the interpreter."""
+def launches(kernel: str, d: int, dtype: torch.dtype, masked: bool = False) -> list[Launch]:
+    """The candidate launch settings of ``kernel`` (with an additive mask when ``masked``) for
+    head dim ``d`` and ``dtype``; the first is the default. One fixed config under the
+    interpreter."""
     if interpreting():
         return [_INTERPRETER_LAUNCH]
-    return _TABLE[kernel][(block_d(d), 2 if dtype.itemsize <= 2 else 4)]
+    key = (block_d(d), 2 if dtype.itemsize <= 2 else 4)
+    if masked and key in _TABLE.get(kernel + "_mask", {}):
+        return _TABLE[kernel + "_mask"][key]
+    return _TABLE[kernel][key]
 
 
 def _autotune_enabled() -> bool:
@@ -711,7 +751,7 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
     args = (q, k, v, mask_ptr, out, lse, *_strides3(q), *_strides3(k), *_strides3(v),
             *mask_strides, h, h // hkv, lq, lk, causal_offset, qk_scale)
     _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h),
-            launches("fwd", d, q.dtype), args, common)
+            launches("fwd", d, q.dtype, masked=mask is not None), args, common)
     return out, lse
 
 

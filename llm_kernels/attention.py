@@ -117,8 +117,10 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, a
 
     q (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H % Hkv == 0 (GQA/MQA, K/V never copied).
     ``causal`` is bottom-right aligned: query i sees key j iff j <= i + Lk - Lq. ``attn_mask``
-    is bool (True = attend) or additive float, broadcastable to (B, H, Lq, Lk). A query that
-    sees no key gives zeros. ``scale`` defaults to 1/sqrt(D). Returns (B, H, Lq, D) in q's dtype.
+    is bool (True = attend) or additive float, broadcastable to (B, H, Lq, Lk); an additive
+    value below about -45426 (``torch.finfo(dtype).min``, ``-1e9``) hides its key like -inf. A
+    query that sees no key gives zeros (and zero gradients). ``scale`` defaults to 1/sqrt(D).
+    Returns (B, H, Lq, D) in q's dtype.
     """
     _validate(q, k, v, attn_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -167,8 +169,10 @@ def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: same signature and
-    semantics (``is_causal`` top-left aligned: query i sees key j iff j <= i). What the kernels
-    cannot do falls back to torch, with a warning (once per reason) and a dispatch_log entry."""
+    semantics (``is_causal`` top-left aligned: query i sees key j iff j <= i), except for a query
+    row whose every key is hidden by -inf or by an additive mask below about -45426: zeros here,
+    where torch gives NaN or an average of the values. What the kernels cannot do falls back to
+    torch, with a warning (once per reason) and a dispatch_log entry."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _checks.tensor(name, t, min_ndim=2)
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale,

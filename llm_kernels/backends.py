@@ -146,7 +146,21 @@ def available_backends() -> dict[str, tuple[bool, str]]:
 @_constant_under_compile
 def _device_reason(backend: str, kernel: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` has no ``kernel`` for tensors on ``device``, or None."""
-    return _device_type_reason(backend, kernel, device.type, interpreting())
+    reason = _device_type_reason(backend, kernel, device.type, interpreting())
+    if reason is None and backend == "cuda" and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        reason = _cuda_capability_reason(index)
+    return reason
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability_reason(index: int) -> Optional[str]:
+    """The CUDA kernels use sm_80 instructions (cp.async, bf16 mma.sync)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return (f"the cuda backend needs a GPU of compute capability 8.0 or newer, cuda:{index} "
+                f"is {major}.{minor}")
+    return None
 
 
 @functools.lru_cache(maxsize=None)

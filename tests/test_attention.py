@@ -255,12 +255,19 @@ def test_backward_deterministic(device):
 
 
 def test_launch_table():
-    """Every head dim 8..256 has launch settings for every kernel; tiles fit tl.dot (>= 16)."""
+    """The GPU launch table (read directly: under the interpreter launches() gives its one
+    config): every head dim 8..256 and dtype has settings for every kernel, tiles fit tl.dot
+    (>= 16), and the masked forward's table covers only keys the forward has."""
+    table = kernels._TABLE
     for kernel in ("fwd", "split", "dkdv", "dq"):
         for d in (8, 16, 40, 64, 80, 96, 128, 160, 256):
             for dtype in DTYPES:
-                configs = kernels.launches(kernel, d, dtype)
+                configs = table[kernel][(kernels.block_d(d), 2 if dtype.itemsize <= 2 else 4)]
                 assert configs and all(c.block_m >= 16 and c.block_n >= 16 for c in configs)
+    assert set(table["fwd_mask"]) <= set(table["fwd"])
+    assert all(c.block_m >= 16 and c.block_n >= 16 for cs in table["fwd_mask"].values()
+               for c in cs)
+    assert kernels.launches("fwd", 64, torch.bfloat16, masked=True) == [kernels._INTERPRETER_LAUNCH]
     assert kernels.block_d(8) == 16 and kernels.block_d(80) == 128 and kernels.block_d(160) == 256
 
 

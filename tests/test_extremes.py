@@ -93,6 +93,42 @@ def test_attention_fully_masked_rows(backend, gen, dtype):
                            torch.zeros_like(results[name][:, :, [2, 11]])), name
 
 
+@pytest.mark.parametrize("dtype,fill", [(torch.float32, "finfo.min"), (torch.bfloat16, "finfo.min"),
+                                        (torch.float32, -1e9), (torch.float32, -5e4)], ids=str)
+def test_attention_large_finite_mask(backend, gen, dtype, fill):
+    """Additive masks with huge finite values (Hugging Face's torch.finfo(dtype).min,
+    masked_fill(-1e9)): values below about -45426 hide their key like -inf. Rows hidden
+    everywhere give exact zeros in out and dq (torch would average V there), every gradient is
+    finite, and the rest (the other rows; dk, dv with no gradient from the hidden rows) passes
+    the pass rule."""
+    b, h, lq, lk_, d = 2, 2, 19, 23, 32
+    q, k, v = (randn(gen, b, h, n, d, dtype=dtype).requires_grad_() for n in (lq, lk_, lk_))
+    low = torch.finfo(dtype).min if fill == "finfo.min" else fill
+    bias = torch.zeros(b, 1, lq, lk_, dtype=dtype)
+    bias[0, :, :, 15:] = low  # padded keys
+    hidden = [0, 5, 18]
+    bias[1, :, hidden] = low  # query rows that see no key
+    grad_out = randn(gen, b, h, lq, d, dtype=dtype)
+    grad_out[1, :, hidden] = 0
+    out = lk.attention(q, k, v, attn_mask=bias, backend=backend)
+    grads = dict(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), grad_out)))
+    all_finite({"out": out, **grads})
+    for name, t in (("out", out), ("dq", grads["dq"])):
+        assert torch.equal(t[1, :, hidden], torch.zeros_like(t[1, :, hidden])), name
+    upcast = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*upcast, attn_mask=bias.double(), upcast=True)
+    ref_grads = dict(zip(("dq", "dk", "dv"), torch.autograd.grad(ref, upcast, grad_out.double())))
+    torch_out = lk.attention(q, k, v, attn_mask=bias, backend="torch")
+    torch_grads = dict(zip(("dq", "dk", "dv"), torch.autograd.grad(torch_out, (q, k, v), grad_out)))
+    seen = [i for i in range(lq) if i not in hidden]
+    for name, t, r, tt in (("out", out, ref, torch_out), *((n, grads[n], ref_grads[n],
+                                                             torch_grads[n]) for n in grads)):
+        rows = seen if name in ("out", "dq") else slice(None)
+        assert_close(t.detach()[1, :, rows], r.detach()[1, :, rows], tt.detach()[1, :, rows],
+                     dtype, f"{name} batch 1")
+        assert_close(t.detach()[0], r.detach()[0], tt.detach()[0], dtype, f"{name} batch 0")
+
+
 def test_attention_everything_masked(backend, gen):
     """No query sees any key: out and every gradient are exactly zero."""
     q, k, v = (randn(gen, 1, 2, n, 16).requires_grad_() for n in (9, 13, 13))
