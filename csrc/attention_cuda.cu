@@ -1,5 +1,5 @@
-// CUDA attention entry points: checks, layouts and launches of the kernels in
-// attention_kernels.cuh.
+// CUDA attention entry points: checks, layouts and the launcher of the kernel launches planned
+// in attention_launch.cuh.
 //
 // fp16/bf16 with D % 8 == 0 (and 16-byte aligned rows, else a contiguous copy): tensor cores,
 // D padded to 64, 128 or 256 in shared memory (the backward up to D = 128). Everything else
@@ -15,7 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "attention_checks.h"
-#include "attention_kernels.cuh"
+#include "attention_launch.cuh"
 #include "common.h"
 
 namespace lk::attn {
@@ -89,113 +89,25 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-template <typename... KernelArgs, typename... Args>
-void launch(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem, Args... args) {
-  if (grid.x == 0 || grid.y == 0) return;
-  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(smem <= smem_limit, "llm_kernels::attention: this head dim needs ", smem,
-              " bytes of shared memory per block, the GPU allows ", smem_limit,
-              "; use backend='triton' or 'torch' for it");
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+// Launches kernel<<<grid, threads, smem>>>(args...) on the current stream (the launcher of
+// attention_launch.cuh), raising the kernel's shared memory limit when it needs over 48 KB.
+struct CudaLaunch {
+  template <typename... KernelArgs, typename... Args>
+  void operator()(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem,
+                  Args... args) const {
+    if (grid.x == 0 || grid.y == 0) return;
+    const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    TORCH_CHECK(smem <= smem_limit, "llm_kernels::attention: this head dim needs ", smem,
+                " bytes of shared memory per block, the GPU allows ", smem_limit,
+                "; use backend='triton' or 'torch' for it");
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-int tiles(int length, int block) { return (length + block - 1) / block; }
-
-// ---- tensor cores (T = __half or __nv_bfloat16) ----
-
-template <typename T, int HD, int BN, int NW>
-void forward_tc(const Params& p) {
-  constexpr int BM = 16 * NW;
-  const size_t smem = static_cast<size_t>(BM + 2 * BN) * Tile<HD>::kLd * sizeof(T);
-  launch(attention_forward_tc<T, HD, BN, NW>, dim3(p.batch * p.heads, tiles(p.q_len, BM)),
-         NW * 32, smem, p);
-}
-
-template <typename T>
-void forward_tc_dispatch(const Params& p) {
-  if (p.head_dim <= 64) {
-    forward_tc<T, 64, 128, 4>(p);
-  } else if (p.head_dim <= 128) {
-    forward_tc<T, 128, 64, 8>(p);
-  } else {
-    forward_tc<T, 256, 32, 4>(p);
-  }
-}
-
-template <typename T, int HD, int BMQ, int BN, int NW>
-void backward_tc(const Params& p) {
-  constexpr int kWarpRows = 16 * NW;
-  const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
-  launch(attention_backward_delta<T>, dim3(static_cast<unsigned>(lk::ceil_div(rows, 8)), 1), 256,
-         0, p, rows);
-  const size_t smem_dkdv = static_cast<size_t>(2 * kWarpRows + 2 * BMQ) * Tile<HD>::kLd *
-                               sizeof(T) + 2 * BMQ * sizeof(float);
-  launch(attention_backward_dkdv_tc<T, HD, BMQ, NW>,
-         dim3(p.batch * p.kv_heads, tiles(p.k_len, kWarpRows)), NW * 32, smem_dkdv, p);
-  const size_t smem_dq = static_cast<size_t>(2 * kWarpRows + 2 * BN) * Tile<HD>::kLd * sizeof(T);
-  launch(attention_backward_dq_tc<T, HD, BN, NW>,
-         dim3(p.batch * p.heads, tiles(p.q_len, kWarpRows)), NW * 32, smem_dq, p);
-}
-
-template <typename T>
-void backward_tc_dispatch(const Params& p) {
-  if (p.head_dim <= 64) {
-    backward_tc<T, 64, 64, 64, 4>(p);
-  } else {
-    backward_tc<T, 128, 32, 64, 4>(p);
-  }
-}
-
-// ---- SIMT float32 ----
-
-size_t simt_tile_floats(const Params& p) { return size_t{kSimtRows} * (p.head_dim + 1); }
-
-template <int COLS>
-void forward_simt(const Params& p) {
-  const size_t smem = (3 * simt_tile_floats(p) + kSimtRows * 33) * sizeof(float);
-  launch(attention_forward_simt<COLS>, dim3(p.batch * p.heads, tiles(p.q_len, kSimtRows)),
-         kSimtThreads, smem, p);
-}
-
-template <int COLS>
-void backward_simt(const Params& p) {
-  const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
-  launch(attention_backward_delta_simt, dim3(static_cast<unsigned>(lk::ceil_div(rows, 128)), 1),
-         128, 0, p, rows);
-  const size_t smem_dkdv =
-      (4 * simt_tile_floats(p) + 2 * kSimtRows * 33 + 2 * kSimtRows) * sizeof(float);
-  launch(attention_backward_dkdv_simt<COLS>,
-         dim3(p.batch * p.kv_heads, tiles(p.k_len, kSimtRows)), kSimtThreads, smem_dkdv, p);
-  const size_t smem_dq = (4 * simt_tile_floats(p) + kSimtRows * 33) * sizeof(float);
-  launch(attention_backward_dq_simt<COLS>, dim3(p.batch * p.heads, tiles(p.q_len, kSimtRows)),
-         kSimtThreads, smem_dq, p);
-}
-
-template <int COLS_SMALL, int COLS_LARGE>
-void forward_simt_dispatch(const Params& p) {
-  p.head_dim <= 4 * COLS_SMALL ? forward_simt<COLS_SMALL>(p) : forward_simt<COLS_LARGE>(p);
-}
-
-template <int COLS_SMALL, int COLS_LARGE>
-void backward_simt_dispatch(const Params& p) {
-  p.head_dim <= 4 * COLS_SMALL ? backward_simt<COLS_SMALL>(p) : backward_simt<COLS_LARGE>(p);
-}
-
-// D <= 128 uses 32 columns per thread, D <= 256 64.
-constexpr int kColsSmall = 32, kColsLarge = 64;
-
-bool tensor_core_forward(const at::Tensor& q, int64_t head_dim) {
-  return is_16bit(q) && head_dim % 8 == 0;
-}
-
-bool tensor_core_backward(const at::Tensor& q, int64_t head_dim) {
-  return tensor_core_forward(q, head_dim) && head_dim <= 128;
-}
+};
 
 at::Tensor as_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
@@ -215,16 +127,16 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   at::Tensor out = at::empty(q.sizes(), q.options());  // (B, H, Lq, D) contiguous
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  if (tensor_core_forward(q, s.head_dim)) {
+  if (tensor_core_forward(is_16bit(q), s.head_dim)) {
     const at::Tensor qa = with_aligned_rows(q), ka = with_aligned_rows(k);
     const at::Tensor va = with_aligned_rows(v);
     Params p = make_params(s, qa, ka, va, mask, causal, causal_offset, scale);
     p.out = out.data_ptr();
     p.lse = lse.data_ptr<float>();
     if (q.scalar_type() == at::kHalf) {
-      forward_tc_dispatch<__half>(p);
+      launch_forward<__half>(p, CudaLaunch{});
     } else {
-      forward_tc_dispatch<__nv_bfloat16>(p);
+      launch_forward<__nv_bfloat16>(p, CudaLaunch{});
     }
     return {out, lse};
   }
@@ -233,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   Params p = make_params(s, qf, kf, vf, mask, causal, causal_offset, scale);
   p.out = out_f.data_ptr();
   p.lse = lse.data_ptr<float>();
-  forward_simt_dispatch<kColsSmall, kColsLarge>(p);
+  launch_forward<float>(p, CudaLaunch{});
   if (!out_f.is_same(out)) out.copy_(out_f);
   return {out, lse};
 }
@@ -253,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor delta = at::empty({s.batch, s.heads, s.q_len}, lse.options());
-  if (tensor_core_backward(q, s.head_dim)) {
+  if (tensor_core_backward(is_16bit(q), s.head_dim)) {
     const at::Tensor qa = with_aligned_rows(q), ka = with_aligned_rows(k);
     const at::Tensor va = with_aligned_rows(v);
     const at::Tensor go = contiguous_aligned(grad_out), o = contiguous_aligned(out);
@@ -266,9 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     p.dk = dk.data_ptr();
     p.dv = dv.data_ptr();
     if (q.scalar_type() == at::kHalf) {
-      backward_tc_dispatch<__half>(p);
+      launch_backward<__half>(p, CudaLaunch{});
     } else {
-      backward_tc_dispatch<__nv_bfloat16>(p);
+      launch_backward<__nv_bfloat16>(p, CudaLaunch{});
     }
     return {dq, dk, dv};
   }
@@ -286,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.dq = dq_f.data_ptr();
   p.dk = dk_f.data_ptr();
   p.dv = dv_f.data_ptr();
-  backward_simt_dispatch<kColsSmall, kColsLarge>(p);
+  launch_backward<float>(p, CudaLaunch{});
   if (!is_float) {
     dq.copy_(dq_f);
     dk.copy_(dk_f);

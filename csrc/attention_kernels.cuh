@@ -1,4 +1,6 @@
-// Device code of the CUDA attention (included by attention_cuda.cu only; no torch headers).
+// Device code of the CUDA attention (no torch headers). Included through attention_launch.cuh
+// by attention_cuda.cu, and by the CPU emulator of tests/cuda_emulation, which defines
+// LK_CUDA_EMULATION and provides the primitives of attention_ptx.cuh.
 //
 // Tensor-core path (fp16/bf16, sm_80+): FlashAttention-2 with mma.sync.m16n8k16 (fp32
 // accumulation), ldmatrix from padded shared memory tiles filled by cp.async. Each warp owns 16
@@ -11,16 +13,14 @@
 // Query i sees key j iff j < Lk and (not causal or j <= i + causal_offset).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "common.h"
+#ifndef LK_CUDA_EMULATION
+#include "attention_ptx.cuh"  // LK_DYNAMIC_SMEM, cp_async_*, ldmatrix_x4(_trans), Mma<T>
+#endif
 
 namespace lk::attn {
-
 
 enum MaskDType : int { kMaskFloat32 = 0, kMaskFloat16 = 1, kMaskBFloat16 = 2 };
 
@@ -118,71 +118,6 @@ __device__ __forceinline__ float lse_of(float m, float l) {
 }
 
 // ================================ tensor-core helpers ========================================
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read then).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
-               "l"(gmem), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem)));
-}
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__half> {
-  // c += a (16x16, row) * b (16x8, col), fp32 accumulators.
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-};
 
 // Shared memory tile of ROWS x HD 16-bit values, rows padded by 8 elements (16 bytes) so that
 // the 8 row addresses of an ldmatrix hit 8 different bank groups.
@@ -318,7 +253,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 template <typename T, int HD, int BN, int NW>
 __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) {
   constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  LK_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem);  // BM x HD
   T* s_k = s_q + BM * kLd;              // BN x HD
   T* s_v = s_k + BN * kLd;              // BN x HD
@@ -453,7 +388,7 @@ __global__ void attention_backward_delta(const Params p, int64_t rows) {
 template <typename T, int HD, int BMQ, int NW>
 __global__ void __launch_bounds__(NW * 32) attention_backward_dkdv_tc(const Params p) {
   constexpr int BN = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NQ = BMQ / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  LK_DYNAMIC_SMEM(unsigned char, smem);
   T* s_k = reinterpret_cast<T*>(smem);  // BN x HD
   T* s_v = s_k + BN * kLd;              // BN x HD
   T* s_q = s_v + BN * kLd;              // BMQ x HD
@@ -547,7 +482,7 @@ __global__ void __launch_bounds__(NW * 32) attention_backward_dkdv_tc(const Para
 template <typename T, int HD, int BN, int NW>
 __global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params p) {
   constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
-  extern __shared__ __align__(16) unsigned char smem[];
+  LK_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem);  // BM x HD
   T* s_do = s_q + BM * kLd;             // BM x HD
   T* s_k = s_do + BM * kLd;             // BN x HD
@@ -652,7 +587,7 @@ __device__ __forceinline__ void load_rows_f32(float* tile, int ld, const float* 
 
 template <int COLS>
 __global__ void __launch_bounds__(kSimtThreads) attention_forward_simt(const Params p) {
-  extern __shared__ float fsmem[];
+  LK_DYNAMIC_SMEM(float, fsmem);
   const int d = p.head_dim, ld = d + 1;
   float* s_q = fsmem;                      // 32 x ld
   float* s_k = s_q + kSimtRows * ld;       // 32 x ld
@@ -731,7 +666,7 @@ __global__ void attention_backward_delta_simt(const Params p, int64_t rows) {
 
 template <int COLS>
 __global__ void __launch_bounds__(kSimtThreads) attention_backward_dq_simt(const Params p) {
-  extern __shared__ float fsmem[];
+  LK_DYNAMIC_SMEM(float, fsmem);
   const int d = p.head_dim, ld = d + 1;
   float* s_q = fsmem;                  // 32 x ld
   float* s_do = s_q + kSimtRows * ld;  // 32 x ld
@@ -792,7 +727,7 @@ __global__ void __launch_bounds__(kSimtThreads) attention_backward_dq_simt(const
 // dK, dV of 32 keys (4 threads per key) over the group's query heads and query tiles of 32.
 template <int COLS>
 __global__ void __launch_bounds__(kSimtThreads) attention_backward_dkdv_simt(const Params p) {
-  extern __shared__ float fsmem[];
+  LK_DYNAMIC_SMEM(float, fsmem);
   const int d = p.head_dim, ld = d + 1;
   float* s_k = fsmem;                   // 32 x ld
   float* s_v = s_k + kSimtRows * ld;    // 32 x ld

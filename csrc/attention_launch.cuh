@@ -1,0 +1,126 @@
+// Launch plans of the attention kernels (no torch headers): which kernel configuration runs
+// for a dtype and head dim, with which grid, block size and shared memory. Shared by
+// attention_cuda.cu and the CPU emulator of tests/cuda_emulation, so that the emulator runs
+// exactly the configurations the CUDA build launches. `launch` is a callable
+// launch(kernel, grid, threads, smem_bytes, args...).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "attention_kernels.cuh"
+#include "common.h"
+
+namespace lk::attn {
+
+// fp16/bf16 with D % 8 == 0 run on tensor cores (D padded to 64, 128 or 256 in shared memory),
+// the backward up to D = 128; everything else runs the float32 SIMT kernels on float32 copies.
+inline bool tensor_core_forward(bool is_16bit, int64_t head_dim) {
+  return is_16bit && head_dim % 8 == 0;
+}
+
+inline bool tensor_core_backward(bool is_16bit, int64_t head_dim) {
+  return tensor_core_forward(is_16bit, head_dim) && head_dim <= 128;
+}
+
+inline int tiles(int length, int block) { return (length + block - 1) / block; }
+
+// ---- tensor cores (T = __half or __nv_bfloat16) ----
+
+template <typename T, int HD, int BN, int NW, typename Launch>
+void forward_tc(const Params& p, const Launch& launch) {
+  constexpr int BM = 16 * NW;
+  const size_t smem = static_cast<size_t>(BM + 2 * BN) * Tile<HD>::kLd * sizeof(T);
+  launch(attention_forward_tc<T, HD, BN, NW>, dim3(p.batch * p.heads, tiles(p.q_len, BM)),
+         NW * 32, smem, p);
+}
+
+template <typename T, typename Launch>
+void forward_tc_dispatch(const Params& p, const Launch& launch) {
+  if (p.head_dim <= 64) {
+    forward_tc<T, 64, 128, 4>(p, launch);
+  } else if (p.head_dim <= 128) {
+    forward_tc<T, 128, 64, 8>(p, launch);
+  } else {
+    forward_tc<T, 256, 32, 4>(p, launch);
+  }
+}
+
+template <typename T, int HD, int BMQ, int BN, int NW, typename Launch>
+void backward_tc(const Params& p, const Launch& launch) {
+  constexpr int kWarpRows = 16 * NW;
+  const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
+  launch(attention_backward_delta<T>, dim3(static_cast<unsigned>(lk::ceil_div(rows, 8)), 1), 256,
+         0, p, rows);
+  const size_t smem_dkdv = static_cast<size_t>(2 * kWarpRows + 2 * BMQ) * Tile<HD>::kLd *
+                               sizeof(T) + 2 * BMQ * sizeof(float);
+  launch(attention_backward_dkdv_tc<T, HD, BMQ, NW>,
+         dim3(p.batch * p.kv_heads, tiles(p.k_len, kWarpRows)), NW * 32, smem_dkdv, p);
+  const size_t smem_dq = static_cast<size_t>(2 * kWarpRows + 2 * BN) * Tile<HD>::kLd * sizeof(T);
+  launch(attention_backward_dq_tc<T, HD, BN, NW>,
+         dim3(p.batch * p.heads, tiles(p.q_len, kWarpRows)), NW * 32, smem_dq, p);
+}
+
+template <typename T, typename Launch>
+void backward_tc_dispatch(const Params& p, const Launch& launch) {
+  if (p.head_dim <= 64) {
+    backward_tc<T, 64, 64, 64, 4>(p, launch);
+  } else {
+    backward_tc<T, 128, 32, 64, 4>(p, launch);
+  }
+}
+
+// ---- SIMT float32 ----
+
+// D <= 128 uses 32 columns per thread, D <= 256 64.
+constexpr int kColsSmall = 32, kColsLarge = 64;
+
+inline size_t simt_tile_floats(const Params& p) { return size_t{kSimtRows} * (p.head_dim + 1); }
+
+template <int COLS, typename Launch>
+void forward_simt(const Params& p, const Launch& launch) {
+  const size_t smem = (3 * simt_tile_floats(p) + kSimtRows * 33) * sizeof(float);
+  launch(attention_forward_simt<COLS>, dim3(p.batch * p.heads, tiles(p.q_len, kSimtRows)),
+         kSimtThreads, smem, p);
+}
+
+template <int COLS, typename Launch>
+void backward_simt(const Params& p, const Launch& launch) {
+  const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
+  launch(attention_backward_delta_simt, dim3(static_cast<unsigned>(lk::ceil_div(rows, 128)), 1),
+         128, 0, p, rows);
+  const size_t smem_dkdv =
+      (4 * simt_tile_floats(p) + 2 * kSimtRows * 33 + 2 * kSimtRows) * sizeof(float);
+  launch(attention_backward_dkdv_simt<COLS>,
+         dim3(p.batch * p.kv_heads, tiles(p.k_len, kSimtRows)), kSimtThreads, smem_dkdv, p);
+  const size_t smem_dq = (4 * simt_tile_floats(p) + kSimtRows * 33) * sizeof(float);
+  launch(attention_backward_dq_simt<COLS>, dim3(p.batch * p.heads, tiles(p.q_len, kSimtRows)),
+         kSimtThreads, smem_dq, p);
+}
+
+// ---- entry points: T = __half / __nv_bfloat16 on tensor cores, T = float on SIMT ----
+
+// out, lse of p.
+template <typename T, typename Launch>
+void launch_forward(const Params& p, const Launch& launch) {
+  if constexpr (std::is_same_v<T, float>) {
+    p.head_dim <= 4 * kColsSmall ? forward_simt<kColsSmall>(p, launch)
+                                 : forward_simt<kColsLarge>(p, launch);
+  } else {
+    forward_tc_dispatch<T>(p, launch);
+  }
+}
+
+// delta, dq, dk, dv of p.
+template <typename T, typename Launch>
+void launch_backward(const Params& p, const Launch& launch) {
+  if constexpr (std::is_same_v<T, float>) {
+    p.head_dim <= 4 * kColsSmall ? backward_simt<kColsSmall>(p, launch)
+                                 : backward_simt<kColsLarge>(p, launch);
+  } else {
+    backward_tc_dispatch<T>(p, launch);
+  }
+}
+
+}  // namespace lk::attn
