@@ -79,7 +79,10 @@ def _attention_cases(dtype, device, big):
 
 
 def _norm_cases(dtype, device, big):
-    for rows, width in ([(37, 1025), (1, 17)] + ([(4096, 4096)] if big else [])):
+    # (3, 17), not (1, 17): a single row's dw is one rounded product per value, and with 17
+    # fp16 values whether torch's rounding happens to cancel the residual's (h = x + r rounded)
+    # decides the pass-rule bound (1 seed in 300 fails both backends, which agree bit for bit).
+    for rows, width in ([(37, 1025), (3, 17)] + ([(4096, 4096)] if big else [])):
         for rms in (False, True):
             inputs = {"x": _rand((rows, width), dtype, device), "w": _rand((width,), dtype, device),
                       "r": _rand((rows, width), dtype, device)}

@@ -33,6 +33,23 @@ def test_verify_torch_and_kernels_pass(tmp_path):
     assert {"torch"} <= {r["backend"] for r in rows}
 
 
+def test_verify_whole_matrix_under_the_interpreter(tmp_path):
+    """The whole verification matrix (what `llm-kernels verify --device cuda` runs on a GPU,
+    minus the big shapes) passes on every CPU backend, Triton included."""
+    from llm_kernels.backends import extension_status
+    from llm_kernels.verify import CASE_BUILDERS
+    path = tmp_path / "verify.json"
+    proc = _run("verify", "--json", str(path), env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    failed = [f"{r['op']} {r['backend']} {r['dtype']} {r['shape']} {r['output']}"
+              for r in rows if not r["passed"]]
+    assert not failed, failed
+    assert {r["op"] for r in rows} >= set(CASE_BUILDERS)
+    expected = {"torch", "triton"} | ({"cuda"} if extension_status()[0] else set())
+    assert {r["backend"] for r in rows} == expected
+
+
 def test_verify_reports_failure_with_exit_1(monkeypatch, capsys):
     from llm_kernels import cli, verify
     real = verify.run_case
