@@ -85,15 +85,15 @@ Params params(const A& a) {
 template <typename T, int VEC>
 void launch_forward(const CrossEntropyForwardArgs& a, cudaStream_t stream) {
   const Launch l = row_launch(a.rows, a.cols, VEC);
-  cross_entropy_forward_kernel<T, VEC><<<l.grid, l.block, 0, stream>>>(
-      static_cast<const T*>(a.logits), params(a), a.loss, a.lse);
+  launch_kernel(cross_entropy_forward_kernel<T, VEC>, l.grid, l.block, stream,
+                static_cast<const T*>(a.logits), params(a), a.loss, a.lse);
 }
 
 template <typename T, int VEC>
 void launch_backward(const CrossEntropyBackwardArgs& a, cudaStream_t stream) {
   const Launch l = row_launch(a.rows, a.cols, VEC);
-  cross_entropy_backward_kernel<T, VEC><<<l.grid, l.block, 0, stream>>>(
-      a.grad_loss, static_cast<const T*>(a.logits), params(a), a.lse, static_cast<T*>(a.grad));
+  launch_kernel(cross_entropy_backward_kernel<T, VEC>, l.grid, l.block, stream, a.grad_loss,
+                static_cast<const T*>(a.logits), params(a), a.lse, static_cast<T*>(a.grad));
 }
 
 }  // namespace

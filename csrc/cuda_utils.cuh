@@ -2,14 +2,13 @@
 // reductions over the threads of one row, launch shapes and error reporting. No torch headers.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <initializer_list>
 
 #include "common.h"
+#ifndef LK_CUDA_EMULATION
+#include "cuda_launch.cuh"  // CUDA headers, launch_kernel
+#endif
 
 namespace lk {
 

@@ -109,9 +109,9 @@ const char* activation_forward_cuda(const ActivationForwardArgs& a, void* stream
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     return launch_elementwise<T>(a.n, {a.pre, a.out}, [&](auto vec, unsigned grid) {
-      activation_forward_kernel<T, decltype(vec)::value>
-          <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-              static_cast<const T*>(a.pre), static_cast<T*>(a.out), a.n, a.act);
+      launch_kernel(activation_forward_kernel<T, decltype(vec)::value>, grid, kThreads,
+                    static_cast<cudaStream_t>(stream), static_cast<const T*>(a.pre),
+                    static_cast<T*>(a.out), a.n, a.act);
     });
   });
 }
@@ -121,10 +121,10 @@ const char* activation_backward_cuda(const ActivationBackwardArgs& a, void* stre
     using T = decltype(tag);
     return launch_elementwise<T>(a.n, {a.pre, a.grad_out, a.out, a.grad_pre},
                                  [&](auto vec, unsigned grid) {
-      activation_backward_kernel<T, decltype(vec)::value>
-          <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-              static_cast<const T*>(a.pre), static_cast<const T*>(a.grad_out),
-              static_cast<T*>(a.out), static_cast<T*>(a.grad_pre), a.n, a.act);
+      launch_kernel(activation_backward_kernel<T, decltype(vec)::value>, grid, kThreads,
+                    static_cast<cudaStream_t>(stream), static_cast<const T*>(a.pre),
+                    static_cast<const T*>(a.grad_out), static_cast<T*>(a.out),
+                    static_cast<T*>(a.grad_pre), a.n, a.act);
     });
   });
 }
@@ -133,10 +133,9 @@ const char* swiglu_forward_cuda(const SwigluForwardArgs& a, void* stream) {
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     return launch_elementwise<T>(a.n, {a.gate, a.up, a.out}, [&](auto vec, unsigned grid) {
-      swiglu_forward_kernel<T, decltype(vec)::value>
-          <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-              static_cast<const T*>(a.gate), static_cast<const T*>(a.up), static_cast<T*>(a.out),
-              a.n);
+      launch_kernel(swiglu_forward_kernel<T, decltype(vec)::value>, grid, kThreads,
+                    static_cast<cudaStream_t>(stream), static_cast<const T*>(a.gate),
+                    static_cast<const T*>(a.up), static_cast<T*>(a.out), a.n);
     });
   });
 }
@@ -146,11 +145,11 @@ const char* swiglu_backward_cuda(const SwigluBackwardArgs& a, void* stream) {
     using T = decltype(tag);
     return launch_elementwise<T>(a.n, {a.gate, a.up, a.grad_out, a.out, a.grad_gate, a.grad_up},
                                  [&](auto vec, unsigned grid) {
-      swiglu_backward_kernel<T, decltype(vec)::value>
-          <<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-              static_cast<const T*>(a.gate), static_cast<const T*>(a.up),
-              static_cast<const T*>(a.grad_out), static_cast<T*>(a.out),
-              static_cast<T*>(a.grad_gate), static_cast<T*>(a.grad_up), a.n);
+      launch_kernel(swiglu_backward_kernel<T, decltype(vec)::value>, grid, kThreads,
+                    static_cast<cudaStream_t>(stream), static_cast<const T*>(a.gate),
+                    static_cast<const T*>(a.up), static_cast<const T*>(a.grad_out),
+                    static_cast<T*>(a.out), static_cast<T*>(a.grad_gate),
+                    static_cast<T*>(a.grad_up), a.n);
     });
   });
 }

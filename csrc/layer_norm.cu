@@ -368,7 +368,8 @@ void launch_forward(const NormForwardArgs& a, cudaStream_t stream) {
   const RowShape shape = row_shape(a.cols, VEC, kCached / VEC, kForwardThreads);
   const dim3 block(shape.threads, shape.rows);
   const unsigned grid = static_cast<unsigned>(ceil_div(a.rows, shape.rows));
-  layer_norm_forward_kernel<T, VEC><<<grid, block, 0, stream>>>(forward_params<T>(a), a.rms);
+  launch_kernel(layer_norm_forward_kernel<T, VEC>, grid, block, stream, forward_params<T>(a),
+                a.rms);
 }
 
 // How the backward splits its work; the workspace holds 2 * partials * cols floats.
@@ -402,28 +403,28 @@ void launch_backward(const NormBackwardArgs& a, cudaStream_t stream) {
   float* partial_w = param_grads ? a.workspace : nullptr;
   float* partial_b = param_grads ? a.workspace + plan.partials * a.cols : nullptr;
   if (plan.fused) {
-    layer_norm_backward_fused_kernel<T, VEC><<<static_cast<unsigned>(plan.partials), plan.threads, 0,
-                                               stream>>>(p, a.rms, partial_w, partial_b);
+    launch_kernel(layer_norm_backward_fused_kernel<T, VEC>, static_cast<unsigned>(plan.partials),
+                  plan.threads, stream, p, a.rms, partial_w, partial_b);
   } else {
-    layer_norm_backward_dx_kernel<T, VEC>
-        <<<static_cast<unsigned>(a.rows), kWideThreads, 0, stream>>>(p, a.rms);
+    launch_kernel(layer_norm_backward_dx_kernel<T, VEC>, static_cast<unsigned>(a.rows),
+                  kWideThreads, stream, p, a.rms);
     if (param_grads) {
       const dim3 grid(static_cast<unsigned>(ceil_div(a.cols, kColTile)),
                       static_cast<unsigned>(plan.partials));
-      layer_norm_param_partial_kernel<T><<<grid, dim3(kColTile, kColLanes), 0, stream>>>(
-          p, ceil_div(a.rows, plan.partials), partial_w, partial_b);
+      launch_kernel(layer_norm_param_partial_kernel<T>, grid, dim3(kColTile, kColLanes), stream,
+                    p, ceil_div(a.rows, plan.partials), partial_w, partial_b);
     }
   }
   const unsigned col_blocks = static_cast<unsigned>(ceil_div(a.cols, kColTile));
   const dim3 sum_block(kColTile, kSumLanes);
   const int cols = static_cast<int>(a.cols);
   if (a.dweight != nullptr) {
-    column_sum_kernel<T><<<col_blocks, sum_block, 0, stream>>>(partial_w, plan.partials, cols,
-                                                               static_cast<T*>(a.dweight));
+    launch_kernel(column_sum_kernel<T>, col_blocks, sum_block, stream, partial_w, plan.partials,
+                  cols, static_cast<T*>(a.dweight));
   }
   if (a.dbias != nullptr) {
-    column_sum_kernel<T><<<col_blocks, sum_block, 0, stream>>>(partial_b, plan.partials, cols,
-                                                               static_cast<T*>(a.dbias));
+    launch_kernel(column_sum_kernel<T>, col_blocks, sum_block, stream, partial_b, plan.partials,
+                  cols, static_cast<T*>(a.dbias));
   }
 }
 

@@ -85,16 +85,16 @@ Launch row_launch(int64_t rows, int64_t cols, int vec) {
 template <typename T, int VEC>
 void launch_forward(const SoftmaxForwardArgs& a, cudaStream_t stream) {
   const Launch l = row_launch(a.rows, a.cols, VEC);
-  softmax_forward_kernel<T, VEC><<<l.grid, l.block, 0, stream>>>(
-      static_cast<const T*>(a.x), static_cast<T*>(a.y), a.rows, static_cast<int>(a.cols));
+  launch_kernel(softmax_forward_kernel<T, VEC>, l.grid, l.block, stream,
+                static_cast<const T*>(a.x), static_cast<T*>(a.y), a.rows, static_cast<int>(a.cols));
 }
 
 template <typename T, int VEC>
 void launch_backward(const SoftmaxBackwardArgs& a, cudaStream_t stream) {
   const Launch l = row_launch(a.rows, a.cols, VEC);
-  softmax_backward_kernel<T, VEC><<<l.grid, l.block, 0, stream>>>(
-      static_cast<const T*>(a.grad_y), static_cast<const T*>(a.y), static_cast<T*>(a.dx), a.rows,
-      static_cast<int>(a.cols));
+  launch_kernel(softmax_backward_kernel<T, VEC>, l.grid, l.block, stream,
+                static_cast<const T*>(a.grad_y), static_cast<const T*>(a.y),
+                static_cast<T*>(a.dx), a.rows, static_cast<int>(a.cols));
 }
 
 }  // namespace

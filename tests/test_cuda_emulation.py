@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -25,6 +23,7 @@ import torch
 
 import llm_kernels as lk
 from attention_check import leaf64, make_qkv
+from emulation_check import CXX_FLAGS, gxx, read, run_driver
 from llm_kernels.attention import kernel_mask
 from llm_kernels.numerics import assert_close
 from llm_kernels.reference import attention_ref, causal_keep
@@ -41,12 +40,9 @@ MASK_FLOOR2 = -65536.0  # csrc/common.h: an additive mask * log2(e) below it hid
 @pytest.fixture(scope="session")
 def driver(tmp_path_factory):
     """The emulator driver, built by g++ into a session temp dir."""
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: cannot build the CPU emulator of the CUDA kernels")
     exe = tmp_path_factory.mktemp("cuda_emulation") / "attention_driver"
-    cmd = [cxx, "-O2", "-std=c++20", "-pthread", "-fno-strict-aliasing", "-rdynamic",
-           "-I", os.path.join(ROOT, "csrc"), DRIVER_SOURCE, "-o", str(exe)]
+    cmd = [gxx(), *CXX_FLAGS, "-rdynamic", "-I", os.path.join(ROOT, "csrc"), DRIVER_SOURCE,
+           "-o", str(exe)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         pytest.fail(f"building the emulator failed: {' '.join(cmd)}\n{result.stderr[-6000:]}")
@@ -57,10 +53,6 @@ def storage(t: torch.Tensor) -> bytes:
     """t's raw elements from its first to its last at its strides (stride(-1) == 1)."""
     n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return t.detach().as_strided((n,), (1,)).contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def read(path, shape, dtype) -> torch.Tensor:
-    return torch.frombuffer(bytearray(path.read_bytes()), dtype=dtype).reshape(shape)
 
 
 def emulate(driver, case_dir, q, k, v, attn_mask, grad_out, *, causal, scale, **options):
@@ -76,20 +68,8 @@ def emulate(driver, case_dir, q, k, v, attn_mask, grad_out, *, causal, scale, **
     if mask is not None:
         fields.update(mask_dtype=NAMES[mask.dtype], mask_stride=mask.stride())
         inputs["mask"] = mask
-    for name, t in inputs.items():
-        (case_dir / f"{name}.bin").write_bytes(storage(t))
-    (case_dir / "case.txt").write_text("".join(
-        f"{key} {' '.join(map(str, value)) if isinstance(value, tuple) else value}\n"
-        for key, value in fields.items()))
-    result = subprocess.run([str(driver), str(case_dir)], capture_output=True, text=True,
-                            timeout=600)
-    if result.returncode != 0:
-        how = (f"signal {signal.Signals(-result.returncode).name}" if result.returncode < 0
-               else f"exit status {result.returncode}")
-        pytest.fail(f"the emulator driver failed ({how}):\n{result.stderr[-4000:]}")
-    count, *faults = (case_dir / "faults.txt").read_text().splitlines()
-    if int(count) > len(faults):
-        faults.append(f"... {int(count) - len(faults)} more")
+    faults = run_driver(driver, case_dir, fields,
+                        {name: storage(t) for name, t in inputs.items()})
     shapes = dict(out=q.shape, lse=q.shape[:3], dq=q.shape, dk=k.shape, dv=v.shape)
     results = {name: read(case_dir / f"{name}.bin", shape, F32 if name == "lse" else q.dtype)
                for name, shape in shapes.items() if (case_dir / f"{name}.bin").exists()}

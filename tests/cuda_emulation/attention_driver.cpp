@@ -24,6 +24,7 @@
 
 #include "cuda_emulation.h"
 // cuda_emulation.h first: it defines LK_CUDA_EMULATION.
+#include "driver_main.h"
 #include "attention_launch.cuh"
 
 namespace {
@@ -40,7 +41,7 @@ struct Case {
   int skip_syncthreads = 0;
 };
 
-[[noreturn]] void fail(const std::string& what) { throw std::runtime_error(what); }
+using cuda_emu_driver::fail;
 
 Case read_case(const std::string& path) {
   std::ifstream in(path);
@@ -94,23 +95,8 @@ size_t extent(int b, int h, int l, int d, const int64_t* stride) {
   return 1 + (b - 1) * stride[0] + (h - 1) * stride[1] + (l - 1) * stride[2] + (d - 1);
 }
 
-void* read_file(const std::string& path, size_t bytes) {
-  void* data = cuda_emu::device_alloc(bytes);
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) fail("cannot read " + path);
-  const size_t got = std::fread(data, 1, bytes, f);
-  const bool longer = std::fgetc(f) != EOF;
-  std::fclose(f);
-  if (got != bytes || longer) fail(path + " does not hold " + std::to_string(bytes) + " bytes");
-  return data;
-}
-
-void write_file(const std::string& path, const void* data, size_t bytes) {
-  FILE* f = std::fopen(path.c_str(), "wb");
-  if (f == nullptr || std::fwrite(data, 1, bytes, f) != bytes || std::fclose(f) != 0) {
-    fail("cannot write " + path);
-  }
-}
+using cuda_emu_driver::read_file;
+using cuda_emu_driver::write_file;
 
 template <typename T>
 T* alloc(size_t n) {
@@ -293,13 +279,6 @@ void run(const Case& c, const Inputs& in, const std::string& dir) {
   write_file(dir + "/dv.bin", dv, kv_size * sizeof(T));
 }
 
-void write_faults(const std::string& path) {
-  std::ofstream out(path);
-  out << cuda_emu::faults().count() << "\n";
-  for (const std::string& m : cuda_emu::faults().messages()) out << m << "\n";
-  if (!out) fail("cannot write " + path);
-}
-
 void run_case(const std::string& dir) {
   const Case c = read_case(dir + "/case.txt");
   cuda_emu::skipped_syncthreads() = c.skip_syncthreads;
@@ -326,21 +305,10 @@ void run_case(const std::string& dir) {
   } else {
     run<__nv_bfloat16>(c, in, dir);
   }
-  write_faults(dir + "/faults.txt");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s CASE_DIR\n", argv[0]);
-    return 1;
-  }
-  try {
-    run_case(argv[1]);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "attention_driver: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  return cuda_emu_driver::main(argc, argv, "attention_driver", run_case);
 }

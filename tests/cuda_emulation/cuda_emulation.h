@@ -1,11 +1,17 @@
-// CPU emulation of the CUDA features csrc/attention_kernels.cuh uses, so that g++ compiles and
-// runs the real kernels on a machine without a GPU. Include it before attention_launch.cuh: it
-// defines LK_CUDA_EMULATION and provides the primitives of csrc/attention_ptx.cuh.
+// CPU emulation of the CUDA features the kernels of csrc/ use, so that g++ compiles and runs the
+// real kernels on a machine without a GPU. Include it first: it defines LK_CUDA_EMULATION and
+// provides the primitives of csrc/attention_ptx.cuh (attention_launch.cuh) and of
+// csrc/cuda_launch.cuh (the row-wise kernels of cuda_utils.cuh, whose .cu files g++ compiles with
+// -include cuda_emulation.h).
 //
 // Emulated:
 // - Thread blocks: one fiber (ucontext) per CUDA thread, all on one OS thread, switched at every
 //   __syncthreads, __syncwarp and warp collective; the blocks of a launch run on several OS
-//   threads. A warp is 32 consecutive threads; collectives need all 32 lanes (full masks).
+//   threads. Blocks of up to 3 dims with x-major thread ids; a warp is 32 consecutive thread
+//   ids; collectives need all 32 lanes (full masks). Static __shared__ variables are thread_local
+//   (one per OS thread, shared by the fibers of its block).
+// - Runtime calls of the row kernels: launch_kernel, a device of sm_count() SMs (settable) whose
+//   occupancy is 2048 threads or 32 blocks per SM, cudaGetLastError (always success).
 // - __shfl_xor_sync (float); ldmatrix.x4 (.trans) and mma.sync.m16n8k16 (fp16/bf16 inputs, fp32
 //   accumulators) with the fragment layouts of the PTX ISA; cp.async.cg 16 bytes (zero fill when
 //   !valid) in commit groups, landing at cp.async.wait_group 0 (the latest legal time) and reading
@@ -17,13 +23,14 @@
 // - cp.async / ldmatrix outside the launch's shared memory or misaligned, and cp.async sources
 //   outside every device_alloc buffer.
 // Fatal (message, abort): deadlocks (a thread exits or waits at another barrier while others
-// wait), divergent warp collectives, launch configurations the GPU would reject.
-// Amplified, not checked: races and overruns of plain loads and stores. Shared memory and
-// device_alloc buffers start as NaN bytes, the threads __syncthreads releases run in a shuffled
-// order, and buffers end at an inaccessible page (an overrun past it crashes).
+// wait), divergent warp collectives, launch configurations the GPU would reject (an empty grid
+// included).
+// Amplified, not checked: races and overruns of plain loads and stores. Dynamic shared memory
+// and device_alloc buffers start as NaN bytes, the threads __syncthreads releases run in a
+// shuffled order, and buffers end at an inaccessible page (an overrun past it crashes).
 // Not emulated: timing, bank conflicts, the memory model beyond barriers, nvcc's FMA contraction,
-// the accuracy of the GPU's exp2f, the tensor cores' internal summation order (fp32 sums in k
-// order here), anything the attention kernels do not use.
+// the accuracy of the GPU's exp2f/expf/erff/rsqrtf (the host libm here), the tensor cores'
+// internal summation order (fp32 sums in k order here), streams, anything the kernels do not use.
 #pragma once
 
 #define LK_CUDA_EMULATION 1
@@ -56,6 +63,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __shared__ static thread_local
 
 struct dim3 {
   unsigned x, y, z;
@@ -65,6 +73,12 @@ struct dim3 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+
+struct alignas(8) float2 {
+  float x, y;
+};
+
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 // Of the running CUDA thread: the scheduler sets threadIdx at every switch.
 inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -132,6 +146,9 @@ struct __nv_bfloat16 {
 
 inline float __half2float(__half h) { return float(h); }
 inline float __bfloat162float(__nv_bfloat16 b) { return float(b); }
+inline __half __float2half_rn(float f) { return __half(f); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16(f); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // ================================ runtime ====================================================
 
@@ -139,7 +156,8 @@ namespace cuda_emu {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 1024;
-constexpr unsigned kMaxGridY = 65535;
+constexpr unsigned kMaxBlockZ = 64, kMaxGridX = 2147483647u, kMaxGridY = 65535;
+constexpr int kMaxThreadsPerSm = 2048, kMaxBlocksPerSm = 32;
 // sharedMemPerBlockOptin of sm_80, the smaller of the built archs (8.0, 9.0).
 constexpr size_t kMaxSmem = 166912;
 constexpr size_t kStackBytes = 128 * 1024;
@@ -177,6 +195,13 @@ inline FaultLog& faults() {
 // (counted from 1 per block; 0 skips none).
 inline int& skipped_syncthreads() {
   static int n = 0;
+  return n;
+}
+
+// Streaming multiprocessors of the emulated device (cudaDevAttrMultiProcessorCount): the
+// kernels' launch plans depend on it. 132 as on an H100 SXM.
+inline int& sm_count() {
+  static int n = 132;
   return n;
 }
 
@@ -337,8 +362,8 @@ inline thread_local Fiber* current_fiber = nullptr;
 
 inline Block& block() { return *current_block; }
 inline Fiber& fiber() { return *current_fiber; }
-inline int lane() { return static_cast<int>(threadIdx.x) % kWarpSize; }
-inline WarpSync& warp() { return block().warps[threadIdx.x / kWarpSize]; }
+inline int lane() { return fiber().tid % kWarpSize; }
+inline WarpSync& warp() { return block().warps[fiber().tid / kWarpSize]; }
 
 inline void push_ready(Block& b, int tid) {
   b.ready[(b.ready_head + b.ready_count++) % b.ready.size()] = tid;
@@ -364,7 +389,8 @@ inline Fiber& take_ready(Block& b) {
   b.ready_head = (b.ready_head + 1) % b.ready.size();
   --b.ready_count;
   current_fiber = &next;
-  threadIdx.x = static_cast<unsigned>(next.tid);
+  const unsigned tid = static_cast<unsigned>(next.tid), plane = blockDim.x * blockDim.y;
+  threadIdx = dim3(tid % blockDim.x, tid % plane / blockDim.x, tid / plane);
   return next;
 }
 
@@ -520,7 +546,7 @@ inline uint16_t load_b16(const unsigned char* p) {
 inline void complete_ldmatrix(WarpSync& w) {
   const bool trans = w.op == Sync::kLdmatrixTrans;
   Block& b = block();
-  const int first_tid = static_cast<int>(threadIdx.x) / kWarpSize * kWarpSize;
+  const int first_tid = fiber().tid / kWarpSize * kWarpSize;
   const uint32_t warp_bit = 1u << (first_tid / kWarpSize);
   static const unsigned char zeros[16] = {};
   const unsigned char* rows[kWarpSize];
@@ -663,19 +689,22 @@ inline std::atomic<uint64_t>& launch_counter() {
 }
 
 // Runs body() as every thread of every block of the grid, the blocks spread over OS threads.
-inline void run_grid(const std::string& kernel, dim3 grid, int threads, size_t smem,
+inline void run_grid(const std::string& kernel, dim3 grid, dim3 block_dim, size_t smem,
                      const std::function<void()>& body) {
-  if (threads <= 0 || threads > kMaxThreads || threads % kWarpSize != 0) {
-    fatal(kernel + ": " + std::to_string(threads) + " threads per block");
+  const long total = long{block_dim.x} * block_dim.y * block_dim.z;
+  if (total <= 0 || total > kMaxThreads || block_dim.z > kMaxBlockZ || total % kWarpSize != 0) {
+    fatal(kernel + ": block (" + std::to_string(block_dim.x) + ", " +
+          std::to_string(block_dim.y) + ", " + std::to_string(block_dim.z) + ")");
   }
+  const int threads = static_cast<int>(total);
   if (smem > kMaxSmem) fatal(kernel + ": " + std::to_string(smem) + " bytes of shared memory");
-  if (grid.y > kMaxGridY || grid.z != 1) fatal(kernel + ": grid too large");
+  if (grid.x > kMaxGridX || grid.y > kMaxGridY || grid.z != 1) fatal(kernel + ": grid too large");
   const uint64_t launch = ++launch_counter();
   const long blocks = static_cast<long>(grid.x) * grid.y;
   std::atomic<long> next{0};
   auto work = [&] {
     Worker worker;
-    blockDim = dim3(static_cast<unsigned>(threads));
+    blockDim = block_dim;
     gridDim = grid;
     for (long i = next++; i < blocks; i = next++) {
       Block b;
@@ -695,18 +724,22 @@ inline void run_grid(const std::string& kernel, dim3 grid, int threads, size_t s
   for (std::thread& t : pool) t.join();
 }
 
-// The demangled name of a function of the executable (linked with -rdynamic), else its address.
+// The demangled name of a function of the executable (linked with -rdynamic), else (internal
+// linkage) its offset in the executable, for nm -C.
 inline std::string function_name(const void* f) {
   Dl_info info;
-  if (dladdr(f, &info) != 0 && info.dli_sname != nullptr) {
+  const bool found = dladdr(f, &info) != 0;
+  if (found && info.dli_sname != nullptr) {
     int status = 0;
     char* name = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
     const std::string result = status == 0 ? name : info.dli_sname;
     std::free(name);
     return result;
   }
-  char address[32];
-  std::snprintf(address, sizeof address, "kernel %p", f);
+  const auto* base = static_cast<const char*>(found ? info.dli_fbase : nullptr);
+  char address[48];
+  std::snprintf(address, sizeof address, "kernel at offset %#lx",
+                static_cast<unsigned long>(static_cast<const char*>(f) - base));
   return address;
 }
 
@@ -721,7 +754,42 @@ struct Launch {
   }
 };
 
+// The number of blocks of `threads` threads an SM of the emulated device runs at once.
+inline int blocks_per_sm(int threads) {
+  return threads <= 0 ? 0 : std::min(kMaxBlocksPerSm, kMaxThreadsPerSm / threads);
+}
+
 }  // namespace cuda_emu
+
+// ================================ CUDA runtime ===============================================
+
+using cudaStream_t = struct CUstream_st*;  // ignored: launches run to completion in order
+enum cudaError_t : int { cudaSuccess = 0 };
+enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMultiProcessorCount || device != 0) {
+    cuda_emu::fatal("cudaDeviceGetAttribute: only the SM count of device 0 is emulated");
+  }
+  *value = cuda_emu::sm_count();
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int threads,
+                                                          size_t smem) {
+  if (smem != 0) cuda_emu::fatal("cudaOccupancyMaxActiveBlocksPerMultiprocessor: smem != 0");
+  *blocks = cuda_emu::blocks_per_sm(threads);
+  return cudaSuccess;
+}
 
 // ================================ CUDA built-ins =============================================
 
@@ -775,3 +843,19 @@ struct Mma {
 };
 
 }  // namespace lk::attn
+
+// ================================ cuda_launch.cuh ============================================
+
+namespace lk {
+
+// kernel<<<grid, block, 0, stream>>>(args...), run to completion; an empty grid is fatal (the
+// GPU rejects it).
+template <typename... KernelArgs, typename... Args>
+void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStream_t,
+                   Args... args) {
+  const std::string name = cuda_emu::function_name(reinterpret_cast<const void*>(kernel));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) cuda_emu::fatal(name + ": empty grid");
+  cuda_emu::run_grid(name, grid, block, 0, [&] { kernel(args...); });
+}
+
+}  // namespace lk
