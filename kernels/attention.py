@@ -161,7 +161,7 @@ def _load_bias(ptrs, cols_ok, BOUNDARY: tl.constexpr):
 
 
 @triton.jit
-def _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows, start, end,
+def _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows, start, end,
                   Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -169,7 +169,8 @@ def _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows, 
     """Online softmax over the key tiles [start, end): returns the updated (acc, m2, l).
 
     q (BLOCK_M, BLOCK_D); offs_m the query index of each row; mask_rows (BLOCK_M, 1) pointers to
-    the rows of the additive mask (rows past the end point at the last row). BOUNDARY tiles mask the key tail and, if CAUSAL, j > i + offset.
+    the rows of the additive mask (rows past the end point at the last row). BOUNDARY tiles mask
+    the key tail and, if CAUSAL, j > i + offset.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -238,11 +239,11 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     full_end, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows,
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows,
                                   0, full_end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
                                   False, HAS_MASK, UPCAST, PRECISION)
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows,
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows,
                                   full_end, end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
                                   True, HAS_MASK, UPCAST, PRECISION)
@@ -290,7 +291,7 @@ def _attn_fwd_split_kernel(Q, K, V, Mask, PartO, PartM, PartL,
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, rows_ok, k_base, v_base, mask_rows,
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows,
                                   start, end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
                                   True, HAS_MASK, UPCAST, PRECISION)
@@ -426,7 +427,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
 
 
 @triton.jit
-def _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_rows, start, end,
+def _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, mask_rows, start, end,
                  Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
@@ -490,10 +491,10 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
     mask_rows = Mask + b * stride_mb + h * stride_mh + _clamp(offs_m, Lq)[:, None] * stride_mm
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     full_end, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_rows,
+    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, mask_rows,
                       0, full_end, Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
                       D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, False, HAS_MASK, UPCAST, PRECISION)
-    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, rows_ok, k_base, v_base, mask_rows,
+    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, mask_rows,
                       full_end, end, Lk, stride_kn, stride_vn, stride_mn, causal_offset,
                       qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_MASK, UPCAST,
                       PRECISION)
