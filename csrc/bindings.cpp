@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -351,6 +352,13 @@ void check_linear(const char* op, const char* name, const Tensor& w, const Tenso
               ", ", in_features, ") in nn.Linear layout, got ", w.sizes());
 }
 
+// Autocast off while alive: the feed-forward GEMMs must return the inputs' dtype, which the
+// epilogue kernels read them as, also when an op is called under torch.autocast (or its
+// backward runs inside an autocast region).
+struct AutocastOff {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // x @ w.T (+ bias).
 Tensor matmul_bias(const Tensor& x, const Tensor& w, const OptTensor& bias) {
   return (bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t())).contiguous();
@@ -370,6 +378,7 @@ Tensor2 feed_forward_forward(const Tensor& x, const Tensor& w1, const OptTensor&
   constexpr const char* op = "llm_kernels::feed_forward_forward";
   check_feed_forward(op, x, w1, b1, w2, b2);
   const lk::Activation act = parse_activation(op, activation);
+  const AutocastOff autocast_off;
   const at::OptionalDeviceGuard guard(x.device());
   Tensor pre = matmul_bias(x, w1, b1);  // (N, d_ff)
   Tensor hidden = at::empty_like(pre);
@@ -393,6 +402,7 @@ Tensor5 feed_forward_backward(const Tensor& grad_out_in, const Tensor& x, const 
   check_shape(op, "pre", pre, {x.size(0), w1.size(0)});
   const Tensor grad_out = grad_out_in.contiguous();
   const Tensor pre_c = pre.contiguous();
+  const AutocastOff autocast_off;
   const at::OptionalDeviceGuard guard(x.device());
   Tensor grad_pre = at::mm(grad_out, w2).contiguous();  // (N, d_ff): d act(pre), then d pre in place
   Tensor hidden = at::empty_like(pre_c);
@@ -419,6 +429,7 @@ Tensor3 swiglu_forward(const Tensor& x, const Tensor& w_gate, const Tensor& w_up
                        const Tensor& w_down) {
   constexpr const char* op = "llm_kernels::swiglu_forward";
   check_swiglu(op, x, w_gate, w_up, w_down);
+  const AutocastOff autocast_off;
   const at::OptionalDeviceGuard guard(x.device());
   Tensor gate = at::mm(x, w_gate.t()).contiguous();  // (N, d_ff)
   Tensor up = at::mm(x, w_up.t()).contiguous();      // (N, d_ff)
@@ -443,6 +454,7 @@ Tensor4 swiglu_backward(const Tensor& grad_out_in, const Tensor& x, const Tensor
   }
   const Tensor grad_out = grad_out_in.contiguous();
   const Tensor gate_c = gate.contiguous(), up_c = up.contiguous();
+  const AutocastOff autocast_off;
   const at::OptionalDeviceGuard guard(x.device());
   Tensor grad_gate = at::mm(grad_out, w_down).contiguous();  // (N, d_ff): d hidden, then d gate in place
   Tensor grad_up = at::empty_like(grad_gate);

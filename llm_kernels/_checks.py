@@ -53,10 +53,13 @@ def shape(name: str, t: Optional[torch.Tensor], expected: Iterable[int]) -> None
         raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
 
 
-def nonempty(**tensors) -> None:
+def empty_reason(**tensors) -> Optional[str]:
+    """Why the kernels skip a call with an empty tensor (torch computes its empty or reduced
+    result, as for any shape), or None when no tensor is empty."""
     for name, t in tensors.items():
         if t is not None and t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): every dim must be >= 1")
+            return f"{name} is empty (shape {tuple(t.shape)})"
+    return None
 
 
 def kernel_dtype_reason(dtype: torch.dtype) -> Optional[str]:

@@ -17,6 +17,7 @@ strides; ``mask`` None or a floating additive mask of shape ``(B, H, Lq, Lk)`` w
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import re
@@ -56,6 +57,41 @@ SCHEMAS = {
 
 TRITON_NAMESPACE = "llm_kernels_triton"
 CUDA_NAMESPACE = "llm_kernels"
+
+
+def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t.contiguous()``, None for an absent optional input."""
+    return None if t is None else t.contiguous()
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """A kernel backward run as a function of the tensors it depends on (the saved tensors and
+    the incoming gradients), so that under ``create_graph=True`` its results stay connected to
+    them; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, compute, *inputs):
+        return compute()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("llm_kernels: the kernels' backward is not differentiable, so a double "
+                           "backward (a gradient penalty, a Hessian-vector product) needs "
+                           "backend='torch'")
+
+
+def first_order_backward(backward):
+    """Decorates an autograd Function's ``backward(ctx, *grads)`` that runs kernels: with
+    ``create_graph=True`` its gradients come out attached to a node that raises when they are
+    differentiated, instead of as constants (``once_differentiable`` leaves them constant when
+    no incoming gradient requires grad, as in a gradient penalty, dropping terms silently)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        return _NotDifferentiable.apply(lambda: backward(ctx, *grads), *ctx.saved_tensors,
+                                        *grads)
+    return wrapper
 
 
 def op_family(op: str) -> str:

@@ -7,13 +7,12 @@ O(L) memory) with the row logsumexp saved for the backward.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import torch
 
-from llm_kernels import _checks, _ops
-from llm_kernels.backends import record, select
+from llm_kernels import _amp, _checks, _ops
+from llm_kernels.backends import record, select, warn_once
 from llm_kernels.reference import attention_ref
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
@@ -31,6 +30,7 @@ class AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_ops.first_order_backward
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         causal, causal_offset, scale, backend = ctx.args
@@ -52,12 +52,16 @@ def _validate(q, k, v, attn_mask):
     if bk != b or dk != d:
         raise ValueError(f"q (B, H, Lq, D) = {tuple(q.shape)} and k (B, Hkv, Lk, D) = "
                          f"{tuple(k.shape)} must agree in B and D")
-    _checks.nonempty(q=q, k=k, v=v)
-    if h % hkv != 0:
+    if hkv == 0 or h % hkv != 0:
         raise ValueError(f"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv}")
     _checks.last_dim_contiguous(q=q, k=k, v=v)
     if attn_mask is not None:
         _validate_mask(attn_mask, q, (b, h, lq, lk))
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _validate_mask(attn_mask, q, full_shape):
@@ -102,7 +106,8 @@ def _kernel_reason(q, attn_mask) -> Optional[str]:
 
 def _attention(q, k, v, *, causal_offset: Optional[int], scale: float, attn_mask, backend,
                op: str, torch_fn) -> torch.Tensor:
-    name = select(op, backend, q.device, lambda _: _kernel_reason(q, attn_mask), kernel="attention")
+    name = select(op, backend, q.device, lambda _: _kernel_reason(q, attn_mask),
+                  kernel="attention", empty=_checks.empty_reason(q=q, k=k))
     if name == "torch":
         return torch_fn()
     b, h, lq, _ = q.shape
@@ -120,19 +125,27 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, a
     is bool (True = attend) or additive float, broadcastable to (B, H, Lq, Lk); an additive
     value below about -45426 (``torch.finfo(dtype).min``, ``-1e9``) hides its key like -inf. A
     query that sees no key gives zeros (and zero gradients). ``scale`` defaults to 1/sqrt(D).
-    Returns (B, H, Lq, D) in q's dtype.
+    Returns (B, H, Lq, D) in q's dtype (under autocast, the inputs and so the result in the
+    autocast dtype, as for torch's SDPA).
     """
+    dtype = _amp.dtype_for(q)
+    if dtype is not None:
+        q, k, v, attn_mask = _amp.cast(dtype, q, k, v, attn_mask)
+        with _amp.disabled(q):
+            return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
+                             backend=backend)
     _validate(q, k, v, attn_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale}")
+    _check_bool("causal", causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    else:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale}")
     offset = k.shape[2] - q.shape[2] if causal else None
     return _attention(q, k, v, causal_offset=offset, scale=scale, attn_mask=attn_mask,
                       backend=backend, op="attention", torch_fn=lambda: attention_ref(
                           q, k, v, causal=causal, scale=scale, attn_mask=attn_mask))
-
-
-_warned: set[str] = set()
 
 
 def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -142,6 +155,8 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
         return f"scale={scale} (the kernels take a finite scale)"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return "inputs are not 4-D (B, H, L, D)"
+    if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
+        return "a batch dim broadcast between query and key/value"
     if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
         return "value/key head dim differs from the query's"
     if query.shape[1] != key.shape[1] and not enable_gqa:
@@ -173,15 +188,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     row whose every key is hidden by -inf or by an additive mask below about -45426: zeros here,
     where torch gives NaN or an average of the values. What the kernels cannot do falls back to
     torch, with a warning (once per reason) and a dispatch_log entry."""
+    dtype = _amp.dtype_for(query)
+    if dtype is not None:
+        query, key, value, attn_mask = _amp.cast(dtype, query, key, value, attn_mask)
+        with _amp.disabled(query):
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                                is_causal, scale, enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _checks.tensor(name, t, min_ndim=2)
+    _check_bool("is_causal", is_causal)
     reason = _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                    enable_gqa)
     if reason is not None:
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"llm_kernels.scaled_dot_product_attention: falling back to torch for "
-                          f"{reason}", stacklevel=2)
+        warn_once(f"llm_kernels.scaled_dot_product_attention: falling back to torch for {reason}",
+                  stacklevel=2)
         record("scaled_dot_product_attention", "torch", "fallback: " + reason)
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _validate(query, key, value, attn_mask)

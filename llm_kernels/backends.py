@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import os
 import threading
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -193,6 +194,18 @@ def record(op: str, backend: str, reason: str = "") -> None:
         _LOG.append({"op": op, "backend": backend, "reason": reason})
 
 
+_warned: set[str] = set()
+
+
+def warn_once(message: str, stacklevel: int = 2) -> None:
+    """``warnings.warn(message)`` the first time this message comes; never while torch.compile
+    traces (a warning would break the graph)."""
+    if torch.compiler.is_compiling() or message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(message, stacklevel=stacklevel + 1)
+
+
 def dispatch_log(clear: bool = False) -> list[dict]:
     """The recent dispatch decisions, oldest first: dicts with op, backend and reason."""
     with _LOG_LOCK:
@@ -203,14 +216,20 @@ def dispatch_log(clear: bool = False) -> list[dict]:
 
 
 def select(op: str, backend: Optional[str], device: torch.device,
-           supports: Callable[[str], Optional[str]], kernel: Optional[str] = None) -> str:
+           supports: Callable[[str], Optional[str]], kernel: Optional[str] = None,
+           empty: Optional[str] = None) -> str:
     """Choose the backend for one call of public function ``op``.
 
     ``kernel`` names the kernel family it runs (``rms_norm`` runs ``layer_norm``); ``supports(name)``
     returns None when kernel backend ``name`` can run the call's arguments, else the reason.
+    ``empty`` (which input is empty) means there is nothing for a kernel to do: torch computes
+    the empty or reduced result, whichever backend was asked for.
     """
     kernel = kernel or op
     name = _check_name(backend) if backend is not None else default_backend()
+    if empty is not None:
+        record(op, "torch", empty)
+        return "torch"
     if name != AUTO:
         reason = _why_not(name, kernel, device, supports)
         if reason is not None:

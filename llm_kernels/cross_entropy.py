@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from llm_kernels import _checks, _ops
+from llm_kernels import _amp, _checks, _ops
 from llm_kernels.backends import select
 from llm_kernels.reference import cross_entropy_ref
 
@@ -36,6 +36,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_ops.first_order_backward
     def backward(ctx, grad_loss):
         logits, target, lse = ctx.saved_tensors
         ignore_index, backend, inplace_backward = ctx.args
@@ -67,7 +68,6 @@ def _validate(logits, target, ignore_index, reduction, inplace_backward):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    _checks.nonempty(logits=logits)
     _checks.last_dim_contiguous(logits=logits)
     if not torch.compiler.is_compiling():
         valid = (target == ignore_index) | ((target >= 0) & (target < logits.shape[1]))
@@ -89,17 +89,34 @@ def cross_entropy(logits, target, *, ignore_index: int = -100, reduction: str = 
     the backward, and another op that saved them for a backward running after this one raises
     torch's "modified by an inplace operation" error. Logits that are not contiguous are copied
     first (the copy is overwritten). A memory hint only: ignored by the ``torch`` backend.
+
+    Under autocast the loss is float32 (or float64), as torch's; the logits are not copied.
     """
+    if _amp.dtype_for(logits) is not None:
+        with _amp.disabled(logits):
+            return _cross_entropy(logits, target, ignore_index, reduction, backend,
+                                  inplace_backward, torch.promote_types(logits.dtype,
+                                                                        torch.float32))
+    return _cross_entropy(logits, target, ignore_index, reduction, backend, inplace_backward,
+                          None)
+
+
+def _cross_entropy(logits, target, ignore_index, reduction, backend, inplace_backward,
+                   loss_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """cross_entropy with the loss in ``loss_dtype`` (None: the logits' dtype)."""
     _validate(logits, target, ignore_index, reduction, inplace_backward)
+    loss_dtype = loss_dtype or logits.dtype
     name = select("cross_entropy", backend, logits.device,
-                  lambda _: _checks.kernel_dtype_reason(logits.dtype))
+                  lambda _: _checks.kernel_dtype_reason(logits.dtype),
+                  empty=_checks.empty_reason(logits=logits))
     if name == "torch":
-        return cross_entropy_ref(logits, target, ignore_index=ignore_index, reduction=reduction)
+        return cross_entropy_ref(logits.to(loss_dtype), target, ignore_index=ignore_index,
+                                 reduction=reduction)
     loss = CrossEntropyFunction.apply(logits.contiguous(), target.contiguous(), ignore_index, name,
                                       inplace_backward)
     if reduction == "none":
-        return loss.to(logits.dtype)
+        return loss.to(loss_dtype)
     total = loss.sum()
     if reduction == "mean":
         total = total / (target != ignore_index).sum()
-    return total.to(logits.dtype)
+    return total.to(loss_dtype)

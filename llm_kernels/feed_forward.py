@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from llm_kernels import _checks, _ops
+from llm_kernels import _amp, _checks, _ops
 from llm_kernels.backends import select
 from llm_kernels.reference import ACTIVATIONS, feed_forward_ref, swiglu_ref
 
@@ -27,6 +27,7 @@ class FeedForwardFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_ops.first_order_backward
     def backward(ctx, grad_out):
         x, w1, b1, w2, b2, pre = ctx.saved_tensors
         activation, backend = ctx.args
@@ -47,6 +48,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_ops.first_order_backward
     def backward(ctx, grad_out):
         grads = _ops.ops(ctx.backend).swiglu_backward(grad_out.contiguous(), *ctx.saved_tensors)
         return (*grads, None)
@@ -66,8 +68,9 @@ def _bias(name, b, out_features, x):
     _checks.same_dtype_device("x", x, **{name: b})
 
 
-def _kernel_reason(*tensors) -> Optional[str]:
-    return _checks.kernel_dtype_reason(tensors[0].dtype)
+def _kernel_reason(x) -> Optional[str]:
+    return _checks.kernel_dtype_reason(x.dtype)
+
 
 
 def _rows(x):
@@ -76,7 +79,13 @@ def _rows(x):
 
 def feed_forward(x, w1, b1, w2, b2, *, activation: str = "gelu",
                  backend: Optional[str] = None) -> torch.Tensor:
-    """act(x @ w1.T + b1) @ w2.T + b2 over the last dim of x; b1/b2 may be None."""
+    """act(x @ w1.T + b1) @ w2.T + b2 over the last dim of x; b1/b2 may be None. Under
+    autocast the inputs are cast to the autocast dtype, as ``F.linear`` casts them."""
+    dtype = _amp.dtype_for(x)
+    if dtype is not None:
+        x, w1, b1, w2, b2 = _amp.cast(dtype, x, w1, b1, w2, b2)
+        with _amp.disabled(x):
+            return feed_forward(x, w1, b1, w2, b2, activation=activation, backend=backend)
     _checks.tensor("x", x, min_ndim=1)
     _linear_weight("w1", w1, x.shape[-1], x)
     _bias("b1", b1, w1.shape[0], x)
@@ -84,17 +93,23 @@ def feed_forward(x, w1, b1, w2, b2, *, activation: str = "gelu",
     _bias("b2", b2, w2.shape[0], x)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _checks.nonempty(x=x, w1=w1, w2=w2)
-    name = select("feed_forward", backend, x.device, lambda _: _kernel_reason(x))
+    name = select("feed_forward", backend, x.device, lambda _: _kernel_reason(x),
+                  empty=_checks.empty_reason(x=x, w1=w1, w2=w2))
     if name == "torch":
         return feed_forward_ref(x, w1, b1, w2, b2, activation=activation)
-    out = FeedForwardFunction.apply(_rows(x), w1.contiguous(), b1, w2.contiguous(), b2,
-                                    activation, name)
+    out = FeedForwardFunction.apply(_rows(x), w1.contiguous(), _ops.contiguous(b1), w2.contiguous(),
+                                    _ops.contiguous(b2), activation, name)
     return out.view(*x.shape[:-1], w2.shape[0])
 
 
 def swiglu(x, w_gate, w_up, w_down, *, backend: Optional[str] = None) -> torch.Tensor:
-    """(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T over the last dim of x."""
+    """(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T over the last dim of x (in the autocast
+    dtype under autocast)."""
+    dtype = _amp.dtype_for(x)
+    if dtype is not None:
+        x, w_gate, w_up, w_down = _amp.cast(dtype, x, w_gate, w_up, w_down)
+        with _amp.disabled(x):
+            return swiglu(x, w_gate, w_up, w_down, backend=backend)
     _checks.tensor("x", x, min_ndim=1)
     _linear_weight("w_gate", w_gate, x.shape[-1], x)
     _linear_weight("w_up", w_up, x.shape[-1], x)
@@ -102,8 +117,8 @@ def swiglu(x, w_gate, w_up, w_down, *, backend: Optional[str] = None) -> torch.T
         raise ValueError(f"w_up must have w_gate's shape {tuple(w_gate.shape)}, "
                          f"got {tuple(w_up.shape)}")
     _linear_weight("w_down", w_down, w_gate.shape[0], x)
-    _checks.nonempty(x=x, w_gate=w_gate, w_down=w_down)
-    name = select("swiglu", backend, x.device, lambda _: _kernel_reason(x))
+    name = select("swiglu", backend, x.device, lambda _: _kernel_reason(x),
+                  empty=_checks.empty_reason(x=x, w_gate=w_gate, w_down=w_down))
     if name == "torch":
         return swiglu_ref(x, w_gate, w_up, w_down)
     out = SwiGLUFunction.apply(_rows(x), w_gate.contiguous(), w_up.contiguous(),

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from llm_kernels import _checks, _ops
+from llm_kernels import _amp, _checks, _ops
 from llm_kernels.backends import select
 from llm_kernels.reference import layer_norm_ref, rms_norm_ref
 
@@ -22,26 +22,29 @@ class NormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps: float, rms: bool, backend: str):
+    def forward(ctx, x, weight, bias, residual, eps: float, rms: bool, backend: str,
+                separate_grads: bool):
         y, h, mean, rstd = _ops.ops(backend).layer_norm_forward(x, weight, bias, residual, eps, rms)
         has_residual = residual is not None
         ctx.save_for_backward(h if has_residual else x, weight, bias, mean, rstd)
-        ctx.args = (rms, has_residual, backend)
+        ctx.args = (rms, has_residual, backend, separate_grads)
         ctx.set_materialize_grads(False)
         if not has_residual:
             ctx.mark_non_differentiable(h)
         return y, h
 
     @staticmethod
+    @_ops.first_order_backward
     def backward(ctx, grad_y, grad_h):
         h, weight, bias, mean, rstd = ctx.saved_tensors
-        rms, has_residual, backend = ctx.args
+        rms, has_residual, backend, separate_grads = ctx.args
         if grad_y is None:
             grad_y = torch.zeros_like(h)
         dx, dweight, dbias = _ops.ops(backend).layer_norm_backward(
             grad_y, grad_h if has_residual else None, h, weight, bias, mean, rstd, rms)
+        d_residual = (dx.clone() if separate_grads else dx) if has_residual else None
         return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
-                dx if has_residual else None, None, None, None)
+                d_residual, None, None, None, None)
 
 
 def _validate(x, weight, bias, residual, eps):
@@ -53,28 +56,40 @@ def _validate(x, weight, bias, residual, eps):
     _checks.optional("residual", residual)
     _checks.shape("residual", residual, x.shape)
     _checks.same_dtype_device("x", x, weight=weight, bias=bias, residual=residual)
-    _checks.nonempty(x=x)
     _checks.last_dim_contiguous(x=x, residual=residual)
     if not isinstance(eps, (float, int)) or not eps >= 0:  # NaN too
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
+def _reaches_leaf_grad(t: torch.Tensor) -> bool:
+    """t's gradient lands in a leaf's ``.grad`` as is: t is a leaf or a view of one."""
+    return t.requires_grad and (t.is_leaf or (t._base is not None and t._base.is_leaf))
+
+
 def _norm(op, x, weight, bias, eps, residual, backend, rms, torch_fn):
     name = select(op, backend, x.device, lambda _: _checks.kernel_dtype_reason(x.dtype),
-                  kernel="layer_norm")
+                  kernel="layer_norm", empty=_checks.empty_reason(x=x))
     if name == "torch":
         return torch_fn()
     c = x.shape[-1]
     x2 = x.reshape(-1, c).contiguous()  # (N, C)
     r2 = residual.reshape(-1, c).contiguous() if residual is not None else None
-    y, h = NormFunction.apply(x2, weight, bias, r2, float(eps), rms, name)
+    # dx is the gradient of both x and residual: two leaves would share its storage
+    separate = residual is not None and _reaches_leaf_grad(x) and _reaches_leaf_grad(residual)
+    y, h = NormFunction.apply(x2, _ops.contiguous(weight), _ops.contiguous(bias), r2, float(eps), rms,
+                              name, separate)
     y = y.view(x.shape)
     return y if residual is None else (y, h.view(x.shape))
+
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, residual=None,
                backend: Optional[str] = None):
     """Layer norm over the last dim; with ``residual`` returns ``(normed, x + residual)``."""
+    if _amp.dtype_for(x) is not None:
+        x, weight, bias, residual = _amp.promote(x, weight, bias, residual)
+        with _amp.disabled(x):
+            return layer_norm(x, weight, bias, eps, residual=residual, backend=backend)
     _validate(x, weight, bias, residual, eps)
     return _norm("layer_norm", x, weight, bias, eps, residual, backend, False,
                  lambda: layer_norm_ref(x, weight, bias, eps, residual=residual))
@@ -82,6 +97,10 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, residual=None,
 
 def rms_norm(x, weight=None, eps: float = 1e-6, *, residual=None, backend: Optional[str] = None):
     """RMSNorm over the last dim; with ``residual`` returns ``(normed, x + residual)``."""
+    if _amp.dtype_for(x) is not None:
+        x, weight, residual = _amp.promote(x, weight, residual)
+        with _amp.disabled(x):
+            return rms_norm(x, weight, eps, residual=residual, backend=backend)
     _validate(x, weight, None, residual, eps)
     return _norm("rms_norm", x, weight, None, eps, residual, backend, True,
                  lambda: rms_norm_ref(x, weight, eps, residual=residual))

@@ -12,14 +12,16 @@ Every module takes ``backend`` (None = the default dispatch), passed to the lk f
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from llm_kernels import _amp
 from llm_kernels.attention import scaled_dot_product_attention
-from llm_kernels.backends import record, use_backend
+from llm_kernels.backends import record, use_backend, warn_once
 from llm_kernels.feed_forward import feed_forward, swiglu
 from llm_kernels.layer_norm import layer_norm, rms_norm
 from llm_kernels.reference import ACTIVATIONS
@@ -36,8 +38,18 @@ def _as_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
 
 
 def _flat_param(p: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The affine parameter as a 1-D tensor in x's dtype (differentiable view/cast)."""
-    return None if p is None else p.reshape(-1).to(x.dtype)
+    """The affine parameter as a 1-D tensor in x's dtype (differentiable view/cast); as is under
+    autocast, where the norm promotes its inputs (float32 parameters: a float32 result, as
+    torch's modules give)."""
+    if p is None:
+        return None
+    return p.reshape(-1) if _amp.dtype_for(x) is not None else p.reshape(-1).to(x.dtype)
+
+
+def _flat_rows(t: torch.Tensor, lead, features: int) -> torch.Tensor:
+    """t (..., *normalized_shape) as (..., features) with a contiguous last dim."""
+    flat = t.reshape(*lead, features)
+    return flat if features <= 1 or flat.stride(-1) == 1 else flat.contiguous()
 
 
 def _normalize(fn, module, x, residual, **params):
@@ -47,8 +59,9 @@ def _normalize(fn, module, x, residual, **params):
         raise ValueError(f"{type(module).__name__}: input of shape {tuple(x.shape)} does not end "
                          f"with normalized_shape {shape}")
     lead = x.shape[:-len(shape)]
-    flat = x.reshape(*lead, -1)                                   # (..., prod(shape))
-    flat_res = None if residual is None else residual.reshape(*lead, -1)
+    features = math.prod(shape)
+    flat = _flat_rows(x, lead, features)                          # (..., prod(shape))
+    flat_res = None if residual is None else _flat_rows(residual, lead, features)
     params = {k: _flat_param(v, x) for k, v in params.items()}
     out = fn(flat, **params, residual=flat_res, backend=module.backend)
     if residual is None:
@@ -71,9 +84,17 @@ class LayerNorm(torch.nn.Module):
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.register_parameter("weight", torch.nn.Parameter(
-            torch.ones(self.normalized_shape, **factory)) if elementwise_affine else None)
+            torch.empty(self.normalized_shape, **factory)) if elementwise_affine else None)
         self.register_parameter("bias", torch.nn.Parameter(
-            torch.zeros(self.normalized_shape, **factory)) if elementwise_affine and bias else None)
+            torch.empty(self.normalized_shape, **factory)) if elementwise_affine and bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """weight = 1, bias = 0 (torch.nn.LayerNorm's initialization)."""
+        if self.weight is not None:
+            torch.nn.init.ones_(self.weight)
+        if self.bias is not None:
+            torch.nn.init.zeros_(self.bias)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm, backend: Optional[str] = None) -> "LayerNorm":
@@ -107,8 +128,14 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.backend = backend
-        self.register_parameter("weight", torch.nn.Parameter(torch.ones(
+        self.register_parameter("weight", torch.nn.Parameter(torch.empty(
             self.normalized_shape, device=device, dtype=dtype)) if elementwise_affine else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """weight = 1 (torch.nn.RMSNorm's initialization)."""
+        if self.weight is not None:
+            torch.nn.init.ones_(self.weight)
 
     @classmethod
     def from_torch(cls, module: torch.nn.RMSNorm, backend: Optional[str] = None) -> "RMSNorm":
@@ -174,15 +201,6 @@ class SwiGLU(torch.nn.Module):
         return f"backend={self.backend}"
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
 def _additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """torch MHA's mask convention (bool True = masked out, or additive float) -> additive."""
     if mask is None or mask.is_floating_point():
@@ -202,7 +220,10 @@ class MultiheadAttention(torch.nn.Module):
     dropout in training run torch's own math instead (warned once per reason).
     """
 
-    _qkv_same_embed_dim = True
+    # False although q, k and v share one packed projection: torch's TransformerEncoder(Layer)
+    # take their inference fast path only when it is True, and that path calls torch's fused
+    # kernel with these parameters, bypassing this module.
+    _qkv_same_embed_dim = False
     bias_k = bias_v = None
     add_zero_attn = False
 
@@ -251,7 +272,7 @@ class MultiheadAttention(torch.nn.Module):
         """(attn_output, None), or torch's (attn_output, weights) on the fallback path."""
         reason = self._fallback_reason(need_weights)
         if reason is not None:
-            _warn_once(f"llm_kernels.nn.MultiheadAttention: torch math for {reason}")
+            warn_once(f"llm_kernels.nn.MultiheadAttention: torch math for {reason}", stacklevel=2)
             record("MultiheadAttention", "torch", "fallback: " + reason)
             return self._torch_forward(query, key, value, key_padding_mask, need_weights,
                                        attn_mask, average_attn_weights, is_causal)

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from llm_kernels import _checks
+from llm_kernels import _amp, _checks
 from llm_kernels.attention import scaled_dot_product_attention as lk_sdpa
 from llm_kernels.backends import _check_name, use_backend
 from llm_kernels.layer_norm import layer_norm as lk_layer_norm
@@ -65,8 +65,8 @@ def _norm_input_reason(module: torch.nn.Module, x) -> Optional[str]:
         return "input is empty or not floating"
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         return "input's last dim is not contiguous"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is enabled (torch runs norms in float32 there)"
+    if _amp.dtype_for(x) is not None:
+        return "autocast is enabled (torch's own autocast rule for norms)"
     params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
     if any(p.dtype != x.dtype or p.device != x.device for p in params):
         return "parameters differ from the input in dtype or device"

@@ -21,7 +21,10 @@ def _up(t: Optional[torch.Tensor], upcast: bool) -> Optional[torch.Tensor]:
 
 
 def _safe_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim in which a row of all -inf gives zeros (and zero gradients)."""
+    """Softmax over the last dim in which a row of all -inf (or of no keys) gives zeros (and
+    zero gradients)."""
+    if scores.shape[-1] == 0:
+        return scores
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     exp = torch.exp(scores - row_max)

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from llm_kernels import _checks, _ops
+from llm_kernels import _amp, _checks, _ops
 from llm_kernels.backends import select
 from llm_kernels.reference import softmax_ref
 
@@ -24,21 +24,25 @@ class SoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_ops.first_order_backward
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
         return _ops.ops(ctx.backend).softmax_backward(grad_y.contiguous(), y), None
 
 
 def softmax(x, dim: int = -1, *, backend: Optional[str] = None) -> torch.Tensor:
-    """Softmax of ``x`` along ``dim``, in x's dtype (computed in float32)."""
+    """Softmax of ``x`` along ``dim``, in x's dtype (computed in float32), under autocast too."""
+    if _amp.dtype_for(x) is not None:
+        with _amp.disabled(x):
+            return softmax(x, dim, backend=backend)
     _checks.tensor("x", x, min_ndim=1)
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
-    _checks.nonempty(x=x)
-    name = select("softmax", backend, x.device, lambda _: _checks.kernel_dtype_reason(x.dtype))
+    name = select("softmax", backend, x.device, lambda _: _checks.kernel_dtype_reason(x.dtype),
+                  empty=_checks.empty_reason(x=x))
     if name == "torch":
         return softmax_ref(x, dim)
     moved = x.movedim(dim, -1)
     rows = moved.reshape(-1, moved.shape[-1]).contiguous()  # (N, C)
-    y = SoftmaxFunction.apply(rows, name)
-    return y.view(moved.shape).movedim(-1, dim)
+    y = SoftmaxFunction.apply(rows, name).view(moved.shape)
+    return y if dim in (-1, x.dim() - 1) else y.movedim(-1, dim).contiguous()

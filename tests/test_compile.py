@@ -215,3 +215,26 @@ def test_compiled_inplace_cross_entropy_matches_eager_without_graph_break(backen
     compiled = torch.compile(lm_head_loss, fullgraph=True, backend="aot_eager")
     for name, got, want in zip(("loss", "dh", "dw"), loss_and_grads(compiled, True), expected):
         assert torch.equal(got, want), f"{name} differs between compiled in-place and eager"
+
+
+def test_compiled_torch_fallbacks_and_default_scale_under_dynamic_shapes():
+    """fullgraph compiles of what falls back to torch (dropout, float64: the once-per-reason
+    warning must not break the graph) and of lk.attention's default scale 1/sqrt(D) with
+    dynamic shapes (a symbolic float)."""
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+
+    def dropout_sdpa(q, k, v):
+        return lk.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    def default_scale(q, k, v):
+        return lk.attention(q, k, v, causal=True)
+
+    torch._dynamo.reset()
+    out = torch.compile(dropout_sdpa, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    torch.testing.assert_close(
+        torch.compile(lk.scaled_dot_product_attention, fullgraph=True, backend="aot_eager")(
+            qd, kd, vd), torch.nn.functional.scaled_dot_product_attention(qd, kd, vd))
+    compiled = torch.compile(default_scale, fullgraph=True, dynamic=True, backend="aot_eager")
+    assert torch.equal(compiled(q, k, v), default_scale(q, k, v))

@@ -12,17 +12,15 @@ by :func:`register`.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 
 from llm_kernels.attention import attention
-from llm_kernels.backends import record
+from llm_kernels.backends import record, warn_once
 
 NAME = "llm_kernels"
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
-_warned: set[str] = set()
 
 
 def _fallback_reason(query, key, value, dropout: float, kwargs) -> Optional[str]:
@@ -41,10 +39,8 @@ def _fallback_reason(query, key, value, dropout: float, kwargs) -> Optional[str]
 def _torch_fallback(reason, module, query, key, value, attention_mask, dropout, scaling,
                     is_causal, kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"llm_kernels attention for transformers: falling back to torch SDPA for "
-                      f"{reason}", stacklevel=3)
+    warn_once(f"llm_kernels attention for transformers: falling back to torch SDPA for {reason}",
+              stacklevel=3)
     record("attention", "torch", "fallback (transformers): " + reason)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)
