@@ -1,6 +1,6 @@
 """``llm-kernels bench``: microbenchmarks of every op against the baselines, in one run.
 
-    llm-kernels bench [OP ...] [--dtype bf16] [--causal on|off|both] [--head-dim 128]
+    llm-kernels bench [OP ...] [--dtype bf16] [--causal | --no-causal] [--head-dim 128]
                       [--seq-lens 1024,4096] [--hidden-sizes 4096,8192] [--modes fwd,bwd]
                       [--providers lk-triton,sdpa-flash] [--quick] [--device cuda]
                       [--suite standard] [--time-budget SECONDS]
@@ -11,10 +11,12 @@ Also runnable as ``python -m llm_kernels.bench``. ``llm_kernels.cli`` calls :fun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -55,7 +57,20 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _name_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    if not value > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,14 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{', '.join(sorted(set(OPS) - set(DEFAULT_OPS)))}")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="default: bf16 on a GPU, fp32 on a CPU")
-    parser.add_argument("--causal", nargs="?", const="on", default="both",
-                        choices=("on", "off", "both"), help="attention variants (default both)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction,
+                        help="attention variants: causal only (--causal) or non-causal only "
+                             "(--no-causal); default both")
     parser.add_argument("--head-dim", type=int, help="attention head dim (default 128 GPU, 64 CPU)")
     parser.add_argument("--seq-lens", type=_int_list, help="attention sequence lengths, e.g. 1024,4096")
     parser.add_argument("--hidden-sizes", type=_int_list,
                         help="hidden sizes of the row-wise and feed-forward ops (vocab sizes "
                              "for cross_entropy)")
-    parser.add_argument("--modes", type=_name_list, help=f"subset of {','.join(MODES)}")
+    parser.add_argument("--modes", type=_name_list,
+                        help=f"subset of {','.join(MODES)} (decode: attention only; train: "
+                             "gpt_train's only mode, a whole training step)")
     parser.add_argument("--providers", type=_name_list,
                         help="subset of providers, e.g. lk-triton,lk-cuda,torch,sdpa-flash")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and shorter timing")
@@ -79,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--suite", choices=("standard",),
                         help="the fixed GPU suite of bench/gpu_check.sh (ignores the size options)")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help="skip what is left once this much time has passed")
+    parser.add_argument("--time-budget", type=_seconds, metavar="SECONDS",
+                        help="skip what is left once this much time has passed (default: no limit)")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
     parser.add_argument("--json", metavar="PATH", help="write rows, skips and checks as JSON")
     parser.add_argument("--plot", metavar="DIR", help="write one PNG per op into DIR")
@@ -113,32 +131,60 @@ def options(args) -> Options:
                          f"choose from {', '.join(MODES)}")
     if args.head_dim is not None and not 1 <= args.head_dim <= 256:
         raise UsageError(f"--head-dim must be in 1..256, got {args.head_dim}")
-    return Options(dtype=DTYPES[args.dtype] if args.dtype else None, causal=args.causal,
+    causal = {True: "on", False: "off", None: "both"}[args.causal]
+    return Options(dtype=DTYPES[args.dtype] if args.dtype else None, causal=causal,
                    head_dim=args.head_dim, seq_lens=args.seq_lens, hidden_sizes=args.hidden_sizes,
                    modes=args.modes, quick=args.quick)
 
 
 def build_plan(args, opts: Options, device: torch.device) -> list[PlanItem]:
-    """The (op, case, providers) items of an ordinary run, or the standard suite."""
+    """The (op, case, providers) items of an ordinary run, or the standard suite; raises
+    UsageError when an op named explicitly, or the whole run, has nothing to measure."""
     if args.suite == "standard":
         if device.type != "cuda":
             raise UsageError("--suite standard is sized for an H100/H200: it needs a CUDA GPU")
         from llm_kernels.bench.suite import standard_plan
-        return _filtered(standard_plan(), args.providers)
+        plan = _filtered(standard_plan(), args.providers)
+        if not plan:
+            raise UsageError(f"--providers {','.join(args.providers)}: no such provider in the "
+                             "standard suite")
+        return plan
+    _check_names(args)
+    plan = []
+    for name in args.ops or DEFAULT_OPS:
+        items = _op_plan(OPS[name], opts, device, args.providers)
+        if not items and name in args.ops:
+            raise UsageError(_why_nothing(OPS[name], opts, device, args.providers))
+        plan += items
+    if not plan:
+        named_only = sorted(set(OPS) - set(DEFAULT_OPS))
+        raise UsageError(f"nothing to measure: no case of {', '.join(DEFAULT_OPS)} matches "
+                         f"{_filters_text(opts, args.providers)} ({', '.join(named_only)} run "
+                         "only when named)")
+    return plan
+
+
+def _filters_text(opts: Options, providers: Optional[tuple[str, ...]]) -> str:
+    """'--modes a,b --providers c' (the filters given)."""
+    given = [("--modes", opts.modes), ("--providers", providers)]
+    return " ".join(f"{option} {','.join(names)}" for option, names in given if names)
+
+
+def _check_names(args) -> None:
     unknown = set(args.ops) - set(OPS)
     if unknown:
         raise UsageError(f"unknown op(s) {sorted(unknown)}; choose from {', '.join(OPS)}")
-    plan = []
-    for name in args.ops or DEFAULT_OPS:
-        module = OPS[name]
-        providers = list(module.PROVIDERS)
-        plan += [PlanItem(module, case, providers) for case in module.cases(opts, device)]
-    if args.providers:
-        known = {p for m in OPS.values() for p in m.PROVIDERS}
-        if set(args.providers) - known:
-            raise UsageError(f"--providers: unknown {sorted(set(args.providers) - known)}; "
-                             f"choose from {', '.join(sorted(known))}")
-    return _filtered(plan, args.providers)
+    known = {p for m in OPS.values() for p in m.PROVIDERS}
+    if args.providers and set(args.providers) - known:
+        raise UsageError(f"--providers: unknown {sorted(set(args.providers) - known)}; "
+                         f"choose from {', '.join(sorted(known))}")
+
+
+def _op_plan(module: ModuleType, opts: Options, device: torch.device,
+             providers: Optional[tuple[str, ...]]) -> list[PlanItem]:
+    """One op's items: its cases in the modes asked for, with the providers asked for."""
+    cases = [c for c in module.cases(opts, device) if not opts.modes or c.mode in opts.modes]
+    return _filtered([PlanItem(module, case, list(module.PROVIDERS)) for case in cases], providers)
 
 
 def _filtered(plan: list[PlanItem], providers: Optional[tuple[str, ...]]) -> list[PlanItem]:
@@ -146,6 +192,20 @@ def _filtered(plan: list[PlanItem], providers: Optional[tuple[str, ...]]) -> lis
         return plan
     items = [PlanItem(i.module, i.case, [p for p in i.providers if p in providers]) for i in plan]
     return [i for i in items if i.providers]
+
+
+def _why_nothing(module: ModuleType, opts: Options, device: torch.device,
+                 providers: Optional[tuple[str, ...]]) -> str:
+    """Why the op named explicitly has no item: no case in --modes, or none of --providers."""
+    all_modes = dataclasses.replace(opts, modes=MODES)
+    modes = dict.fromkeys(c.mode for c in module.cases(all_modes, device))
+    if opts.modes and not set(modes) & set(opts.modes):
+        return (f"--modes {','.join(opts.modes)}: {module.NAME} has no such case (its modes: "
+                f"{', '.join(modes)})")
+    if providers and not set(providers) & set(module.PROVIDERS):
+        return (f"--providers {','.join(providers)}: none is a provider of {module.NAME} (its "
+                f"providers: {', '.join(module.PROVIDERS)})")
+    return f"{module.NAME} has no case for {_filters_text(opts, providers) or 'these options'}"
 
 
 def write_outputs(args, runner: Runner) -> None:
@@ -173,6 +233,25 @@ def write_plots(args, rows: list[dict]) -> list[str]:
     return paths
 
 
+OUTPUT_FILES = ("csv", "json", "plot_grid")
+
+
+def _check_outputs(args) -> None:
+    """Raise UsageError when an output path cannot be written (before anything is measured)."""
+    for option in OUTPUT_FILES + ("plot",):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        problem = report.output_problem(path, folder=option == "plot")
+        if problem:
+            raise UsageError(f"--{option.replace('_', '-')} {path}: {problem}")
+
+
+def _skip_reasons(skipped: list[dict]) -> str:
+    """The distinct ``provider: reason`` of the skipped provider runs, on one line."""
+    return "; ".join(dict.fromkeys(f"{s['op']} {s['provider']}: {s['reason']}" for s in skipped))
+
+
 def _resumed(args) -> Optional[dict]:
     """The JSON of the run to continue (``--resume``), else None."""
     if not args.resume:
@@ -192,6 +271,7 @@ def run(args) -> int:
     try:
         device = _device(args)
         opts = options(args)
+        _check_outputs(args)
         plan = build_plan(args, opts, device)
         resume = _resumed(args)
     except UsageError as exc:
@@ -235,13 +315,23 @@ def run(args) -> int:
     print(f"{len(rows)} rows measured, {len(skipped)} provider runs skipped "
           f"({sum(s['kind'] == 'error' for s in skipped)} errors) in "
           f"{time.monotonic() - start:.0f} s")
+    if code == 0 and all(r["op"] == "copy" for r in rows):
+        print(f"llm-kernels bench: error: nothing could run: {_skip_reasons(skipped)}",
+              file=sys.stderr)
+        return 2
     return code
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from llm_kernels.cli import backend_env_error
     parser = argparse.ArgumentParser(prog="llm-kernels bench", description=DESCRIPTION)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    problem = backend_env_error()
+    if problem:
+        print(f"llm-kernels bench: error: {problem}", file=sys.stderr)
+        return 2
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from llm_kernels.bench.harness import Skip
 
 LK_PROVIDERS = ("lk-triton", "lk-cuda")
-MODES = ("fwd", "bwd", "fwd+bwd", "decode")
+MODES = ("fwd", "bwd", "fwd+bwd", "decode", "train")  # train: gpt_train's whole step
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 

@@ -84,6 +84,24 @@ def _parent(path: str) -> None:
     os.makedirs(folder, exist_ok=True)
 
 
+def output_problem(path: str, folder: bool = False) -> Optional[str]:
+    """Why ``path`` cannot be written as a file (``folder``: used as a folder of files), else
+    None; missing parent folders are fine (the writers create them)."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a folder"
+    if not folder and os.path.isdir(path):
+        return "is a folder"
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{ancestor} is not a folder"
+    target = path if os.path.exists(path) else ancestor
+    if not os.access(target, os.W_OK):
+        return f"{target} is not writable"
+    return None
+
+
 # ----------------------------------------------------------------------------- table
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -136,14 +154,20 @@ def panels(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-PROVIDER_ORDER = ("lk-triton", "lk-cuda", "torch", "torch-native", "torch-compile", "sdpa-flash",
-                  "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flash-attn", "liger")
+# One distinct color per provider the benchmarks produce: tab10 for the first ten, the light
+# tab20 twin of its parent's color for a variant (in-place, torch SDPA), black for liger.
+PROVIDER_COLORS = {
+    "lk-triton": "#1f77b4", "lk-cuda": "#ff7f0e", "torch": "#2ca02c", "torch-native": "#d62728",
+    "torch-compile": "#9467bd", "sdpa-flash": "#8c564b", "sdpa-efficient": "#e377c2",
+    "sdpa-cudnn": "#7f7f7f", "sdpa-math": "#bcbd22", "flash-attn": "#17becf", "liger": "#000000",
+    "lk-triton-inplace": "#aec7e8", "lk-cuda-inplace": "#ffbb78", "torch-sdpa": "#98df8a",
+}
+UNKNOWN_PROVIDER_COLOR = "#c7c7c7"
 
 
 def provider_color(provider: str) -> str:
-    """The same color for a provider in every panel (matplotlib's tab10 cycle)."""
-    index = PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
-    return f"C{index % 10}"
+    """The same color for a provider in every panel, a distinct one per known provider."""
+    return PROVIDER_COLORS.get(provider, UNKNOWN_PROVIDER_COLOR)
 
 
 def _draw_panel(ax, key: tuple, rows: list[dict]) -> None:

@@ -22,6 +22,13 @@ from typing import Optional
 PYTEST_WORDS = ("passed", "failed", "error", "errors", "skipped", "xfailed", "xpassed")
 SDPA_PREFIX = "sdpa-"
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+INPUT_FILES = ("gpu_check.log", "verify.json", "bench.json")
+FAILED_STATUSES = ("failed", "timeout")
+# Steps whose failure fails the check (profile and the backends probe only inform).
+CHECKED_STEPS = ("build", "pytest-cuda", "verify", "bench", "memcheck", "racecheck", "pytest-rest")
+# Kinds of bench.json skips that are problems; "skip", "unavailable" (a provider not installed),
+# "budget" and "excluded" (after a fault, which is listed itself) are normal.
+PROBLEM_KINDS = ("fault", "error", "oom")
 
 
 @dataclass
@@ -48,9 +55,10 @@ class Target:
 # ----------------------------------------------------------------------------- the log
 
 def parse_log(text: str) -> dict:
-    """``{"info": {...}, "steps": {name: {"status", "rc", "secs", "output"}}}``."""
+    """``{"info": {...}, "steps": {name: [run, ...]}}``, each run ``{"status", "rc", "secs",
+    "output"}`` in log order (a step runs more than once when the bench resumes after a fault)."""
     info: dict[str, str] = {}
-    steps: dict[str, dict] = {}
+    steps: dict[str, list[dict]] = {}
     current, lines = None, []
     for line in text.splitlines():
         if line.startswith("@@info "):
@@ -61,10 +69,9 @@ def parse_log(text: str) -> dict:
         elif line.startswith("@@step "):
             fields = line[7:].split()
             name = fields[0]
-            entry = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
-            entry["output"] = "\n".join(lines) if name == current else ""
-            entry["runs"] = steps.get(name, {}).get("runs", 0) + 1
-            steps[name] = entry
+            run = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+            run["output"] = "\n".join(lines) if name == current else ""
+            steps.setdefault(name, []).append(run)
             current, lines = None, []
         elif current is not None:
             lines.append(line)
@@ -268,19 +275,36 @@ def _load_json(path: str):
         return None
 
 
+def step_summary(runs: list[dict]) -> dict:
+    """One step from its runs: the last run's status, rc and counts, every run's status (a
+    fault then a resume reads failed, then ok) and the failures of the runs that failed."""
+    last = runs[-1]
+    failed_output = "\n".join(r["output"] for r in runs if r.get("status") != "ok")
+    return {"status": last.get("status"), "rc": last.get("rc"), "secs": last.get("secs"),
+            "runs": [{k: r.get(k) for k in ("status", "rc", "secs")} for r in runs],
+            "pytest": pytest_counts(last["output"]),
+            "sanitizer": sanitizer_findings(last["output"]),
+            "failures": failures(failed_output) if failed_output else []}
+
+
+def bench_problems(bench: dict) -> list[dict]:
+    """Provider runs that faulted the device, raised or ran out of memory, faults first, and
+    determinism checks that faulted (as skip-like dicts)."""
+    skipped = [s for s in bench.get("skipped", []) if s.get("kind") in PROBLEM_KINDS]
+    checks = [{"op": "determinism", "mode": "bwd", "variant": c.get("variant", ""),
+               "provider": c.get("provider", ""), "kind": "fault", "reason": c.get("detail", "")}
+              for c in bench.get("checks", []) if c.get("result") == "fault"]
+    return sorted(skipped + checks, key=lambda s: s["kind"] != "fault")
+
+
 def summarize(out_dir: str) -> dict:
     log_path = os.path.join(out_dir, "gpu_check.log")
     text = open(log_path, errors="replace").read() if os.path.exists(log_path) else ""
     log = parse_log(text)
-    steps = {name: {"status": s.get("status"), "rc": s.get("rc"), "secs": s.get("secs"),
-                    "runs": s["runs"],
-                    "pytest": pytest_counts(s["output"]), "sanitizer": sanitizer_findings(s["output"]),
-                    "failures": failures(s["output"]) if s.get("status") != "ok" else []}
-             for name, s in log["steps"].items()}
+    steps = {name: step_summary(runs) for name, runs in log["steps"].items()}
     verify = _load_json(os.path.join(out_dir, "verify.json"))
     bench = _load_json(os.path.join(out_dir, "bench.json")) or {}
     env = bench.get("environment", {})
-    skipped = bench.get("skipped", [])
     return {
         "gpu": log["info"].get("gpu") or env.get("device", "unknown"),
         "date": log["info"].get("date") or env.get("date", "unknown"),
@@ -292,11 +316,16 @@ def summarize(out_dir: str) -> dict:
         "verify": verify_counts(verify) if verify is not None else None,
         "copy_gbps": copy_gbps(bench.get("rows", [])),
         "bench_rows": len(bench.get("rows", [])),
-        "bench_errors": [s for s in skipped if s.get("kind") in ("error", "oom")],
+        "bench_errors": bench_problems(bench),
         "targets": [dict(asdict(t), status=t.status) for t in targets(bench)],
-        "profile": profile_lines(log["steps"].get("profile", {}).get("output", "")),
+        "profile": profile_lines(steps_output(log["steps"], "profile")),
         "autotune": bench.get("autotune", {}),
     }
+
+
+def steps_output(steps: dict[str, list[dict]], name: str) -> str:
+    """The output of step ``name``'s last run ('' when it did not run)."""
+    return steps[name][-1]["output"] if name in steps else ""
 
 
 PROFILE_ROW = re.compile(r"^(== .*|kernel\s+calls\s+ms/step\s+share|.+\s\d+\s+[\d.]+\s+[\d.]+%)$")
@@ -314,12 +343,21 @@ def _counts_text(counts: Optional[dict]) -> str:
     return ", ".join(f"{n} {w}" for w, n in counts.items())
 
 
+def _run_text(run: dict) -> str:
+    """'ok in 50 s', 'failed rc=3 in 60 s'."""
+    rc = f" rc={run['rc']}" if run["status"] in FAILED_STATUSES else ""
+    return f"{run['status']}{rc} in {run['secs']} s"
+
+
 def _step_text(summary: dict, name: str) -> str:
     step = summary["steps"].get(name)
     if step is None:
         return "not run"
-    text = f"{step['status']} ({step['secs']} s" + (f", run {step['runs']} times)"
-                                                    if step.get("runs", 1) > 1 else ")")
+    runs = step["runs"]
+    if len(runs) == 1:
+        text = f"{step['status']} ({step['secs']} s)"
+    else:
+        text = f"{step['status']} after {len(runs)} runs ({', then '.join(map(_run_text, runs))})"
     if step.get("pytest") is not None:
         text += ": " + _counts_text(step["pytest"])
     if step.get("sanitizer"):
@@ -359,19 +397,26 @@ def step_lines(summary: dict) -> list[tuple[str, str]]:
     else:
         lines += [("pytest rest", _step_text(summary, "pytest-rest")),
                   ("bench", _step_text(summary, "bench") + f": {summary['bench_rows']} rows, "
-                   f"{len(summary['bench_errors'])} provider errors")]
+                   + _problem_counts(summary["bench_errors"]))]
     copy = summary["copy_gbps"]
     lines.append(("copy bandwidth", f"{copy:.0f} GB/s (read + write)" if copy else "n/a"))
     return lines
 
 
+def _problem_counts(problems: list[dict]) -> str:
+    """'1 fault, 2 error' (the provider problems by kind), or 'no provider problems'."""
+    counts = {kind: sum(p["kind"] == kind for p in problems) for kind in PROBLEM_KINDS}
+    text = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    return f"provider problems: {text}" if text else "no provider problems"
+
+
 def problem_lines(summary: dict) -> list[str]:
-    """Failed tests, build/verify errors and provider errors, a few of each."""
+    """Failed tests, failed step runs, device faults and provider errors, a few of each."""
     lines = []
     for name, step in summary["steps"].items():
         lines += [f"{name}: {line}" for line in step.get("failures", [])]
-    lines += [f"bench: {e['op']} {e['mode']} {e['variant']} {e['provider']}: {e['reason'][:120]}"
-              for e in summary["bench_errors"][:6]]
+    lines += [f"bench: [{e['kind']}] {e['op']} {e['mode']} {e['variant']} {e['provider']}: "
+              f"{e['reason'][:120]}" for e in summary["bench_errors"][:6]]
     return lines
 
 
@@ -447,11 +492,24 @@ def write_results(summary: dict, out_dir: str, results_dir: str) -> str:
 
 
 def exit_code(summary: dict) -> int:
-    """1 when the build, a test, verify or a sanitizer step failed; else 0."""
+    """1 when a run of the build, a test, verify, the bench or a sanitizer step failed (a bench
+    that faulted and resumed included), a verify row failed or the bench faulted the device;
+    else 0."""
     steps = summary["steps"]
-    failed = any(steps.get(n, {}).get("status") in ("failed", "timeout")
-                 for n in ("build", "pytest-cuda", "verify", "memcheck", "racecheck", "pytest-rest"))
-    return int(failed or bool(summary["verify"] and summary["verify"]["failed"]))
+    failed_run = any(run["status"] in FAILED_STATUSES
+                     for name in CHECKED_STEPS for run in steps.get(name, {}).get("runs", []))
+    faulted = any(p["kind"] == "fault" for p in summary["bench_errors"])
+    verify_failed = bool(summary["verify"] and summary["verify"]["failed"])
+    return int(failed_run or faulted or verify_failed)
+
+
+def input_problem(out_dir: str) -> Optional[str]:
+    """Why ``out_dir`` is not a GPU check's output folder, else None."""
+    if not os.path.isdir(out_dir):
+        return f"--out {out_dir}: no such folder"
+    if not any(os.path.exists(os.path.join(out_dir, name)) for name in INPUT_FILES):
+        return f"--out {out_dir}: holds none of {', '.join(INPUT_FILES)}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -460,6 +518,10 @@ def main(argv=None) -> int:
     parser.add_argument("--print", action="store_true", help="print the summary table")
     parser.add_argument("--results-dir", help="write <date>-<gpu>.md (+ CSV, PNG) there")
     args = parser.parse_args(argv)
+    problem = input_problem(args.out)
+    if problem:
+        print(f"summarize.py: error: {problem}", file=sys.stderr)
+        return 2
     summary = summarize(args.out)
     try:
         with open(os.path.join(args.out, "summary.json"), "w") as f:

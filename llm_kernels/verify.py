@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -143,9 +144,12 @@ def _cross_entropy_cases(dtype, device, big):
                        logits, target, reduction=r, upcast=upcast))
 
 
-CASE_BUILDERS = {"attention": _attention_cases, "layer_norm": _norm_cases,
-                 "softmax": _softmax_cases, "feed_forward": _ffn_cases,
+# Every op verify reports -> the builder of its cases (one builder makes the cases of two ops:
+# layer_norm and rms_norm, feed_forward and swiglu).
+CASE_BUILDERS = {"attention": _attention_cases, "layer_norm": _norm_cases, "rms_norm": _norm_cases,
+                 "softmax": _softmax_cases, "feed_forward": _ffn_cases, "swiglu": _ffn_cases,
                  "cross_entropy": _cross_entropy_cases}
+OPS = tuple(CASE_BUILDERS)
 
 
 def _as_tuple(x):
@@ -188,35 +192,61 @@ def run_case(case: Case, backend: str, dtype: torch.dtype) -> list[Row]:
     return rows
 
 
+def backend_problem(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run any call on ``device``, else None."""
+    ok, why = available_backends()[name]
+    if not ok:
+        return why
+    if name == "triton" and device.type != "cuda" and not lk.backends.interpreting():
+        return "triton runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
+    return None
+
+
 def runnable_backends(device: torch.device) -> list[str]:
     """Backends available for tensors on ``device`` (the Triton interpreter only when set)."""
-    names = []
-    for name, (ok, _why) in available_backends().items():
-        if ok and not (name == "triton" and device.type != "cuda"
-                       and not lk.backends.interpreting()):
-            names.append(name)
-    return names
+    return [name for name in available_backends() if backend_problem(name, device) is None]
+
+
+def _verdict(rows: list[Row]) -> str:
+    if all(r.note for r in rows):
+        return "SKIP"
+    return "PASS" if all(r.passed for r in rows) else "FAIL"
+
+
+def _builder_groups(ops: Optional[list[str]]) -> dict[Callable, set[str]]:
+    """Case builder -> the ops of ``ops`` (default: all) it makes cases for, in OPS order."""
+    groups: dict[Callable, set[str]] = {}
+    for op in OPS:
+        if ops is None or op in ops:
+            groups.setdefault(CASE_BUILDERS[op], set()).add(op)
+    return groups
 
 
 def verify(device: str = "cpu", ops: Optional[list[str]] = None, backends: Optional[list[str]] = None,
            big: Optional[bool] = None, seed: int = 0, progress=print) -> list[Row]:
-    """Run the verification matrix; returns every row (skipped cases carry a note)."""
+    """Run the verification matrix; returns every row (skipped cases carry a note).
+
+    A case's inputs and output gradient depend on ``seed``, its dtype and its place among its
+    builder's cases only, not on ``ops`` or ``backends``: a subset reruns the same numbers."""
     dev = torch.device(device)
     big = dev.type == "cuda" if big is None else big
     backends = backends or runnable_backends(dev)
     rows: list[Row] = []
-    for op in ops or list(CASE_BUILDERS):
+    for builder, wanted in _builder_groups(ops).items():
         for dtype in DTYPES:
             torch.manual_seed(seed)
-            for case in CASE_BUILDERS[op](dtype, dev, big):
+            for index, case in enumerate(list(builder(dtype, dev, big))):
+                if case.op not in wanted:
+                    continue
                 for backend in backends:
+                    torch.manual_seed(seed + 1 + index)  # the output gradient run_case draws
                     start = time.perf_counter()
                     case_rows = run_case(case, backend, dtype)
                     rows += case_rows
                     if progress:
-                        status = "PASS" if all(r.passed for r in case_rows) else "FAIL"
                         progress(f"  {case.op:<14} {backend:<7} {str(dtype)[6:]:<9} "
-                                 f"{case.shape:<36} {status} ({time.perf_counter() - start:.1f}s)")
+                                 f"{case.shape:<36} {_verdict(case_rows)} "
+                                 f"({time.perf_counter() - start:.1f}s)")
     return rows
 
 
@@ -232,6 +262,15 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _json_row(row: Row) -> dict:
+    """The row as a dict, with null for the errors of a skipped case (strict JSON has no NaN)."""
+    return {key: None if isinstance(value, float) and math.isnan(value) else value
+            for key, value in asdict(row).items()}
+
+
 def write_json(rows: list[Row], path: str, meta: dict) -> None:
+    """``{"meta": meta, "rows": [...]}`` into ``path``, its folders created as needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1, default=str)
+        json.dump({"meta": meta, "rows": [_json_row(r) for r in rows]}, f, indent=1,
+                  allow_nan=False)

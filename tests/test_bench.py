@@ -298,7 +298,7 @@ def test_quick_cross_entropy_run_with_the_inplace_providers(tmp_path, capsys):
     code = cli.main(["cross_entropy", "--quick", "--device", "cpu", "--hidden-sizes", "33",
                      "--modes", "bwd,fwd+bwd", "--providers", "lk-cuda-inplace,lk-triton-inplace",
                      "--json", str(tmp_path / "b.json")])
-    assert code == 0
+    assert code == (0 if extension_status()[0] else 2)  # 2: nothing could run
     data = json.loads((tmp_path / "b.json").read_text())
     skipped = {(s["mode"], s["provider"]): s["reason"] for s in data["skipped"]}
     assert "Triton interpreter is not benchmarked" in skipped[("fwd+bwd", "lk-triton-inplace")]
@@ -313,6 +313,84 @@ def test_quick_cross_entropy_run_with_the_inplace_providers(tmp_path, capsys):
 def test_bad_arguments_exit_2(argv, capsys):
     assert cli.main(argv) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["attention", "--providers", "liger"], "none is a provider of attention"),
+    (["softmax", "--modes", "decode"], "softmax has no such case (its modes: fwd, bwd, fwd+bwd)"),
+    (["gpt_train", "--modes", "fwd"], "gpt_train has no such case (its modes: train)"),
+    (["--modes", "train"], "nothing to measure"),
+    (["attention", "softmax", "--providers", "sdpa-math"], "none is a provider of softmax"),
+])
+def test_nothing_matching_exits_2_before_measuring(argv, why, capsys):
+    assert cli.main([*argv, "--quick", "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and len(err.strip().splitlines()) == 1 and why in err
+
+
+def test_modes_select_gpt_train_steps():
+    args = _parse(["gpt_train", "--modes", "train", "--quick", "--device", "cpu"])
+    plan = cli.build_plan(args, cli.options(args), CPU)
+    assert plan and {i.case.mode for i in plan} == {"train"}
+
+
+def test_nothing_that_could_run_exits_2_with_the_reasons(tmp_path, capsys):
+    code = cli.main(["attention", "--quick", "--device", "cpu", "--seq-lens", "64", "--head-dim",
+                     "16", "--modes", "fwd", "--providers", "lk-triton",
+                     "--json", str(tmp_path / "b.json")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nothing could run" in err and "Triton interpreter is not benchmarked" in err
+    assert json.loads((tmp_path / "b.json").read_text())["skipped"]  # what was tried is kept
+
+
+@pytest.mark.parametrize("option,where", [("--csv", "folder"), ("--json", "folder"),
+                                          ("--plot-grid", "folder"), ("--plot", "file"),
+                                          ("--csv", "under a file")])
+def test_unwritable_outputs_exit_2_before_measuring(option, where, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    path = {"folder": tmp_path, "file": tmp_path / "file",
+            "under a file": tmp_path / "file" / "b.csv"}[where]
+    assert cli.main(["softmax", "--quick", "--device", "cpu", option, str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith(f"llm-kernels bench: error: {option} {path}: ")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5", "nan", "soon"])
+def test_time_budget_must_be_positive(seconds, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["softmax", "--time-budget", seconds])
+    assert exc.value.code == 2 and "--time-budget" in capsys.readouterr().err
+    assert _parse(["--time-budget", "0.5"]).time_budget == 0.5
+
+
+@pytest.mark.parametrize("argv,variants", [
+    (["--causal", "attention"], "on"), (["--no-causal", "attention"], "off"),
+    (["attention"], "both"), (["attention", "--causal"], "on")])
+def test_causal_is_a_flag_that_never_swallows_the_op(argv, variants):
+    args = _parse(argv)
+    assert args.ops == ["attention"] and cli.options(args).causal == variants
+
+
+def test_bad_backend_environment_variable_exits_2(monkeypatch, capsys):
+    """``python -m llm_kernels.bench`` checks $LLM_KERNELS_BACKEND as ``llm-kernels`` does."""
+    monkeypatch.setenv("LLM_KERNELS_BACKEND", "bogus")
+    assert cli.main(["softmax", "--quick"]) == 2
+    assert "LLM_KERNELS_BACKEND" in capsys.readouterr().err
+
+
+def test_every_provider_has_its_own_plot_color():
+    providers = {p for m in cli.OPS.values() for p in m.PROVIDERS}
+    providers |= {p for i in suite.standard_plan() for p in i.providers}
+    colors = {p: report.provider_color(p) for p in providers}
+    assert len(set(colors.values())) == len(providers), colors
+    assert report.UNKNOWN_PROVIDER_COLOR not in colors.values()
 
 
 def test_standard_suite_covers_the_targets():
@@ -463,6 +541,70 @@ def test_summary_reads_the_log_and_verify(tmp_path):
     path = summarize.write_results(summary, str(tmp_path), str(tmp_path / "results"))
     assert os.path.basename(path) == "2026-11-20-nvidia-h100-80gb-hbm3.md"
     assert "| #3 | attn fwd causal lk-triton / best SDPA |" in open(path).read()
+
+
+FAULTED_LOG = "\n".join([
+    "@@info mode=full", "@@info gpu=NVIDIA H100 80GB HBM3", "@@info date=2026-11-27T05:00Z",
+    "@@begin build: pip", "@@step build status=ok rc=0 secs=120",
+    "@@begin bench: python -m llm_kernels.bench",
+    "  skip attention lk-triton: [fault] RuntimeError: CUDA error: an illegal memory access",
+    "@@step bench status=failed rc=3 secs=60",
+    "@@begin bench: python -m llm_kernels.bench --resume", "12 rows measured",
+    "@@step bench status=ok rc=0 secs=50"])
+FAULT = {"op": "attention", "mode": "fwd", "variant": "causal", "shape": "B=1", "kind": "fault",
+         "provider": "lk-triton", "reason": "RuntimeError: CUDA error: an illegal memory access"}
+UNAVAILABLE = dict(FAULT, provider="flash-attn", kind="unavailable",
+                   reason="flash_attn is not installed")
+
+
+def _gpu_results(tmp_path, log, skipped, excluded=()):
+    (tmp_path / "gpu_check.log").write_text(log)
+    (tmp_path / "bench.json").write_text(json.dumps({
+        "environment": {}, "rows": _bench_rows(3000.0)[0], "skipped": skipped, "checks": [],
+        "excluded": [list(e) for e in excluded]}))
+    return summarize.summarize(str(tmp_path))
+
+
+def test_summary_reports_a_device_fault_and_fails(tmp_path):
+    """A fault is a problem, the bench step reads failed then ok, and the exit code is 1."""
+    summary = _gpu_results(tmp_path, FAULTED_LOG, [FAULT, UNAVAILABLE],
+                           excluded=[("attention", "lk-triton")])
+    assert [r["status"] for r in summary["steps"]["bench"]["runs"]] == ["failed", "ok"]
+    bench_line = dict(summarize.step_lines(summary))["bench"]
+    assert "failed rc=3 in 60 s, then ok in 50 s" in bench_line and "1 fault" in bench_line
+    problems = summarize.problem_lines(summary)
+    assert any("[fault] attention fwd causal lk-triton: RuntimeError" in p for p in problems)
+    assert not any("flash-attn" in p for p in problems)
+    assert summarize.exit_code(summary) == 1
+
+
+def test_summary_lists_a_determinism_check_that_faulted():
+    check = {"check": "determinism", "provider": "lk-cuda", "variant": "causal", "result": "fault",
+             "detail": "RuntimeError: CUDA error: misaligned address"}
+    problems = summarize.bench_problems({"skipped": [UNAVAILABLE], "checks": [check]})
+    assert [(p["op"], p["provider"], p["kind"], p["reason"]) for p in problems] == [
+        ("determinism", "lk-cuda", "fault", check["detail"])]
+
+
+@pytest.mark.parametrize("status", ["ok", "failed", "timeout"])
+def test_summary_exit_code_follows_the_bench_step(tmp_path, status):
+    """Unavailable providers are normal; a failed or timed-out bench step fails the check."""
+    log = "\n".join(["@@info mode=full", "@@begin bench: python -m llm_kernels.bench",
+                     f"@@step bench status={status} rc={0 if status == 'ok' else 1} secs=9"])
+    summary = _gpu_results(tmp_path, log, [UNAVAILABLE])
+    assert summary["bench_errors"] == [] and summarize.problem_lines(summary) == []
+    assert summarize.exit_code(summary) == (0 if status == "ok" else 1)
+
+
+@pytest.mark.parametrize("what", ["missing", "empty"])
+def test_summarize_needs_a_gpu_check_folder(what, tmp_path, capsys):
+    out = tmp_path / "out"
+    if what == "empty":
+        out.mkdir()
+    results = tmp_path / "results"
+    assert summarize.main(["--out", str(out), "--results-dir", str(results)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not results.exists() and not (out / "summary.json").exists()
 
 
 def test_gpu_check_script_parses():
