@@ -25,6 +25,7 @@ import os
 import random
 import secrets
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -54,6 +55,11 @@ RUN_DEFAULTS = {"steps": 1000, "batch_size": 32, "seq_len": 128, "lr": 1e-3, "mi
                 "warmup": None, "weight_decay": 0.1, "grad_clip": 1.0, "dropout": 0.0,
                 "eval_interval": 250, "eval_iters": 20, "sample_interval": 500,
                 "checkpoint_interval": 500, "seed": 1337}
+# Run settings derived from others unless given; a checkpoint lists the ones it derived, and
+# --resume derives them again (from a new --lr or --steps) instead of keeping the old values.
+DERIVED_RUN_KEYS = ("min_lr", "warmup")
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts
+DEFAULT_MAX_NEW_TOKENS = 200
 
 
 class InputError(ValueError):
@@ -70,7 +76,10 @@ class ByteTokenizer:
     mask_id = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        """Text to its UTF-8 bytes. The lone surrogates U+DC80..U+DCFF, Python's stand-ins
+        for undecodable bytes (as in command-line arguments), become those raw bytes;
+        UnicodeEncodeError for any other lone surrogate."""
+        return list(text.encode("utf-8", errors="surrogateescape"))
 
     def decode(self, ids) -> str:
         """Bytes to text (invalid UTF-8 replaced by U+FFFD); [MASK] shows as '_'."""
@@ -180,15 +189,22 @@ def register(subparsers) -> None:
                                   description="Train the reference GPT on a UTF-8 text file.")
     _add_train_arguments(train)
     train.set_defaults(func=train_command)
-    gen = subparsers.add_parser("generate", help="sample text from a checkpoint")
-    gen.add_argument("--checkpoint", required=True, metavar="PATH")
-    gen.add_argument("--prompt", required=True, metavar="TEXT")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    gen = subparsers.add_parser("generate", help="sample text from a checkpoint",
+                                description="Continue a prompt with the model of a checkpoint.")
+    gen.add_argument("--checkpoint", required=True, metavar="PATH",
+                     help=f"a checkpoint file, or a train --out folder (its {CHECKPOINT_NAME})")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                     help=f"bytes to add (default: as many as the model's max_seq_len leaves "
+                          f"after the prompt, at most {DEFAULT_MAX_NEW_TOKENS})")
+    gen.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                     help="softmax temperature, 0 = greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K",
+                     help="sample from the k most likely bytes only (default: all)")
+    gen.add_argument("--seed", type=int, default=0, metavar="N",
+                     help="seeds the sampling (default: 0)")
     gen.add_argument("--device", default=None, help="default: cuda when visible, else cpu")
-    gen.add_argument("--backend", default=AUTO, help="torch, triton, cuda or auto")
+    gen.add_argument("--backend", default=AUTO, help="torch, triton, cuda or auto (default)")
     gen.set_defaults(func=generate_command)
 
 
@@ -249,6 +265,7 @@ class RunSpec:
     config: GPTConfig
     objective: str
     run: dict
+    derived: tuple  # the DERIVED_RUN_KEYS that were derived, not given
 
 
 def _resolve_model(args, saved: Optional[dict]) -> dict:
@@ -264,28 +281,46 @@ def _resolve_model(args, saved: Optional[dict]) -> dict:
     return model
 
 
-def _resolve_run(args, saved: Optional[dict]) -> dict:
+def _resolve_run(args, saved: Optional[dict], saved_derived=()) -> tuple[dict, tuple]:
+    """(run settings, the DERIVED_RUN_KEYS derived): given > the checkpoint's > defaults,
+    where the checkpoint's derived settings count as not given."""
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
-    run = {**RUN_DEFAULTS, **(saved or {}), **given}
+    kept = {k: v for k, v in (saved or {}).items() if k not in saved_derived}
+    run = {**RUN_DEFAULTS, **kept, **given}
+    derived = tuple(k for k in DERIVED_RUN_KEYS if run[k] is None)
     if run["min_lr"] is None:
         run["min_lr"] = run["lr"] / 10
     if run["warmup"] is None:
         run["warmup"] = min(100, run["steps"] // 10)
-    return run
+    return run, derived
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def check_seed(seed: int) -> None:
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise InputError(f"--seed must be between {low} and {high}, got {seed}")
 
 
 def _check_run(run: dict, stop_at: Optional[int], world_size: int) -> None:
-    positive = ("steps", "batch_size", "seq_len", "eval_interval", "eval_iters",
-                "checkpoint_interval")
-    for key in positive:
+    for key in ("steps", "batch_size", "seq_len", "eval_interval", "eval_iters",
+                "checkpoint_interval"):
         if run[key] < 1:
-            raise InputError(f"--{key.replace('_', '-')} must be >= 1, got {run[key]}")
-    for key in ("warmup", "sample_interval", "weight_decay", "grad_clip", "min_lr"):
+            raise InputError(f"{_flag(key)} must be >= 1, got {run[key]}")
+    for key in ("warmup", "sample_interval"):
         if run[key] < 0:
-            raise InputError(f"--{key.replace('_', '-')} must be >= 0, got {run[key]}")
-    if not 0 < run["lr"] or run["min_lr"] > run["lr"]:
-        raise InputError(f"need 0 < --lr and --min-lr <= --lr, got lr={run['lr']}, "
-                         f"min_lr={run['min_lr']}")
+            raise InputError(f"{_flag(key)} must be >= 0, got {run[key]}")
+    if not (math.isfinite(run["lr"]) and run["lr"] > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {run['lr']}")
+    for key in ("min_lr", "weight_decay", "grad_clip"):
+        if not (math.isfinite(run[key]) and run[key] >= 0):
+            raise InputError(f"{_flag(key)} must be a finite number >= 0, got {run[key]}")
+    if run["min_lr"] > run["lr"]:
+        raise InputError(f"--min-lr {run['min_lr']} must be <= --lr {run['lr']}")
+    check_seed(run["seed"])
     if stop_at is not None and stop_at < 1:
         raise InputError(f"--stop-at must be >= 1, got {stop_at}")
     if run["batch_size"] % world_size:
@@ -308,7 +343,7 @@ def _model_config(model: dict, run: dict, backend: str) -> GPTConfig:
                          max_seq_len=model["max_seq_len"], dropout=run["dropout"],
                          causal=model["objective"] == "clm", mlp=model["mlp"],
                          norm=model["norm"], rope=model["rope"], backend=backend)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise InputError(f"bad model arguments: {exc}") from None
 
 
@@ -348,6 +383,18 @@ def _amp_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def prepare_out_dir(out: str) -> None:
+    """Create the --out folder and check that files can be written there (a uniquely named
+    probe file is created and removed: nothing is overwritten); InputError if not."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write to --out {out!r}: {exc.strerror or exc}") from None
+
+
 def _check_out_dir(out: str, resume: bool) -> str:
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out!r} is a file, not a directory")
@@ -368,13 +415,14 @@ def resolve_spec(args, world_size: int = 1, local_rank: int = 0) -> tuple[RunSpe
     ckpt_path = _check_out_dir(args.out, args.resume)
     ckpt = load_checkpoint(ckpt_path, for_resume=True) if args.resume else None
     model = _resolve_model(args, ckpt["model_args"] if ckpt else None)
-    run = _resolve_run(args, ckpt["run"] if ckpt else None)
+    run, derived = _resolve_run(args, ckpt["run"] if ckpt else None,
+                                ckpt.get("derived", ()) if ckpt else ())
     _check_run(run, args.stop_at, world_size)
     config = _model_config(dict(model), run, backend)
     stop_at = run["steps"] if args.stop_at is None else min(args.stop_at, run["steps"])
     spec = RunSpec(data=args.data, out=args.out, device=device,
                    amp_dtype=_amp_dtype(args.dtype, device), backend=backend, stop_at=stop_at,
-                   config=config, objective=model["objective"], run=run)
+                   config=config, objective=model["objective"], run=run, derived=derived)
     return spec, ckpt
 
 
@@ -403,9 +451,45 @@ def atomic_write(path: str, write) -> None:
         os.close(dir_fd)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """'Type: message' on one line: the message's first line, joined with the next when it
+    only introduces it (ends with ':'), cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else \
+        (lines[0] if lines else "")
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+def _and_more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def _shape_of(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def weights_mismatch(model: torch.nn.Module, weights) -> Optional[str]:
+    """None when ``weights`` (a state dict) fit ``model``, else one line naming the first
+    missing, unexpected and wrongly shaped entries."""
+    if not isinstance(weights, dict):
+        return f"the weights are a {type(weights).__name__}, not a state dict"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [k for k in expected if k in weights and not (
+        isinstance(weights[k], torch.Tensor) and weights[k].shape == expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[0]}{_and_more(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[0]}{_and_more(unexpected)}")
+    if reshaped:
+        key = reshaped[0]
+        problems.append(f"{key} is {_shape_of(weights[key])} where the model has "
+                        f"{_shape_of(expected[key])}{_and_more(reshaped)}")
+    return "; ".join(problems) or None
 
 
 CHECKPOINT_KEYS = ("format", "config", "model")
@@ -414,8 +498,10 @@ RESUME_KEYS = ("optimizer", "step", "model_args", "run", "data", "rng", "history
 
 def load_checkpoint(path: str, for_resume: bool = False) -> dict:
     """Read and check a checkpoint (CPU tensors); InputError if missing, corrupt or foreign."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise InputError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path!r} is not a regular file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for a damaged file
@@ -440,6 +526,9 @@ def model_from_checkpoint(ckpt: dict, backend: str = AUTO) -> GPT:
     """The GPT of a checkpoint (on CPU), running on ``backend``."""
     config = GPTConfig(**{**ckpt["config"], "backend": backend})
     model = GPT(config)
+    problem = weights_mismatch(model, ckpt["model"])
+    if problem:
+        raise InputError(f"the checkpoint's weights do not fit its config: {problem}")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
@@ -551,6 +640,22 @@ class TrainResult:
     checkpoint: Optional[str]
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the steps done and the step of the last checkpoint (None
+    when there is none); str() is the one line the train command prints."""
+
+    def __init__(self, step: int, total: int, saved_step: Optional[int], path: str):
+        super().__init__(step, total, saved_step, path)
+        self.step, self.total, self.saved_step, self.path = step, total, saved_step, path
+
+    def __str__(self) -> str:
+        done = f"interrupted after step {self.step} of {self.total}"
+        if self.saved_step is None:
+            return f"{done}: no checkpoint was written yet, so a new run starts from step 0"
+        return (f"{done}: the last checkpoint, {self.path}, is at step {self.saved_step}; "
+                "--resume continues from there")
+
+
 class Trainer:
     """One training run: data, model, optimizer, loop, evaluation, samples, checkpoints."""
 
@@ -563,6 +668,7 @@ class Trainer:
         torch.manual_seed(derived_seed(self.run["seed"], "dropout", info.rank))
         self.optimizer = make_optimizer(self.model, self.run, self.device)
         self.step, self.history = 0, {"train": [], "eval": []}
+        self.saved_step: Optional[int] = None  # the step of the checkpoint on disk
         if ckpt is not None:
             self._restore(ckpt)
         self.ddp = self._wrap_ddp()
@@ -570,6 +676,9 @@ class Trainer:
         self.peak = peak_flops(self.device, spec.amp_dtype)
 
     def _restore(self, ckpt: dict) -> None:
+        problem = weights_mismatch(self.model, ckpt["model"])
+        if problem:
+            raise InputError(f"the checkpoint does not fit this model: {problem}")
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -577,6 +686,7 @@ class Trainer:
             raise InputError(f"the checkpoint does not fit this model ({_one_line(exc)})") from None
         set_rng_state(ckpt["rng"][self.info.rank], self.device)
         self.step, self.history = ckpt["step"], ckpt["history"]
+        self.saved_step = self.step
 
     def _wrap_ddp(self):
         if self.info.world_size == 1:
@@ -651,7 +761,7 @@ class Trainer:
                 "step": self.step, "run": dict(self.run),
                 "model_args": self._model_args(), "data": dict(self.data),
                 "rng": _gather(rng_state(self.device), self.info),
-                "history": self.history}
+                "history": self.history, "derived": list(self.spec.derived)}
 
     def _model_args(self) -> dict:
         c = self.spec.config
@@ -663,6 +773,7 @@ class Trainer:
         state = self.checkpoint()  # a collective (RNG states of every rank): all ranks call it
         if self.info.is_main:
             atomic_write(path, lambda f: torch.save(state, f))
+            self.saved_step = self.step
             save_loss_plot(self.history, os.path.join(self.spec.out, LOSS_PLOT_NAME))
 
     def header(self) -> str:
@@ -686,13 +797,16 @@ def _progress_postfix(loss: float, tokens_per_s: float, mfu: Optional[float]) ->
 
 
 def train(args: argparse.Namespace, info: Optional[DistInfo] = None) -> TrainResult:
-    """Run (or continue) training as ``args`` say; InputError for a bad argument or input,
-    raised before anything is written."""
+    """Run (or continue) training as ``args`` say. InputError for a bad argument or input,
+    raised before the first step and before any file is written (the last check creates the
+    --out folder and writes a probe file there); TrainingInterrupted on Ctrl-C."""
     info = info or dist_info_from_env()
     spec, ckpt = resolve_spec(args, info.world_size, info.local_rank)
     data = load_data(spec.data, spec.run["seq_len"])
     if ckpt is not None:
         check_resume(ckpt, data, info.world_size)
+    if info.is_main:
+        prepare_out_dir(spec.out)
     started_dist = info.world_size > 1 and not dist.is_initialized()
     if started_dist:
         if spec.device.type == "cuda":
@@ -709,7 +823,6 @@ def _train_loop(trainer: Trainer, spec: RunSpec, info: DistInfo) -> TrainResult:
     run = spec.run
     path = os.path.join(spec.out, CHECKPOINT_NAME)
     if info.is_main:
-        os.makedirs(spec.out, exist_ok=True)
         print(trainer.header(), flush=True)
     if trainer.step >= spec.stop_at:
         if info.is_main:
@@ -732,6 +845,8 @@ def _train_loop(trainer: Trainer, spec: RunSpec, info: DistInfo) -> TrainResult:
             bar.set_postfix(_progress_postfix(loss, tokens_per_s, mfu), refresh=False)
             bar.update(1)
             _periodic(trainer, done, loss, path, bar, spec)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(trainer.step, run["steps"], trainer.saved_step, path) from None
     finally:
         bar.close()
     return TrainResult(trainer.model, trainer.step, trainer.history, path)
@@ -773,47 +888,98 @@ def save_loss_plot(history: dict, path: str) -> None:
 
 # ----------------------------------------------------------------------------- commands
 
-def _error(message: str) -> int:
+def _report(line: str, code: int) -> int:
+    """Print line to stderr (on the main process) and return code."""
     if dist_info_from_env().is_main:
-        print(f"error: {message}", file=sys.stderr)
-    return 2
+        print(line, file=sys.stderr)
+    return code
+
+
+def _error(message: str) -> int:
+    return _report(f"error: {message}", 2)
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """`train`: 0 on success, 2 with one `error:` line for a bad argument or input."""
+    """`train`: 0 on success, 2 with one `error:` line for a bad argument or input, 130 with
+    one line on where to continue after Ctrl-C."""
     try:
         train(args)
     except (InputError, lk.BackendUnavailableError) as exc:
         return _error(str(exc).splitlines()[0])
+    except TrainingInterrupted as exc:
+        return _report(str(exc), 130)
+    except KeyboardInterrupt:
+        return _report("interrupted before the first step: this run wrote no checkpoint", 130)
     return 0
+
+
+def checkpoint_file(path: str) -> str:
+    """--checkpoint as a file: a train --out folder stands for the checkpoint in it."""
+    if not os.path.isdir(path):
+        return path
+    inside = os.path.join(path, CHECKPOINT_NAME)
+    if not os.path.isfile(inside):
+        raise InputError(f"--checkpoint {path!r} is a folder without a {CHECKPOINT_NAME}: give "
+                         "a checkpoint file or a train --out folder")
+    return inside
+
+
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top-k must be >= 1, got {args.top_k}")
+    check_seed(args.seed)
+
+
+def encode_prompt(prompt: str) -> list[int]:
+    """The prompt's bytes (undecodable command-line bytes kept as they were)."""
+    try:
+        ids = ByteTokenizer().encode(prompt)
+    except UnicodeEncodeError as exc:
+        raise InputError(f"--prompt holds U+{ord(prompt[exc.start]):04X}, a lone surrogate "
+                         "that is not text") from None
+    if not ids:
+        raise InputError("--prompt is empty")
+    return ids
+
+
+def new_token_count(requested: Optional[int], prompt_len: int, max_seq_len: int) -> int:
+    """--max-new-tokens, or by default as many as fit after the prompt (at most
+    DEFAULT_MAX_NEW_TOKENS); InputError when they do not fit."""
+    room = max_seq_len - prompt_len
+    if room < 1:
+        raise InputError(f"the prompt ({prompt_len} bytes) leaves no room for new tokens in "
+                         f"the model's max_seq_len {max_seq_len}")
+    if requested is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, room)
+    if requested > room:
+        raise InputError(f"the prompt ({prompt_len} bytes) + --max-new-tokens {requested} "
+                         f"exceeds the model's max_seq_len {max_seq_len}: at most {room} fit")
+    return requested
 
 
 def generate_text(args: argparse.Namespace) -> str:
     """The prompt and its continuation sampled from the checkpoint's model."""
     backend = resolve_backend(args.backend)
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    _check_sampling_args(args)
+    ids = encode_prompt(args.prompt)
+    ckpt = load_checkpoint(checkpoint_file(args.checkpoint))
     model = model_from_checkpoint(ckpt, backend).to(device).eval()
     if not model.config.causal:
         raise InputError("the checkpoint is a masked-LM encoder: generate needs a causal LM")
-    tokenizer = ByteTokenizer()
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise InputError("--prompt is empty")
-    if args.max_new_tokens < 1 or len(ids) + args.max_new_tokens > model.config.max_seq_len:
-        raise InputError(f"the prompt ({len(ids)} bytes) + --max-new-tokens "
-                         f"{args.max_new_tokens} must be between {len(ids) + 1} and the model's "
-                         f"max_seq_len {model.config.max_seq_len}")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise InputError("need --temperature >= 0 and --top-k >= 1")
+    max_new_tokens = new_token_count(args.max_new_tokens, len(ids), model.config.max_seq_len)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         contextlib.nullcontext()
     with amp:
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
+        out = model.generate(idx, max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, generator=generator)
-    return tokenizer.decode(out[0].tolist())
+    return ByteTokenizer().decode(out[0].tolist())
 
 
 def generate_command(args: argparse.Namespace) -> int:

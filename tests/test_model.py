@@ -2,6 +2,7 @@
 model, the same logits/loss/gradients on every backend, KV-cache generation, autocast."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -241,6 +242,41 @@ def test_generate_refuses_what_it_cannot_do():
         model(torch.rand(1, 4))
 
 
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m, p: m.generate([[1, 2]], 2), TypeError, "idx must be an int64 tensor .* a list"),
+    (lambda m, p: m.generate(p, 2, temperature=float("nan")), ValueError, "temperature"),
+    (lambda m, p: m.generate(p, 2, temperature=float("inf")), ValueError, "temperature"),
+    (lambda m, p: m.generate(p, 2, temperature="1"), TypeError, "temperature"),
+    (lambda m, p: m.generate(p, 2.0), TypeError, "max_new_tokens"),
+    (lambda m, p: m.generate(p, True), TypeError, "max_new_tokens"),
+    (lambda m, p: m.generate(p, 2, top_k=2.5), TypeError, "top_k"),
+    (lambda m, p: m.generate(torch.tensor([[257, 1]]), 2), ValueError,
+     r"token ids from 1 to 257: they must be in \[0, vocab_size=257\)"),
+    (lambda m, p: m(torch.tensor([[-1, 1]])), ValueError, "vocab_size=257"),
+    (lambda m, p: m.cached_logits(torch.tensor([[300]]), m.new_kv_caches(1, "cpu"), 0),
+     ValueError, "vocab_size=257"),
+])
+def test_bad_generate_and_forward_arguments_are_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(GPT(tiny_config()), torch.randint(0, 256, (1, 3)))
+
+
+def test_generate_takes_integral_counts():
+    model = GPT(tiny_config())
+    prompt = torch.randint(0, 256, (2, 3))
+    for count in (np.int64(5), torch.tensor(5)):
+        assert model.generate(prompt, count, top_k=np.int64(4)).shape == (2, 8)
+
+
+def test_generate_restores_every_modules_mode():
+    model = GPT(tiny_config(dropout=0.1)).train()
+    model.blocks[0].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    model.generate(torch.randint(0, 256, (1, 3)), 2)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not model.blocks[0].training and model.blocks[1].training
+
+
 def test_sample_next_top_k_and_temperature():
     logits = torch.randn(4, 97)
     assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1, keepdim=True))
@@ -250,6 +286,23 @@ def test_sample_next_top_k_and_temperature():
     assert all(set(draws[r].tolist()) <= set(top5[r].tolist()) for r in range(4))
     assert all(len(set(draws[r].tolist())) > 1 for r in range(4))
     assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=gen), logits.argmax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45])
+def test_sample_next_tiny_temperature_is_greedy(temperature):
+    """logits / temperature would overflow to inf (NaN probabilities): the row maximum is
+    subtracted first, so the sample is the argmax."""
+    logits = torch.tensor([[10.0, 9.0, -3.0], [-5.0, 2.0, 1.5]])
+    gen = torch.Generator().manual_seed(0)
+    for top_k in (None, 2):
+        assert torch.equal(sample_next(logits, temperature, top_k, gen), torch.tensor([[0], [1]]))
+    assert torch.equal(sample_next(logits.bfloat16(), temperature), torch.tensor([[0], [1]]))
+
+
+def test_sample_next_rejects_a_temperature_that_is_not_finite():
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            sample_next(torch.randn(1, 5), bad)
 
 
 def test_generate_samples_reproducibly_with_a_generator():
@@ -323,6 +376,17 @@ def test_gpt2_init_and_tied_head():
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
+        tiny_config(**bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(causal="no"), "GPTConfig.causal must be a bool, got 'no'"),
+    (dict(rope="false"), "GPTConfig.rope must be a bool, got 'false'"),
+    (dict(causal=1), "GPTConfig.causal must be a bool"),
+    (dict(dropout="0.1"), "GPTConfig.dropout must be a float"),
+])
+def test_config_rejects_bad_types(bad, match):
+    with pytest.raises(TypeError, match=match):
         tiny_config(**bad)
 
 

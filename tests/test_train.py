@@ -27,23 +27,38 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    """About 6 KB of varied UTF-8 text (with multi-byte characters)."""
+def write_text_file(folder) -> str:
+    """About 6 KB of varied UTF-8 text (with multi-byte characters) in folder/text.txt."""
     gen = torch.Generator().manual_seed(1)
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "naïve", "café",
              "to", "be", "or", "not", "that", "is", "question", "\n"]
     picks = torch.randint(0, len(words), (1200,), generator=gen).tolist()
-    path = tmp_path / "text.txt"
+    path = folder / "text.txt"
     path.write_text(" ".join(words[i] for i in picks), encoding="utf-8")
     return str(path)
 
 
-def train_args(data, out, *extra):
-    argv = ["train", "--data", data, "--out", str(out), "--device", "cpu", "--backend", "torch",
+@pytest.fixture
+def text_file(tmp_path):
+    return write_text_file(tmp_path)
+
+
+def train_argv(data, out, *extra) -> list:
+    return ["train", "--data", data, "--out", str(out), "--device", "cpu", "--backend", "torch",
             "--batch-size", "4", "--seq-len", "16", "--eval-interval", "4", "--eval-iters", "2",
             "--sample-interval", "0", "--checkpoint-interval", "4", *TINY_MODEL, *extra]
-    return T.build_parser().parse_args(argv)
+
+
+def train_args(data, out, *extra):
+    return T.build_parser().parse_args(train_argv(data, out, *extra))
+
+
+@pytest.fixture(scope="module")
+def clm_checkpoint(tmp_path_factory) -> str:
+    """A 3-step causal LM run (max_seq_len 16) shared by the generate tests; read only."""
+    folder = tmp_path_factory.mktemp("clm")
+    T.train(train_args(write_text_file(folder), folder / "run", "--steps", "3"))
+    return str(folder / "run" / "ckpt.pt")
 
 
 def run_cli(argv, capsys):
@@ -73,6 +88,14 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(ids) == text
     assert tok.decode([ord("a"), tok.mask_id, ord("b")]) == "a_b"
     assert tok.vocab_size == 257
+
+
+def test_byte_tokenizer_keeps_undecodable_command_line_bytes():
+    """Python decodes a non-UTF-8 argv byte b to the lone surrogate U+DC00 + b."""
+    assert T.ByteTokenizer().encode(b"a\xff\xfe".decode("utf-8", "surrogateescape")) == \
+        [97, 255, 254]
+    with pytest.raises(UnicodeEncodeError):
+        T.ByteTokenizer().encode("\ud800")
 
 
 @pytest.mark.parametrize("content, match", [
@@ -176,6 +199,24 @@ def test_checkpoint_holds_the_whole_run_state(tmp_path, text_file):
         T.GPTConfig(**ckpt["config"])).state_dict().keys()
 
 
+def test_resume_derives_an_unset_min_lr_and_warmup_again(tmp_path, text_file):
+    """min_lr (lr / 10) and warmup (steps / 10) that were never given follow a new --lr and
+    --steps on --resume; a given --min-lr is kept."""
+    derived, given = tmp_path / "derived", tmp_path / "given"
+    T.train(train_args(text_file, derived, "--steps", "20", "--lr", "1e-3", "--stop-at", "1"))
+    T.train(train_args(text_file, given, "--steps", "20", "--lr", "1e-3", "--min-lr", "2e-4",
+                       "--stop-at", "1"))
+    assert T.load_checkpoint(str(derived / "ckpt.pt"))["derived"] == ["min_lr", "warmup"]
+    same, _ = T.resolve_spec(train_args(text_file, derived, "--resume"))
+    assert same.run["min_lr"] == 1e-4 and same.run["warmup"] == 2
+    spec, _ = T.resolve_spec(train_args(text_file, derived, "--resume", "--lr", "5e-5",
+                                        "--steps", "40"))
+    assert spec.run["min_lr"] == pytest.approx(5e-6) and spec.run["warmup"] == 4
+    assert spec.derived == ("min_lr", "warmup")
+    spec, _ = T.resolve_spec(train_args(text_file, given, "--resume", "--lr", "5e-4"))
+    assert spec.run["min_lr"] == 2e-4 and spec.derived == ("warmup",)
+
+
 def test_atomic_write_never_leaves_a_torn_file(tmp_path):
     path = tmp_path / "ckpt.pt"
     path.write_bytes(b"previous complete checkpoint")
@@ -216,6 +257,16 @@ def _prepare_bad_case(case, tmp_path, text_file):
     if case == "out is a file":
         (tmp_path / "file").write_text("keep me")
         return ["train", "--data", text_file, "--out", str(tmp_path / "file")], tmp_path
+    if case == "out below a file":
+        (tmp_path / "file").write_text("keep me")
+        return base[:4] + [str(tmp_path / "file" / "run")] + base[5:], tmp_path
+    if case == "out not writable":
+        if os.geteuid() == 0:
+            pytest.skip("root can write to any folder")
+        (tmp_path / "locked").mkdir(mode=0o500)
+        return base[:4] + [str(tmp_path / "locked")] + base[5:], tmp_path
+    if case == "seed out of range":
+        return base + ["--seed", str(2**64)], tmp_path
     if case == "corrupt checkpoint":
         ckpt = out / "ckpt.pt"
         ckpt.write_bytes(ckpt.read_bytes()[:1000])
@@ -240,7 +291,8 @@ def _prepare_bad_case(case, tmp_path, text_file):
 
 @pytest.mark.parametrize("case", [
     "missing data", "empty data", "binary data", "invalid utf-8", "seq-len above max-seq-len",
-    "unknown backend", "out is a file", "corrupt checkpoint", "mismatched checkpoint",
+    "unknown backend", "out is a file", "out below a file", "out not writable",
+    "seed out of range", "corrupt checkpoint", "mismatched checkpoint",
     "checkpoint without --resume", "other data on --resume", "resume without checkpoint",
     "data too small", "bad model shape",
 ])
@@ -255,11 +307,113 @@ def test_bad_input_gives_one_error_line_exit_2_and_writes_nothing(case, tmp_path
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--grad-clip", "inf"], "--grad-clip must be a finite number >= 0, got inf"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr 0.01 must be <= --lr 0.001"),
+    (["--seed", str(-2**63 - 1)], "--seed must be between -9223372036854775808 and "),
+])
+def test_run_arguments_are_reported_by_the_flag_given(tmp_path, text_file, capsys, extra,
+                                                      message):
+    code, _, err = run_cli(train_argv(text_file, tmp_path / "out", *extra), capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_unwritable_out_is_reported_before_training(tmp_path, text_file, capsys):
+    (tmp_path / "file").write_text("keep me")
+    code, out, err = run_cli(train_argv(text_file, tmp_path / "file" / "run"), capsys)
+    assert code == 2 and out == ""  # not even the header: no step ran
+    assert err == f"error: cannot write to --out {str(tmp_path / 'file' / 'run')!r}: " \
+                  "Not a directory\n"
+
+
+def test_weights_mismatch_names_the_first_bad_entries():
+    model = T.GPT(T.GPTConfig(vocab_size=257, n_layer=1, n_head=2, n_kv_head=2, d_model=16,
+                              d_ff=32, max_seq_len=8))
+    weights = model.state_dict()
+    assert T.weights_mismatch(model, weights) is None
+    weights["wte.weight"] = torch.zeros(257, 8)
+    weights["extra"] = torch.zeros(1)
+    del weights["norm_f.weight"], weights["norm_f.bias"]
+    assert T.weights_mismatch(model, weights) == (
+        "missing norm_f.weight (and 1 more); unexpected extra; "
+        "wte.weight is (257, 8) where the model has (257, 16)")
+    assert T.weights_mismatch(model, [1]) == "the weights are a list, not a state dict"
+
+
+def test_resume_reports_weights_that_do_not_fit(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    T.train(train_args(text_file, out, "--steps", "2"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["model"]["norm_f.bias"]
+    torch.save(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+    code, _, err = run_cli(train_argv(text_file, out, "--resume", "--steps", "4"), capsys)
+    assert code == 2
+    assert err == "error: the checkpoint does not fit this model: missing norm_f.bias\n"
+
+
+def test_one_line_keeps_the_line_a_header_introduces():
+    exc = RuntimeError("Error(s) in loading state_dict for GPT:\n\tMissing key(s): \"a\".\n\tmore")
+    assert T._one_line(exc) == 'RuntimeError: Error(s) in loading state_dict for GPT: ' \
+                               'Missing key(s): "a".'
+    assert T._one_line(ValueError("x" * 500)) == f"ValueError: {'x' * 197}..."
+
+
 def test_argparse_errors_exit_2(text_file, capsys):
     with pytest.raises(SystemExit) as info:
         T.main(["train", "--data", text_file, "--steps", "many"])
     assert info.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+def interrupt_at(monkeypatch, at_step: int) -> None:
+    """Make Trainer.train_step raise KeyboardInterrupt (as Ctrl-C does) at step at_step."""
+    real_step = T.Trainer.train_step
+
+    def train_step(self, step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+
+    monkeypatch.setattr(T.Trainer, "train_step", train_step)
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_resume_continues(tmp_path, text_file, capsys,
+                                                               monkeypatch):
+    out = tmp_path / "run"
+    ckpt = out / "ckpt.pt"
+    interrupt_at(monkeypatch, 6)
+    code, _, err = run_cli(train_argv(text_file, out, "--steps", "8"), capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"interrupted after step 6 of 8: the last checkpoint, "
+                                    f"{ckpt}, is at step 4; --resume continues from there")
+    assert T.load_checkpoint(str(ckpt), for_resume=True)["step"] == 4
+    interrupt_at(monkeypatch, 5)
+    code, _, err = run_cli(train_argv(text_file, out, "--resume"), capsys)
+    assert code == 130 and "the last checkpoint" in err and "is at step 4;" in err
+    monkeypatch.undo()
+    assert T.train(train_args(text_file, out, "--resume")).step == 8
+
+
+def test_ctrl_c_before_any_checkpoint(tmp_path, text_file, capsys, monkeypatch):
+    interrupt_at(monkeypatch, 2)
+    code, _, err = run_cli(train_argv(text_file, tmp_path / "run", "--steps", "8"), capsys)
+    assert code == 130 and err.splitlines()[-1] == (
+        "interrupted after step 2 of 8: no checkpoint was written yet, so a new run starts "
+        "from step 0")
+
+    def interrupted_load(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "load_data", interrupted_load)
+    code, _, err = run_cli(train_argv(text_file, tmp_path / "other"), capsys)
+    assert code == 130
+    assert err == "interrupted before the first step: this run wrote no checkpoint\n"
 
 
 # ----------------------------------------------------------------------------- generate
@@ -285,6 +439,82 @@ def test_generate_cli(tmp_path, text_file, capsys):
     assert empty[0] == 2 and "empty" in empty[2]
     missing = run_cli(["generate", "--checkpoint", str(tmp_path / "x.pt"), "--prompt", "a"], capsys)
     assert missing[0] == 2 and "does not exist" in missing[2]
+
+
+def generate_argv(checkpoint, *extra) -> list:
+    return ["generate", "--checkpoint", checkpoint, "--device", "cpu", "--backend", "torch",
+            *extra]
+
+
+def test_generate_by_default_fills_the_room_the_model_leaves(clm_checkpoint, capsys):
+    """README's example: max_seq_len 16 (= --seq-len), no --max-new-tokens."""
+    code, text, err = run_cli(generate_argv(clm_checkpoint, "--prompt", "ROMEO:"), capsys)
+    assert code == 0 and text.startswith("ROMEO:"), err
+    assert T.new_token_count(None, 6, 16) == 10 and T.new_token_count(None, 6, 1024) == 200
+    assert T.new_token_count(7, 6, 16) == 7
+    code, _, err = run_cli(generate_argv(clm_checkpoint, "--prompt", "x" * 16), capsys)
+    assert code == 2 and "leaves no room" in err and err.count("\n") == 1
+    code, _, err = run_cli(generate_argv(clm_checkpoint, "--prompt", "ROMEO:",
+                                         "--max-new-tokens", "11"), capsys)
+    assert code == 2 and err.endswith("max_seq_len 16: at most 10 fit\n")
+
+
+def test_generate_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        T.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    for default in ("at most 200)", "(default: 0.8)", "(default: 0)", "(default: all)"):
+        assert default in help_text
+
+
+def test_generate_takes_the_run_folder(clm_checkpoint, tmp_path, capsys):
+    argv = ["--prompt", "the", "--temperature", "0", "--max-new-tokens", "4"]
+    by_file = run_cli(generate_argv(clm_checkpoint, *argv), capsys)
+    by_folder = run_cli(generate_argv(os.path.dirname(clm_checkpoint), *argv), capsys)
+    assert by_file[0] == by_folder[0] == 0 and by_file[1] == by_folder[1]
+    code, _, err = run_cli(generate_argv(str(tmp_path), *argv), capsys)
+    assert code == 2 and "is a folder without a ckpt.pt" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--seed", str(2**64)], "--seed must be between"),
+    (["--prompt", "a\ud800"], "--prompt holds U+D800"),
+])
+def test_generate_bad_sampling_arguments(clm_checkpoint, capsys, extra, message):
+    code, _, err = run_cli(generate_argv(clm_checkpoint, "--prompt", "the", *extra), capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_generate_tiny_temperature_is_greedy(clm_checkpoint, capsys):
+    argv = generate_argv(clm_checkpoint, "--prompt", "the", "--max-new-tokens", "8")
+    greedy = run_cli(argv + ["--temperature", "0"], capsys)
+    assert greedy[0] == 0, greedy[2]
+    for tiny in ("1e-38", "1e-45"):
+        assert run_cli(argv + ["--temperature", tiny], capsys) == greedy
+
+
+def test_generate_takes_undecodable_prompt_bytes(clm_checkpoint, capsys):
+    """`--prompt $'\\xff\\xfe'` reaches Python as surrogate escapes: the raw bytes are the
+    prompt's tokens."""
+    prompt = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    code, text, err = run_cli(generate_argv(clm_checkpoint, "--prompt", prompt,
+                                            "--max-new-tokens", "3"), capsys)
+    assert code == 0 and text.startswith("\ufffd\ufffd"), err
+
+
+def test_generate_reports_weights_that_do_not_fit(clm_checkpoint, tmp_path, capsys):
+    ckpt = torch.load(clm_checkpoint, weights_only=True)
+    ckpt["model"]["wte.weight"] = torch.zeros(257, 16)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    code, _, err = run_cli(generate_argv(str(tmp_path / "bad.pt"), "--prompt", "a"), capsys)
+    assert code == 2 and err == ("error: the checkpoint's weights do not fit its config: "
+                                 "wte.weight is (257, 16) where the model has (257, 32)\n")
 
 
 def test_generate_refuses_a_masked_lm_checkpoint(tmp_path, text_file, capsys):

@@ -18,6 +18,8 @@ weights cast explicitly to the autocast dtype.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -59,6 +61,11 @@ class GPTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        for name in ("causal", "rope"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
+            raise TypeError(f"GPTConfig.dropout must be a float, got {self.dropout!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be a multiple of n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
@@ -258,8 +265,8 @@ class GPT(nn.Module):
         return n
 
     def _hidden(self, idx, caches=None, pos: int = 0):
-        """idx (B, T) int64 at positions pos .. pos + T - 1 -> final normed hidden (B, T, d)."""
-        _check_idx(idx, self.config, pos)
+        """idx (B, T) int64 (checked by the caller) at positions pos .. pos + T - 1 -> final
+        normed hidden (B, T, d)."""
         dtype = compute_dtype(idx.device.type, self.wte.weight.dtype)
         h = self.wte(idx)  # (B, T, d)
         if self.wpe is not None:
@@ -279,6 +286,7 @@ class GPT(nn.Module):
         """idx (B, T) int64 -> (logits (B, T, V), loss or None): the loss is the mean
         cross-entropy over the targets != -100, in float32 (summed from the per-token losses,
         so that a bf16 run reports it without bf16 rounding)."""
+        _check_idx(idx, self.config, 0)
         logits = self._head(self._hidden(idx))
         if targets is None:
             return logits, None
@@ -297,20 +305,23 @@ class GPT(nn.Module):
         step (Lq = 1 against the cache; bottom-right causal alignment lets it see every cached
         key). temperature 0 is greedy; top_k keeps the k largest logits. Raises ValueError when
         T + max_new_tokens exceeds max_seq_len (no sliding window), and for a non-causal model.
+        Every module's train/eval mode is as before afterwards.
         """
-        _check_sampling(self.config, idx, max_new_tokens, temperature, top_k)
-        was_training = self.training
+        max_new_tokens, top_k = _check_sampling(self.config, idx, max_new_tokens, temperature,
+                                                top_k)
+        modes = [(module, module.training) for module in self.modules()]
         self.eval()
         try:
             caches = self.new_kv_caches(idx.shape[0], idx.device)
             tokens = [idx]
-            logits = self.cached_logits(idx, caches, 0)[:, -1]  # (B, V)
+            logits = self._cached_logits(idx, caches, 0)[:, -1]  # (B, V)
             for step in range(max_new_tokens):
                 tokens.append(sample_next(logits, temperature, top_k, generator))  # (B, 1)
                 if step + 1 < max_new_tokens:
-                    logits = self.cached_logits(tokens[-1], caches, idx.shape[1] + step)[:, -1]
+                    logits = self._cached_logits(tokens[-1], caches, idx.shape[1] + step)[:, -1]
         finally:
-            self.train(was_training)
+            for module, training in modes:
+                module.training = training
         return torch.cat(tokens, dim=1)
 
     def new_kv_caches(self, batch: int, device) -> list[KVCache]:
@@ -323,6 +334,10 @@ class GPT(nn.Module):
         keys/values already in ``caches`` (positions < pos) and appending idx's own."""
         if not self.config.causal:
             raise ValueError("a KV cache needs a causal model")
+        _check_idx(idx, self.config, pos)
+        return self._cached_logits(idx, caches, pos)
+
+    def _cached_logits(self, idx, caches: list[KVCache], pos: int):
         return self._head(self._hidden(idx, caches, pos))
 
 
@@ -335,41 +350,74 @@ def _init_gpt2(module: nn.Module) -> None:
 
 
 def _check_idx(idx, config: GPTConfig, pos: int) -> None:
-    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 2:
-        raise TypeError(f"idx must be an int64 tensor (B, T), got "
-                        f"{getattr(idx, 'dtype', type(idx).__name__)} of shape "
-                        f"{tuple(getattr(idx, 'shape', ()))}")
+    """idx is an int64 (B, T) tensor of token ids in [0, vocab_size) that fits in max_seq_len
+    after pos."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be an int64 tensor (B, T), got a {type(idx).__name__}")
+    if idx.dtype != torch.int64 or idx.dim() != 2:
+        raise TypeError(f"idx must be an int64 tensor (B, T), got {idx.dtype} of shape "
+                        f"{tuple(idx.shape)}")
     if idx.shape[0] == 0 or idx.shape[1] == 0:
         raise ValueError(f"idx is empty (shape {tuple(idx.shape)})")
     if pos + idx.shape[1] > config.max_seq_len:
         raise ValueError(f"sequence length {pos + idx.shape[1]} exceeds max_seq_len="
                          f"{config.max_seq_len}")
+    if torch.compiler.is_compiling():  # a data-dependent check would break the graph
+        return
+    low, high = torch.stack(torch.aminmax(idx)).tolist()  # one device sync
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"idx holds token ids from {low} to {high}: they must be in "
+                         f"[0, vocab_size={config.vocab_size})")
 
 
-def _check_sampling(config, idx, max_new_tokens, temperature, top_k) -> None:
+def _as_count(value, name: str) -> int:
+    """value as a positive int: Python and numpy integers and integer 0-dim tensors
+    (operator.index), not bools."""
+    message = f"{name} must be a positive int, got {value!r}"
+    if isinstance(value, bool):
+        raise TypeError(message)
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(message) from None
+    if count < 1:
+        raise ValueError(message)
+    return count
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a float, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+
+
+def _check_sampling(config, idx, max_new_tokens, temperature, top_k) -> tuple[int, Optional[int]]:
+    """Check generate()'s arguments; returns (max_new_tokens, top_k) as ints."""
     if not config.causal:
         raise ValueError("generate needs a causal model; this one is a bidirectional "
                          "(masked-LM) encoder")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if idx.dim() == 2 and idx.shape[1] + max_new_tokens > config.max_seq_len:
+    _check_idx(idx, config, 0)
+    max_new_tokens = _as_count(max_new_tokens, "max_new_tokens")
+    if idx.shape[1] + max_new_tokens > config.max_seq_len:
         raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} "
                          f"exceeds max_seq_len={config.max_seq_len}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    _check_temperature(temperature)
+    return max_new_tokens, None if top_k is None else _as_count(top_k, "top_k")
 
 
 def sample_next(logits, temperature: float, top_k: Optional[int] = None,
                 generator: Optional[torch.Generator] = None):
     """logits (B, V) -> next tokens (B, 1): argmax when temperature is 0, else a sample from
-    softmax(logits / temperature) restricted to the top_k largest logits."""
+    softmax(logits / temperature) restricted to the top_k largest logits. The row maximum is
+    subtracted before dividing, so a tiny temperature tends to argmax instead of overflowing."""
+    _check_temperature(temperature)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # <= 0, max 0
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
