@@ -45,6 +45,8 @@ def cast(dtype: torch.dtype, *tensors):
 def promote(*tensors):
     """The floating tensors among ``tensors`` in their promoted dtype."""
     floating = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floating:
+        return tensors
     dtype = floating[0].dtype
     for t in floating[1:]:
         dtype = torch.promote_types(dtype, t.dtype)

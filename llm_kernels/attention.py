@@ -52,7 +52,7 @@ def _validate(q, k, v, attn_mask):
     if bk != b or dk != d:
         raise ValueError(f"q (B, H, Lq, D) = {tuple(q.shape)} and k (B, Hkv, Lk, D) = "
                          f"{tuple(k.shape)} must agree in B and D")
-    if hkv == 0 or h % hkv != 0:
+    if (h % hkv != 0) if hkv else h != 0:
         raise ValueError(f"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv}")
     _checks.last_dim_contiguous(q=q, k=k, v=v)
     if attn_mask is not None:
@@ -137,7 +137,7 @@ def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, a
     _validate(q, k, v, attn_mask)
     _check_bool("causal", causal)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0  # D = 0: any scale
     else:
         scale = float(scale)
         if not math.isfinite(scale):

@@ -22,12 +22,11 @@ class NormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps: float, rms: bool, backend: str,
-                separate_grads: bool):
+    def forward(ctx, x, weight, bias, residual, eps: float, rms: bool, backend: str):
         y, h, mean, rstd = _ops.ops(backend).layer_norm_forward(x, weight, bias, residual, eps, rms)
         has_residual = residual is not None
         ctx.save_for_backward(h if has_residual else x, weight, bias, mean, rstd)
-        ctx.args = (rms, has_residual, backend, separate_grads)
+        ctx.args = (rms, has_residual, backend)
         ctx.set_materialize_grads(False)
         if not has_residual:
             ctx.mark_non_differentiable(h)
@@ -37,14 +36,18 @@ class NormFunction(torch.autograd.Function):
     @_ops.first_order_backward
     def backward(ctx, grad_y, grad_h):
         h, weight, bias, mean, rstd = ctx.saved_tensors
-        rms, has_residual, backend, separate_grads = ctx.args
+        rms, has_residual, backend = ctx.args
         if grad_y is None:
             grad_y = torch.zeros_like(h)
         dx, dweight, dbias = _ops.ops(backend).layer_norm_backward(
             grad_y, grad_h if has_residual else None, h, weight, bias, mean, rstd, rms)
-        d_residual = (dx.clone() if separate_grads else dx) if has_residual else None
+        # dx is also the residual's gradient: a tensor of its own, or two leaves could end up
+        # sharing one .grad storage (a later accumulation into one would change the other)
+        d_residual = None
+        if has_residual and ctx.needs_input_grad[3]:
+            d_residual = dx.clone() if ctx.needs_input_grad[0] else dx
         return (dx, dweight if weight is not None else None, dbias if bias is not None else None,
-                d_residual, None, None, None, None)
+                d_residual, None, None, None)
 
 
 def _validate(x, weight, bias, residual, eps):
@@ -61,11 +64,6 @@ def _validate(x, weight, bias, residual, eps):
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def _reaches_leaf_grad(t: torch.Tensor) -> bool:
-    """t's gradient lands in a leaf's ``.grad`` as is: t is a leaf or a view of one."""
-    return t.requires_grad and (t.is_leaf or (t._base is not None and t._base.is_leaf))
-
-
 def _norm(op, x, weight, bias, eps, residual, backend, rms, torch_fn):
     name = select(op, backend, x.device, lambda _: _checks.kernel_dtype_reason(x.dtype),
                   kernel="layer_norm", empty=_checks.empty_reason(x=x))
@@ -74,10 +72,8 @@ def _norm(op, x, weight, bias, eps, residual, backend, rms, torch_fn):
     c = x.shape[-1]
     x2 = x.reshape(-1, c).contiguous()  # (N, C)
     r2 = residual.reshape(-1, c).contiguous() if residual is not None else None
-    # dx is the gradient of both x and residual: two leaves would share its storage
-    separate = residual is not None and _reaches_leaf_grad(x) and _reaches_leaf_grad(residual)
-    y, h = NormFunction.apply(x2, _ops.contiguous(weight), _ops.contiguous(bias), r2, float(eps), rms,
-                              name, separate)
+    y, h = NormFunction.apply(x2, _ops.contiguous(weight), _ops.contiguous(bias), r2, float(eps),
+                              rms, name)
     y = y.view(x.shape)
     return y if residual is None else (y, h.view(x.shape))
 

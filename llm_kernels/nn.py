@@ -399,7 +399,9 @@ def convert(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.M
     """Replace every ``torch.nn.LayerNorm``, ``torch.nn.RMSNorm`` and (where its arguments
     allow) ``torch.nn.MultiheadAttention`` in ``model`` by the lk module sharing the same
     Parameter objects; returns the model (the replacement when ``model`` itself is one).
-    What cannot be converted is left as is, with a warning saying why."""
+    What cannot be converted is left as is, with a warning saying why. A
+    ``torch.nn.TransformerEncoder`` stops packing padded batches into nested tensors, which only
+    torch's own attention module takes."""
     root = _replacement(model, "", backend)
     if root is not None:
         return root
@@ -408,4 +410,6 @@ def convert(model: torch.nn.Module, backend: Optional[str] = None) -> torch.nn.M
             new = _replacement(child, f"{path}.{name}" if path else name, backend)
             if new is not None:
                 setattr(parent, name, new)
+        if isinstance(parent, torch.nn.TransformerEncoder):
+            parent.use_nested_tensor = False
     return model

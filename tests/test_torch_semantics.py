@@ -70,6 +70,17 @@ def test_norms_promote_and_cross_entropy_returns_float32_under_autocast(backend)
     assert_close(low, rms_norm_ref(x, w.to(BF16), upcast=True), rms_norm_ref(x, w.to(BF16)), BF16)
 
 
+def test_validation_errors_survive_autocast():
+    """The autocast casting steps leave bad input to the checks that name it."""
+    with torch.autocast("cpu", dtype=BF16):
+        for call in (lambda: lk.layer_norm(torch.ones(3, 4, dtype=torch.long)),
+                     lambda: lk.rms_norm(torch.ones(3, 4, dtype=torch.long)),
+                     lambda: lk.softmax(torch.ones(3, 4, dtype=torch.long)),
+                     lambda: lk.attention(*(torch.ones(1, 1, 2, 8, dtype=torch.long),) * 3)):
+            with pytest.raises(TypeError, match="must be float16"):
+                call()
+
+
 def test_compiled_ops_run_in_their_inputs_dtype_under_autocast():
     """The C++ feed-forward ops called directly under autocast: their GEMMs stay in the inputs'
     dtype (autocast used to turn them bf16 under kernels that read float32: heap corruption)."""
@@ -162,6 +173,10 @@ def test_empty_inputs_give_torchs_result_on_every_backend(backend):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
         torch.testing.assert_close(ours, theirs, msg=name)
     assert torch.isnan(mean)  # torch's mean over no rows
+    for q_, kv_ in ((q[..., :0], q[..., :0]), (q[:, :0], q[:, :0])):  # D = 0; H = Hkv = 0
+        with lk.use_backend(backend):
+            got = lk.attention(q_, kv_, kv_)
+        assert got.shape == F.scaled_dot_product_attention(q_, kv_, kv_).shape
     assert lk.dispatch_log()[-1]["backend"] == "torch"
     sum(o.sum() for o, _ in outs.values() if o.requires_grad).backward()
     assert x.grad.shape == x.shape
@@ -170,13 +185,19 @@ def test_empty_inputs_give_torchs_result_on_every_backend(backend):
 # ---- gradients, strides, contiguity ------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_leaf_x_and_residual_get_separate_grad_tensors(backend):
-    x, r = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
-    y, h = lk.rms_norm(x, residual=r, backend=backend)
+@pytest.mark.parametrize("route", ["leaves", "residual_clone", "x_plus_zero"])
+def test_x_and_residual_leaves_get_separate_grad_tensors(backend, route):
+    """dx is the gradient of x and of the residual: the two leaves must not end up sharing a
+    .grad storage (directly, or through ops that pass the gradient on unchanged), or a later
+    accumulation into one (micro-batches) changes the other."""
+    a, r = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    x, res = {"leaves": (a, r), "residual_clone": (a, r.clone()), "x_plus_zero": (a + 0, r)}[route]
+    y, h = lk.rms_norm(x, residual=res, backend=backend)
     (y.sum() + h.pow(2).sum()).backward()
-    assert x.grad.untyped_storage().data_ptr() != r.grad.untyped_storage().data_ptr()
+    assert a.grad.untyped_storage().data_ptr() != r.grad.untyped_storage().data_ptr()
     expected = r.grad.clone()
-    x.grad.mul_(0.5)
+    (a * 5).sum().backward()
+    a.grad.mul_(0.5)
     torch.testing.assert_close(r.grad, expected)
 
 
@@ -222,12 +243,14 @@ def test_norm_modules_reset_parameters():
             assert torch.equal(module.bias, torch.zeros(5))
 
 
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "not_nested"])
 @pytest.mark.parametrize("kwargs", [{}, {"src_key_padding_mask": True}], ids=["plain", "padding"])
-def test_converted_transformer_encoder_in_inference_mode(kwargs):
+def test_converted_transformer_encoder_in_inference_mode(kwargs, nested):
     """torch's TransformerEncoder takes a fused fast path under no_grad in eval mode that reads
-    the attention module's internals; a converted encoder runs the lk modules there instead."""
+    the attention module's internals, and packs a padded batch into a nested tensor; a converted
+    encoder runs the lk modules on plain tensors there instead."""
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
-    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
     converted = lknn.convert(__import__("copy").deepcopy(encoder)).eval()
     src = torch.randn(3, 10, 32)
     mask = {}
