@@ -16,6 +16,13 @@ BACKENDS = [name for name, (ok, _) in lk.available_backends().items() if ok]
 BF16 = torch.bfloat16
 
 
+@pytest.fixture(autouse=True)
+def on_device(device):
+    """Every tensor of these tests on the test device (the GPU when there is one)."""
+    with torch.device(device):
+        yield device
+
+
 def _ffn_args(n=5, d=24, d_ff=40):
     return (torch.randn(n, d), torch.randn(d_ff, d) / 5, torch.randn(d_ff), torch.randn(d, d_ff) / 6,
             torch.randn(d))
@@ -24,12 +31,12 @@ def _ffn_args(n=5, d=24, d_ff=40):
 # ---- autocast ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matmul_ops_take_the_autocast_dtype_like_torch(backend):
+def test_matmul_ops_take_the_autocast_dtype_like_torch(backend, on_device):
     """attention, sdpa, feed_forward and swiglu under autocast: float32 inputs are cast to bf16
     (as torch casts SDPA's and F.linear's); the result is the bf16 computation's."""
     x, w1, b1, w2, b2 = _ffn_args()
     q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 11, 16), torch.randn(1, 2, 11, 16)
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(on_device.type, dtype=BF16):
         ff = lk.feed_forward(x, w1, b1, w2, b2, backend=backend)
         sw = lk.swiglu(x, w1, w1.flip(0), w2, backend=backend)
         att = lk.attention(q, k.to(BF16), v, causal=True, backend=backend)  # mixed dtypes too
@@ -47,12 +54,12 @@ def test_matmul_ops_take_the_autocast_dtype_like_torch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_norms_promote_and_cross_entropy_returns_float32_under_autocast(backend):
+def test_norms_promote_and_cross_entropy_returns_float32_under_autocast(backend, on_device):
     """Norms: bf16 activations with float32 parameters give float32 (torch's CUDA autocast
     result), all-bf16 stays bf16; softmax keeps its dtype; the loss is float32 like torch's."""
     x, r, w, b = torch.randn(6, 33).to(BF16), torch.randn(6, 33), torch.randn(33), torch.randn(33)
     logits, target = torch.randn(7, 50).to(BF16), torch.randint(0, 50, (7,))
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(on_device.type, dtype=BF16):
         normed, h = lk.layer_norm(x, w, b, residual=r, backend=backend)
         low = lk.rms_norm(x, w.to(BF16), backend=backend)
         soft = lk.softmax(x, backend=backend)
@@ -70,9 +77,9 @@ def test_norms_promote_and_cross_entropy_returns_float32_under_autocast(backend)
     assert_close(low, rms_norm_ref(x, w.to(BF16), upcast=True), rms_norm_ref(x, w.to(BF16)), BF16)
 
 
-def test_validation_errors_survive_autocast():
+def test_validation_errors_survive_autocast(on_device):
     """The autocast casting steps leave bad input to the checks that name it."""
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(on_device.type, dtype=BF16):
         for call in (lambda: lk.layer_norm(torch.ones(3, 4, dtype=torch.long)),
                      lambda: lk.rms_norm(torch.ones(3, 4, dtype=torch.long)),
                      lambda: lk.softmax(torch.ones(3, 4, dtype=torch.long)),
@@ -81,14 +88,14 @@ def test_validation_errors_survive_autocast():
                 call()
 
 
-def test_compiled_ops_run_in_their_inputs_dtype_under_autocast():
+def test_compiled_ops_run_in_their_inputs_dtype_under_autocast(on_device):
     """The C++ feed-forward ops called directly under autocast: their GEMMs stay in the inputs'
     dtype (autocast used to turn them bf16 under kernels that read float32: heap corruption)."""
     if not lk.available_backends()["cuda"][0]:
         pytest.skip(lk.available_backends()["cuda"][1])
     ops = torch.ops.llm_kernels
     x, w1, b1, w2, b2 = _ffn_args()
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(on_device.type, dtype=BF16):
         out, pre = ops.feed_forward_forward(x, w1, b1, w2, b2, "gelu")
         grads = ops.feed_forward_backward(torch.ones_like(out), x, w1, b1, w2, b2, pre, "gelu")
         sw, gate, up = ops.swiglu_forward(x, w1, w1, w2)
