@@ -5,8 +5,10 @@
 
 Builds the step of ``bench/gpt_train.py`` (the same model, batch and optimizer), runs
 ``--warmup`` steps (Triton autotuning happens there), then profiles ``--steps`` steps with
-``torch.profiler`` and prints, per provider, the step time and the ``--top`` kernels by device
-time per step: name, launches per step, ms per step and share of the step's kernel time. On a
+``torch.profiler`` and prints, per provider, the step time (with and without the profiler), the
+``--top`` kernels by device time per step (name, launches per step, ms per step, share of the
+step's kernel time) and the ``--top`` host ops by CPU time: a step whose kernels keep the device
+busy for much less than the step is bound by the host (Python, autograd, launches). On a
 CPU it profiles the tiny model's CPU ops instead (a smoke run, not a measurement).
 """
 from __future__ import annotations
@@ -36,6 +38,35 @@ def kernel_table(prof, steps: int, on_gpu: bool, top: int) -> tuple[list[tuple],
     return rows[:top], sum(r[2] for r in rows)
 
 
+def host_table(prof, steps: int, top: int) -> list[tuple[str, float, float]]:
+    """[(host op, calls per step, ms per step)] by host time including children, largest
+    first: where the CPU spends a step (Python dispatch, autograd, kernel launches)."""
+    rows = [(event.key, event.count / steps, event.cpu_time_total / 1e3 / steps)
+            for event in prof.key_averages()
+            if event.device_type == torch.autograd.DeviceType.CPU and event.cpu_time_total > 0
+            and not event.key.startswith("ProfilerStep")]
+    rows.sort(key=lambda r: -r[2])
+    return rows[:top]
+
+
+def timed_steps(step, steps: int, sync) -> float:
+    """Wall ms per step without the profiler."""
+    sync()
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - began) * 1e3 / steps
+
+
+def _table(title: str, rows, step_ms: float) -> list[str]:
+    lines = [f"{title:<{NAME_WIDTH}} {'calls':>6} {'ms/step':>8} {'share':>6}"]
+    for name, calls, ms in rows:
+        short = name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
+        lines.append(f"{short:<{NAME_WIDTH}} {calls:>6.0f} {ms:>8.3f} {100 * ms / step_ms:>5.1f}%")
+    return lines
+
+
 def profile_provider(provider: str, case, device: torch.device, warmup: int, steps: int,
                      top: int) -> list[str]:
     """The report lines of one provider (a Skip gives one line saying why)."""
@@ -46,7 +77,7 @@ def profile_provider(provider: str, case, device: torch.device, warmup: int, ste
     for _ in range(warmup):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    plain_ms = timed_steps(step, steps, sync)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -58,12 +89,12 @@ def profile_provider(provider: str, case, device: torch.device, warmup: int, ste
     step_ms = (time.perf_counter() - began) * 1e3 / steps
     rows, total = kernel_table(prof, steps, device.type == "cuda", top)
     tokens = case.extra["tokens"]
-    lines = [f"== {provider}: {step_ms:.2f} ms/step under the profiler "
-             f"({tokens / step_ms * 1e3:.0f} tokens/s), kernels {total:.2f} ms/step",
-             f"{'kernel':<{NAME_WIDTH}} {'calls':>6} {'ms/step':>8} {'share':>6}"]
-    for name, calls, ms in rows:
-        short = name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
-        lines.append(f"{short:<{NAME_WIDTH}} {calls:>6.0f} {ms:>8.3f} {100 * ms / total:>5.1f}%")
+    lines = [f"== {provider}: {plain_ms:.2f} ms/step ({tokens / plain_ms * 1e3:.0f} tokens/s), "
+             f"{step_ms:.2f} under the profiler, kernels {total:.2f} ms/step "
+             f"(device busy {100 * total / step_ms:.0f}% of the profiled step)"]
+    lines += _table("kernel", rows, total)
+    lines += _table("host op (time including children; share of the profiled step)",
+                    host_table(prof, steps, top), step_ms)
     return lines
 
 

@@ -94,10 +94,30 @@ def failures(output: str, limit: int = 8) -> list[str]:
     """pytest's "FAILED ..."/"ERROR ..." short-summary lines, else the first lines that read
     like an error (for a failed build or verify)."""
     found = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if not found and "KeyboardInterrupt" in output:
+        return ["interrupted at its time limit (rerun with a larger budget)"]
     if not found:
         found = [line.strip() for line in output.splitlines()
                  if re.search(r"\berror\b|Error:|Traceback", line, re.IGNORECASE)]
     return [line[:200] for line in found[:limit]]
+
+
+FAILURE_HEADER = re.compile(r"^=== FAILED (\S+) \((\w+), ([\d.]+) s\)$")
+
+
+def test_failures(text: str) -> list[dict]:
+    """The failures that ``tests/conftest.py`` wrote to ``test_failures.txt`` as they happened:
+    [{"test", "phase", "secs", "error"}], the error being the report's first ``E`` line (the
+    exception and its message)."""
+    found = []
+    for line in text.splitlines():
+        header = FAILURE_HEADER.match(line)
+        if header:
+            found.append({"test": header[1], "phase": header[2], "secs": float(header[3]),
+                          "error": ""})
+        elif found and not found[-1]["error"] and line.startswith("E ") and line[1:].strip():
+            found[-1]["error"] = line[1:].strip()[:200]
+    return found
 
 
 def sanitizer_findings(output: str) -> Optional[str]:
@@ -303,6 +323,9 @@ def summarize(out_dir: str) -> dict:
     log = parse_log(text)
     steps = {name: step_summary(runs) for name, runs in log["steps"].items()}
     verify = _load_json(os.path.join(out_dir, "verify.json"))
+    failures_path = os.path.join(out_dir, "test_failures.txt")
+    failed_tests = (test_failures(open(failures_path, errors="replace").read())
+                    if os.path.exists(failures_path) else [])
     bench = _load_json(os.path.join(out_dir, "bench.json")) or {}
     env = bench.get("environment", {})
     return {
@@ -313,6 +336,7 @@ def summarize(out_dir: str) -> dict:
         "versions": {k: log["info"].get(k) or env.get(k) for k in ("python", "torch", "triton")},
         "backends": log["info"].get("backends"),
         "steps": steps,
+        "test_failures": failed_tests,
         "verify": verify_counts(verify) if verify is not None else None,
         "copy_gbps": copy_gbps(bench.get("rows", [])),
         "bench_rows": len(bench.get("rows", [])),
@@ -328,7 +352,7 @@ def steps_output(steps: dict[str, list[dict]], name: str) -> str:
     return steps[name][-1]["output"] if name in steps else ""
 
 
-PROFILE_ROW = re.compile(r"^(== .*|kernel\s+calls\s+ms/step\s+share|.+\s\d+\s+[\d.]+\s+[\d.]+%)$")
+PROFILE_ROW = re.compile(r"^(== .*|(kernel|host op .*\))\s+calls\s+ms/step\s+share|.+\s\d+\s+[\d.]+\s+[\d.]+%)$")
 
 
 def profile_lines(output: str) -> list[str]:
@@ -412,7 +436,8 @@ def _problem_counts(problems: list[dict]) -> str:
 
 def problem_lines(summary: dict) -> list[str]:
     """Failed tests, failed step runs, device faults and provider errors, a few of each."""
-    lines = []
+    lines = [f"test: {f['test']} ({f['phase']}, {f['secs']:.0f} s): {f['error'] or 'see test_failures.txt'}"
+             for f in summary.get("test_failures", [])[:12]]
     for name, step in summary["steps"].items():
         lines += [f"{name}: {line}" for line in step.get("failures", [])]
     lines += [f"bench: [{e['kind']}] {e['op']} {e['mode']} {e['variant']} {e['provider']}: "
@@ -460,6 +485,10 @@ def format_markdown(summary: dict, csv_name: Optional[str], png_name: Optional[s
         md += ["", "## Configs the Triton autotuners chose (kernel, tuning key: config)", "", "```"]
         md += [f"{kernel} {key}: {config}" for kernel, chosen in sorted(summary["autotune"].items())
                for key, config in chosen.items()] + ["```"]
+    if summary.get("test_failures"):
+        md += ["", "## Failed tests (from test_failures.txt)", ""]
+        md += [f"- `{f['test']}` ({f['phase']}, {f['secs']:.0f} s): `{f['error']}`"
+               for f in summary["test_failures"]]
     problems = problem_lines(summary)
     if problems:
         md += ["", "## Problems", ""] + [f"- `{line}`" for line in problems]
@@ -500,7 +529,7 @@ def exit_code(summary: dict) -> int:
                      for name in CHECKED_STEPS for run in steps.get(name, {}).get("runs", []))
     faulted = any(p["kind"] == "fault" for p in summary["bench_errors"])
     verify_failed = bool(summary["verify"] and summary["verify"]["failed"])
-    return int(failed_run or faulted or verify_failed)
+    return int(failed_run or faulted or verify_failed or bool(summary.get("test_failures")))
 
 
 def input_problem(out_dir: str) -> Optional[str]:

@@ -178,8 +178,12 @@ def _verify(args) -> int:
     device = args.device
     print(f"verifying on {device_name(device)} ({device.type}); backends: "
           f"{', '.join(args.backends or v.runnable_backends(device))}")
-    rows = v.verify(str(device), ops=args.ops, backends=args.backends, big=args.big,
-                    seed=args.seed, progress=print if args.progress else None)
+    interrupted = False
+    try:
+        rows = v.verify(str(device), ops=args.ops, backends=args.backends, big=args.big,
+                        seed=args.seed, progress=print if args.progress else None)
+    except v.VerifyInterrupted as exc:
+        rows, interrupted = exc.rows, True
     print(v.format_table(rows))
     failed = [r for r in rows if not r.passed]
     checked = [r for r in rows if not r.note]
@@ -187,9 +191,13 @@ def _verify(args) -> int:
           f"({len(rows) - len(checked)} skipped)")
     if args.json:
         meta = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
-                "date": datetime.datetime.now().isoformat(timespec="seconds")}
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "interrupted": interrupted}
         v.write_json(rows, args.json, meta)
         print(f"wrote {args.json}")
+    if interrupted:
+        print("error: interrupted: the rows above are the cases that finished", file=sys.stderr)
+        return 130
     if failed:
         return 1
     if not checked:

@@ -222,16 +222,35 @@ def _builder_groups(ops: Optional[list[str]]) -> dict[Callable, set[str]]:
     return groups
 
 
+class VerifyInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a time limit's SIGINT) during :func:`verify`; ``rows`` holds the finished rows."""
+
+    def __init__(self, rows: list):
+        super().__init__(f"interrupted after {len(rows)} rows")
+        self.rows = rows
+
+
 def verify(device: str = "cpu", ops: Optional[list[str]] = None, backends: Optional[list[str]] = None,
            big: Optional[bool] = None, seed: int = 0, progress=print) -> list[Row]:
     """Run the verification matrix; returns every row (skipped cases carry a note).
 
     A case's inputs and output gradient depend on ``seed``, its dtype and its place among its
-    builder's cases only, not on ``ops`` or ``backends``: a subset reruns the same numbers."""
+    builder's cases only, not on ``ops`` or ``backends``: a subset reruns the same numbers.
+    Ctrl-C raises :class:`VerifyInterrupted` carrying the rows finished so far."""
     dev = torch.device(device)
     big = dev.type == "cuda" if big is None else big
     backends = backends or runnable_backends(dev)
     rows: list[Row] = []
+    try:
+        _run_matrix(dev, ops, backends, big, seed, progress, rows)
+    except KeyboardInterrupt as exc:
+        raise VerifyInterrupted(rows) from exc
+    return rows
+
+
+def _run_matrix(dev: torch.device, ops, backends: list[str], big: bool, seed: int, progress,
+                rows: list[Row]) -> None:
+    """Append each case's rows to ``rows`` as it finishes."""
     for builder, wanted in _builder_groups(ops).items():
         for dtype in DTYPES:
             torch.manual_seed(seed)
@@ -247,7 +266,6 @@ def verify(device: str = "cpu", ops: Optional[list[str]] = None, backends: Optio
                         progress(f"  {case.op:<14} {backend:<7} {str(dtype)[6:]:<9} "
                                  f"{case.shape:<36} {_verdict(case_rows)} "
                                  f"({time.perf_counter() - start:.1f}s)")
-    return rows
 
 
 def format_table(rows: list[Row]) -> str:

@@ -34,3 +34,15 @@ def seed(request):
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_runtest_logreport(report):
+    """With LLM_KERNELS_FAILURE_LOG set, append each failure (id, phase, error) to that file the
+    moment it happens: a GPU check cut off by its time limit still names what failed. Written
+    by the main process only (pytest-xdist forwards its workers' reports there)."""
+    path = os.environ.get("LLM_KERNELS_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    entry = f"=== FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n"
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(entry)

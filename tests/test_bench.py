@@ -493,11 +493,15 @@ def test_summary_keeps_the_profile_tables_and_autotune_choices(tmp_path):
     ms = round(random.uniform(1, 9), 3)
     table = ["== lk-triton: 61.20 ms/step under the profiler (133856 tokens/s), kernels 58.1 ms/step",
              f"{'kernel':<78} {'calls':>6} {'ms/step':>8} {'share':>6}",
-             f"{'_attn_bwd_dkdv_kernel':<78} {24:>6} {ms:>8.3f} {31.5:>5.1f}%"]
+             f"{'_attn_bwd_dkdv_kernel':<78} {24:>6} {ms:>8.3f} {31.5:>5.1f}%",
+             f"{'host op (time including children; share of the profiled step)':<78} "
+             f"{'calls':>6} {'ms/step':>8} {'share':>6}",
+             f"{'autograd::engine::evaluate_function: LayerNormFunctionBackward':<78} "
+             f"{24:>6} {ms:>8.3f} {12.5:>5.1f}%"]
     log = "\n".join(["@@info mode=full", "@@begin profile: python -m ...",
                      "[W1126 profiler.cpp] CUPTI warning", *table[:2],
                      "STAGE:2026-11-26 ActivityProfilerController.cpp:314] Completed Stage",
-                     table[2], "@@step profile status=ok rc=0 secs=30"])
+                     *table[2:], "@@step profile status=ok rc=0 secs=30"])
     (tmp_path / "gpu_check.log").write_text(log)
     block = random.choice([64, 128])
     autotune = {"_matmul_kernel": {"(8192, 768, 3072)": f"BLOCK_M: {block}, num_warps: 8"}}
@@ -619,7 +623,7 @@ def test_gpu_check_script_parses():
 STUB_PYTHON = r"""#!/usr/bin/env bash
 case "$1 $2" in
   "-m pip") echo "Successfully installed llm-kernels"; exit 0 ;;
-  "-m pytest") echo "....s"; echo "4 passed, 1 skipped in 0.12s"; exit 0 ;;
+  "-m pytest") echo "failure log: $LLM_KERNELS_FAILURE_LOG"; echo "....s"; echo "4 passed, 1 skipped in 0.12s"; exit 0 ;;
   "-m llm_kernels")
     while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' '{"meta": {}, "rows": [{"op": "attention", "passed": true, "note": ""}]}' > "$2"; shift; done
     echo "verify: 1 passed"; exit 0 ;;
@@ -635,6 +639,51 @@ esac
 [ "$1" = setup.py ] && exit 0
 exec "@REAL@" "$@"
 """
+
+
+def _dry_run(tmp_path, *args, **env_vars):
+    """gpu_check.sh with the stub python: (stdout, the log, {step: status})."""
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON.replace("@REAL@", sys.executable))
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(stub), OUT=str(out), **env_vars)
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    log = (out / "gpu_check.log").read_text()
+    steps = dict(line.split()[1:3] for line in log.splitlines() if line.startswith("@@step "))
+    return result.stdout, log, steps
+
+
+def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
+    """--bench with BENCH_RESUME: the earlier call's bench.json is copied into the output folder
+    and the bench resumes from it; no cuda tests or verify run, the rest of the tests do."""
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text('{"environment": {}, "rows": [], "skipped": [], "checks": []}')
+    stdout, log, steps = _dry_run(tmp_path, "--bench", BENCH_RESUME=str(earlier))
+    bench_begin = next(line for line in log.splitlines() if line.startswith("@@begin bench:"))
+    assert "--resume" in bench_begin.split() and steps["bench"] == "status=ok"
+    assert steps["pytest-rest"] == "status=ok"
+    assert "pytest-cuda" not in steps and "verify" not in steps and "profile" not in steps
+    assert stdout.splitlines()[-1].startswith("targets: ")
+
+
+def test_gpu_check_names_failing_tests_from_the_failure_log(tmp_path):
+    """The pytest steps get LLM_KERNELS_FAILURE_LOG inside the output folder (tests/conftest.py
+    appends each failure there), and the summary lists what it holds."""
+    stdout, log, _ = _dry_run(tmp_path, GPU_CHECK_BUDGET="415")
+    failure_log = tmp_path / "out" / "test_failures.txt"
+    assert f"failure log: {failure_log}" in log and failure_log.read_text() == ""
+    failure_log.write_text("=== FAILED tests/test_x.py::test_y[cuda] (call, 3.2 s)\n"
+                           "    assert err < tol\nE   AssertionError: rel 3e-2 > 1e-2\n"
+                           "E   assert 0.03 < 0.01\n")
+    summary = summarize.summarize(str(tmp_path / "out"))
+    assert summary["test_failures"] == [{"test": "tests/test_x.py::test_y[cuda]", "phase": "call",
+                                         "secs": 3.2, "error": "AssertionError: rel 3e-2 > 1e-2"}]
+    assert summarize.exit_code(summary) == 1
+    assert any("tests/test_x.py::test_y[cuda]" in line for line in summarize.problem_lines(summary))
+    assert "## Failed tests" in summarize.format_markdown(summary, None, None)
 
 
 @pytest.mark.parametrize("budget", [415, 30], ids=["full_budget", "budget_spent"])
@@ -658,11 +707,32 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_summary(tmp_path, budg
     # Without time, the steps that keep a reserve for later ones are skipped; the last ones
     # run on what is left.
     expected = "status=ok" if budget == 415 else "status=skipped"
-    for name in ("build", "pytest-cuda", "verify", "bench"):
+    for name in ("build", "pytest-cuda", "verify"):
         assert steps.get(name) == expected, (name, steps)
-    assert steps.get("profile") in ("status=ok", "status=skipped") and "pytest-rest" in steps
+    for name in ("profile", "bench", "pytest-rest"):
+        assert steps.get(name) in ("status=ok", "status=skipped"), (name, steps)
     if budget == 415:
-        assert steps["profile"] == "status=ok" and steps["pytest-rest"] == "status=ok"
+        assert all(steps[name] == "status=ok" for name in ("profile", "bench", "pytest-rest"))
         summary = json.loads((out / "summary.json").read_text())
         assert summary["profile"][2].startswith("_attn_bwd_dkdv_kernel")
     assert len(list(out.iterdir())) <= 8
+
+
+def test_conftest_writes_each_failure_to_the_failure_log(tmp_path):
+    """tests/conftest.py appends a failing test's id, phase and error to LLM_KERNELS_FAILURE_LOG
+    as it happens; passing tests write nothing."""
+    (tmp_path / "test_sample.py").write_text(
+        "def test_fails():\n    assert 2 + 2 == 5, 'arithmetic'\n\n"
+        "def test_passes():\n    assert True\n")
+    failure_log = tmp_path / "failures.txt"
+    env = dict(os.environ, LLM_KERNELS_FAILURE_LOG=str(failure_log),
+               PYTHONPATH=os.path.join(REPO, "tests"))
+    env.pop("PYTEST_XDIST_WORKER", None)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p",
+                             "no:cacheprovider", "-c", os.devnull, "--rootdir", str(tmp_path),
+                             str(tmp_path / "test_sample.py")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert "1 failed, 1 passed" in result.stdout, result.stdout + result.stderr
+    failed = summarize.test_failures(failure_log.read_text())
+    assert [(f["test"].split("::")[-1], f["phase"]) for f in failed] == [("test_fails", "call")]
+    assert "AssertionError: arithmetic" in failed[0]["error"]

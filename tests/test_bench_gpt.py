@@ -70,13 +70,16 @@ def test_profile_step_lists_the_kernels_of_a_step(capsys):
                               "1", "--steps", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     sdpa = out.split("== torch-sdpa: ")[1].split("== lk-triton")[0].strip().splitlines()
-    assert re.match(r"[\d.]+ ms/step under the profiler \(\d+ tokens/s\), kernels [\d.]+ ms/step",
-                    sdpa[0])
-    rows = sdpa[2:]
-    assert len(rows) == 4
-    assert any(row.startswith("aten::") for row in rows)
-    shares = [float(row.split()[-1].rstrip("%")) for row in rows]
+    assert re.match(r"[\d.]+ ms/step \(\d+ tokens/s\), [\d.]+ under the profiler, kernels "
+                    r"[\d.]+ ms/step \(device busy \d+% of the profiled step\)", sdpa[0])
+    host_header = next(i for i, row in enumerate(sdpa) if row.startswith("host op"))
+    kernels, host_ops = sdpa[2:host_header], sdpa[host_header + 1:]
+    assert len(kernels) == 4 and len(host_ops) == 4
+    assert any(row.startswith("aten::") for row in kernels)
+    shares = [float(row.split()[-1].rstrip("%")) for row in kernels]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
+    host_ms = [float(row.split()[-2]) for row in host_ops]
+    assert host_ms == sorted(host_ms, reverse=True) and host_ms[-1] > 0
     assert "== lk-triton: skipped (the Triton interpreter is not benchmarked" in out
 
 

@@ -70,6 +70,26 @@ def test_verify_reports_failure_with_exit_1(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_verify_interrupted_writes_the_finished_rows_and_exits_130(monkeypatch, tmp_path, capsys):
+    """Ctrl-C (or a GPU check's time limit) mid-run: the cases that finished are printed and
+    written to --json, marked interrupted, and the exit code is 130."""
+    real, calls = verify.run_case, []
+
+    def interrupted_third(case, backend, dtype):
+        calls.append(case.shape)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(case, backend, dtype)
+    monkeypatch.setattr(verify, "run_case", interrupted_third)
+    path = tmp_path / "verify.json"
+    assert cli.main(["verify", "--ops", "softmax", "--backends", "torch", "--json", str(path)]) == 130
+    data = json.loads(path.read_text())
+    assert data["meta"]["interrupted"] is True
+    assert {r["shape"] for r in data["rows"]} == set(calls[:2]) and data["rows"]
+    assert all(r["passed"] for r in data["rows"])
+    assert "interrupted" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args", [["verify", "--ops", "conv2d"], ["verify", "--backends", "tpu"],
                                   ["verify", "--device", "foo"], ["verify", "--device", "meta"],
                                   ["nonsense"], ["train", "--data", "x", "--mlp", "relu"],
