@@ -27,9 +27,12 @@ from llm_kernels.kernels._rounding import to_dtype
 
 # Longest row kept in registers; longer rows loop over chunks of this many elements.
 MAX_BLOCK = 8192
-# Backward programs per SM: each reduces its rows' dweight/dbias into one partial row. Two
-# fit on an H100 SM at hidden 4096 (about 124 registers x 256 threads each).
-BWD_PROGRAMS_PER_SM = 2
+# Resident warps per SM the backward aims for: 32 of 64, i.e. at most 64 registers a thread.
+# Its warps per program scale with the row (a thread keeps 16 elements of each row tensor: 64
+# registers at sm_90), and as many programs per SM are launched as fit that many warps. Each
+# program reduces its rows' dweight/dbias into one partial row. (H100, hidden 4096: 8 warps x
+# 121 registers left 16 warps per SM and ran at 948 GB/s; 16 warps x 64 registers fit 32.)
+BWD_WARPS_PER_SM = 32
 # Software-pipelining depth of the backward's loop over rows (the next row's loads are issued
 # while this row is reduced); 1 turns it off.
 BWD_STAGES = 2
@@ -217,21 +220,26 @@ def _layer_norm_bwd_kernel(DY, DH, Hs, W, MEAN, RSTD, DX, PARTIAL_W, PARTIAL_B, 
 
 
 def _config(c: int) -> tuple[int, bool, int]:
-    """(block, single, num_warps) for rows of ``c`` elements."""
+    """(block, single, num_warps) of the forward for rows of ``c`` elements."""
     single = triton.next_power_of_2(c) <= MAX_BLOCK
     block = triton.next_power_of_2(c) if single else MAX_BLOCK
     # 16-byte accesses need >= 8 (16-bit) elements per thread; 512 per warp keeps registers low.
     return block, single, min(max(block // 512, 1), 16)
 
 
+def _backward_warps(block: int) -> int:
+    """Warps per backward program: 16 elements of a row per thread (see BWD_WARPS_PER_SM)."""
+    return min(max(block // 256, 1), BWD_WARPS_PER_SM)
+
+
 def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _backward_programs(n: int, device: torch.device) -> int:
+def _backward_programs(n: int, num_warps: int, device: torch.device) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(n, sms * BWD_PROGRAMS_PER_SM)
+        return min(n, sms * max(BWD_WARPS_PER_SM // num_warps, 1))
     return min(n, INTERPRETER_BWD_PROGRAMS if interpreting() else 1)
 
 
@@ -269,8 +277,9 @@ def layer_norm_backward(grad_y, grad_h, h, weight, bias, mean, rstd, rms):
     grad_y = grad_y.contiguous()
     n, c = h.shape
     dx = torch.empty_like(h)
-    block, single, num_warps = _config(c)
-    programs = _backward_programs(n, h.device)
+    block, single, _ = _config(c)
+    num_warps = _backward_warps(block)
+    programs = _backward_programs(n, num_warps, h.device)
     partial_w = _partial_buffer(programs, c, h.device, single) if weight is not None else None
     partial_b = _partial_buffer(programs, c, h.device, single) if bias is not None else None
     with _device(h):
