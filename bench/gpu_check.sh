@@ -23,7 +23,7 @@
 # machine:
 #   python bench/summarize.py --out gpu-results --results-dir bench/results
 # Environment: GPU_CHECK_BUDGET (seconds, default 420), PYTHON (default python3), BENCH_RESUME,
-# TEST_WORKERS (pytest-xdist workers, default 8), TRITON_CACHE_DIR (default .triton-cache in the
+# TEST_WORKERS (pytest-xdist workers, default 6), TRITON_CACHE_DIR (default .triton-cache in the
 # repository: ignored by git, so a second call on the still-warm machine reuses the kernels the
 # first compiled), SANITIZE_K (a pytest -k expression choosing the sanitized tests),
 # SANITIZE_PER_FILE.
@@ -133,7 +133,7 @@ PYTEST_OPTS=(-q -rfE -p no:cacheprovider --continue-on-collection-errors)
 TIMEOUT_OPT=()
 has_module pytest_timeout && TIMEOUT_OPT=(--timeout=300)
 XDIST=()
-has_module xdist && XDIST=(-n "${TEST_WORKERS:-8}")
+has_module xdist && XDIST=(-n "${TEST_WORKERS:-6}")
 
 # cuda_tests MAX RESERVE / verify_step MAX RESERVE / ...: each step gets at most MAX seconds and
 # leaves RESERVE for the steps after it.

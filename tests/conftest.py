@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before anything imports triton (importing torch does not).
 """
+import gc
 import os
 import zlib
 
@@ -12,6 +13,12 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# pytest-xdist: each worker's torch would start one intra-op thread per core, so N workers run
+# N x cores threads (libgomp spin-waits) on the fp64 CPU-side comparisons of numerics.compare.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,6 +36,20 @@ def seed(request):
     value = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(autouse=True)
+def _release_cuda_memory(request):
+    """On a GPU, after every test: wait for its kernels (an asynchronous fault fails this test,
+    not whichever test this worker runs next) and hand the worker's cached blocks back to the
+    driver. Without it each pytest-xdist worker keeps its largest test's memory reserved for
+    the rest of the session, and 8-12 workers on one 80 GB GPU run the later tests out of
+    memory."""
+    yield
+    if HAS_CUDA and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture
