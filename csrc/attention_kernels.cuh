@@ -171,25 +171,51 @@ __device__ __forceinline__ void stage_fragment(T* tile, const float (&acc)[HD / 
   }
 }
 
+// The A fragments (16 x 16*KSTEPS as KSTEPS k-steps of 16) of 16 rows `a` of a shared tile.
+template <int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&af)[KSTEPS][4], const T* a) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+    ldmatrix_x4(af[ks], a + (lane % 16) * Tile<HD>::kLd + ks * 16 + (lane / 16) * 8);
+  }
+}
+
+// acc (16 x 8*N) += A (16 x 16, k-step ks) times B^T over columns [16*ks, 16*ks + 16), where B
+// is N*8 rows of a shared tile `b` (row = output column).
+template <int N, int HD, typename T>
+__device__ __forceinline__ void mma_step_x_rows(float (&acc)[N][4], const uint32_t (&af)[4],
+                                                const T* b, int ks) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int np = 0; np < N / 2; ++np) {
+    uint32_t bf[4];
+    ldmatrix_x4(bf, b + (np * 16 + lane % 8 + (lane / 16) * 8) * Tile<HD>::kLd + ks * 16 +
+                        ((lane / 8) % 2) * 8);
+    Mma<T>::run(acc[2 * np], af, bf[0], bf[1]);
+    Mma<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
+  }
+}
+
 // acc (16 x 8*N) += A (16 x 16*KSTEPS, the warp's rows `a` of a shared tile) times B^T where B
 // is N*8 rows of a shared tile `b` (row = output column), over columns [0, 16*KSTEPS).
 template <int N, int KSTEPS, int HD, typename T>
 __device__ __forceinline__ void mma_rows_x_rows(float (&acc)[N][4], const T* a, const T* b) {
-  constexpr int kLd = Tile<HD>::kLd;
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int ks = 0; ks < KSTEPS; ++ks) {
     uint32_t af[4];
-    ldmatrix_x4(af, a + (lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
-#pragma unroll
-    for (int np = 0; np < N / 2; ++np) {
-      uint32_t bf[4];
-      ldmatrix_x4(bf, b + (np * 16 + lane % 8 + (lane / 16) * 8) * kLd + ks * 16 +
-                          ((lane / 8) % 2) * 8);
-      Mma<T>::run(acc[2 * np], af, bf[0], bf[1]);
-      Mma<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
-    }
+    ldmatrix_x4(af, a + (lane % 16) * Tile<HD>::kLd + ks * 16 + (lane / 16) * 8);
+    mma_step_x_rows<N, HD>(acc, af, b, ks);
   }
+}
+
+// As mma_rows_x_rows with A held in registers (load_a_fragments).
+template <int N, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_frags_x_rows(float (&acc)[N][4],
+                                                 const uint32_t (&af)[KSTEPS][4], const T* b) {
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) mma_step_x_rows<N, HD>(acc, af[ks], b, ks);
 }
 
 // acc (16 x HD) += A (16 x 16*KSTEPS, register fragments) times B (16*KSTEPS rows x HD of a
@@ -249,45 +275,69 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // ================================ tensor-core forward ========================================
 
-// Grid (B * H, query tiles); NW warps, BM = 16 * NW query rows x BN keys per step.
+// Grid (B * H, query tiles), remapped below; NW warps, BM = 16 * NW query rows x BN keys per
+// step. K and V are double-buffered (stage t % 2 holds key tile t): tile t + 1 loads while tile
+// t is computed, one __syncthreads per tile. Up to HD = 128 a warp keeps its Q rows as mma A
+// fragments in registers for the whole key loop (HD / 4 registers); at HD = 256 they would not
+// fit beside the 16 x 256 fp32 O fragment (128 registers), so that path re-reads them from
+// shared memory per key tile.
 template <typename T, int HD, int BN, int NW>
 __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) {
   constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
+  constexpr bool kQInRegs = HD <= 128;
   LK_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem);  // BM x HD
-  T* s_k = s_q + BM * kLd;              // BN x HD
-  T* s_v = s_k + BN * kLd;              // BN x HD
+  T* s_k = s_q + BM * kLd;              // 2 stages x BN x HD
+  T* s_v = s_k + 2 * BN * kLd;          // 2 stages x BN x HD
 
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
-  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // the longest causal rows start first
+  // Blocks start in launch order (x fastest); block `linear` of it takes query tile
+  // linear % gridDim.y of head linear / gridDim.y, so the blocks in flight cover few heads and
+  // read the same K, V from L2; within a head the longest causal rows start first.
+  const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+  const int bh = static_cast<int>(linear / gridDim.y), b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - static_cast<int>(linear % gridDim.y)) * BM;
   const int warp = threadIdx.x / 32, d = p.head_dim;
   const T* k = k_row<T>(p, b, hk, 0);
   const T* v = v_row<T>(p, b, hk, 0);
   const int q_rows = min(BM, p.q_len - m0);
   const int n_end = key_end(p, m0 + q_rows);
   const int n_tiles = (n_end + BN - 1) / BN;
+  // Key tile t into stage t % 2 (cp.async, not committed).
+  auto load_kv = [&](int t) {
+    const int n0 = t * BN, rows = min(BN, p.k_len - n0), at = (t % 2) * BN * kLd;
+    load_tile_async<BN, HD, kThreads>(s_k + at, k + n0 * p.k_stride[2], p.k_stride[2], rows, d);
+    load_tile_async<BN, HD, kThreads>(s_v + at, v + n0 * p.v_stride[2], p.v_stride[2], rows, d);
+  };
 
   load_tile_async<BM, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
-  if (n_tiles > 0) load_tile_async<BN, HD, kThreads>(s_k, k, p.k_stride[2], min(BN, p.k_len), d);
+  if (n_tiles > 0) load_kv(0);
   cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();  // Q and key tile 0 are in
 
+  const T* q_warp = s_q + warp * 16 * kLd;
+  uint32_t qf[kQInRegs ? HD / 16 : 1][4];
+  if constexpr (kQInRegs) load_a_fragments<HD / 16, HD>(qf, q_warp);
   float o[HD / 8][4];
   zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  const T* q_warp = s_q + warp * 16 * kLd;
   const int row_base = m0 + warp * 16;
 
   for (int t = 0; t < n_tiles; ++t) {
     const int n0 = t * BN;
-    cp_async_wait_all();
-    __syncthreads();  // K tile t is in; every warp is done with V tile t-1
-    load_tile_async<BN, HD, kThreads>(s_v, v + n0 * p.v_stride[2], p.v_stride[2],
-                                      min(BN, p.k_len - n0), d);
+    const T* k_tile = s_k + (t % 2) * BN * kLd;
+    const T* v_tile = s_v + (t % 2) * BN * kLd;
+    if (t + 1 < n_tiles) load_kv(t + 1);  // into the stage every warp finished at tile t - 1
     cp_async_commit();
 
     float s[NT][4];
     zero(s);
-    mma_rows_x_rows<NT, HD / 16, HD>(s, q_warp, s_k);
+    if constexpr (kQInRegs) {
+      mma_frags_x_rows<NT, HD / 16, HD>(s, qf, k_tile);
+    } else {
+      mma_rows_x_rows<NT, HD / 16, HD>(s, q_warp, k_tile);
+    }
 
     const bool need_mask = p.mask != nullptr || n0 + BN > p.k_len ||
                            (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
@@ -335,15 +385,10 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
     }
     uint32_t pa[NT / 2][4];
     to_a_fragments<NT, T>(pa, s);
+    mma_regs_x_tile<NT / 2, HD>(o, pa, v_tile);
 
     cp_async_wait_all();
-    __syncthreads();  // V tile t is in; every warp is done with K tile t
-    if (t + 1 < n_tiles) {
-      load_tile_async<BN, HD, kThreads>(s_k, k + (n0 + BN) * p.k_stride[2], p.k_stride[2],
-                                        min(BN, p.k_len - n0 - BN), d);
-    }
-    cp_async_commit();
-    mma_regs_x_tile<NT / 2, HD>(o, pa, s_v);
+    __syncthreads();  // key tile t + 1 is in; every warp is done with stage t % 2
   }
 
   float inv[2];
@@ -356,8 +401,8 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
       p.lse[static_cast<int64_t>(bh) * p.q_len + i] = lse_of(row_max[half], sum);
     }
   }
-  cp_async_wait_all();
-  __syncthreads();  // nothing is in flight into s_q any more
+  // Every cp.async has landed (waited before the last __syncthreads); the warp's Q rows are read
+  // by it alone.
   T* stage = s_q + warp * 16 * kLd;
   stage_fragment<HD>(stage, o, inv);
   __syncwarp();

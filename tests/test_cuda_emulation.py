@@ -109,6 +109,10 @@ SHAPES = [  # (b, h, hkv, lq, lk, d, options)
     (2, 4, 2, 29, 53, 64, dict(mask="float")),
     (1, 2, 1, 41, 41, 40, dict(causal=True, mask="bool")),
     (1, 2, 1, 45, 67, 256, dict(causal=True)),  # 16 bits: tensor-core forward, SIMT backward
+    # Several key tiles through both K/V stages of the tensor-core forward, per head-dim tile:
+    (1, 2, 1, 70, 300, 48, dict(mask="float")),  # D <= 64: 5 tiles of 64, every one masked
+    (1, 2, 2, 200, 333, 128, dict(causal=True)),  # D <= 128: 6 tiles of 64, unmasked ones between
+    (1, 1, 1, 33, 170, 200, dict()),  # D <= 256 (Q re-read from shared memory): 6 tiles of 32
 ]
 CASES = [Case(dtype, *shape, **options) for *shape, options in SHAPES for dtype in DTYPES]
 CASES += [Case(F16, 1, 2, 2, 19, 29, 20, causal=True)]  # D % 8 != 0: the 16-bit SIMT fallback
@@ -187,8 +191,8 @@ def test_emulated_cuda_attention(driver, tmp_path, seed, case):
 
 
 def test_emulator_catches_a_missing_syncthreads(driver, tmp_path):
-    """Every thread skips its first __syncthreads, the one between the cp.async of the first K
-    tile and its ldmatrix in the tensor-core forward: the race detector reports it."""
+    """Every thread skips its first __syncthreads, the one between the cp.async of the Q tile
+    and its ldmatrix in the tensor-core forward: the race detector reports it."""
     q, k, v = make_qkv(1, 1, 1, 20, 40, 64, F16, "cpu")
     _, faults = emulate(driver, tmp_path, q, k, v, None, torch.zeros_like(q), causal=False,
                         scale=0.125, skip_syncthreads=1, backward=0)
