@@ -24,6 +24,8 @@ def dtype_for(t) -> Optional[torch.dtype]:
     ``t`` not a tensor)."""
     if not isinstance(t, torch.Tensor):
         return None
+    if (t.is_cpu or t.is_cuda) and not torch._C._is_any_autocast_enabled():
+        return None  # the common case, cheaply (the check misses autocast on some device types)
     device_type = t.device.type
     if not torch.amp.is_autocast_available(device_type):
         return None

@@ -1,12 +1,18 @@
-"""Input validation shared by the public functions: every check runs before any kernel."""
+"""Input validation shared by the public functions: every check runs before any kernel.
+
+They run on every call, so each is a few attribute reads when the input is fine; the error
+messages are built only when one is raised.
+"""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = frozenset(FLOAT_DTYPES)
+_KERNEL_DTYPES = frozenset(KERNEL_DTYPES)
 
 
 def tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
@@ -18,39 +24,36 @@ def tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional[int] 
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
-    if floating and t.dtype not in FLOAT_DTYPES:
+    if floating and t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     return t
 
 
-def optional(name: str, t, **kwargs) -> Optional[torch.Tensor]:
-    return None if t is None else tensor(name, t, **kwargs)
-
-
-def same_dtype_device(ref_name: str, ref: torch.Tensor, **others) -> None:
-    """Every tensor in ``others`` (None allowed) has ``ref``'s dtype and device."""
-    for name, t in others.items():
+def same_dtype_device(ref_name: str, ref: torch.Tensor, *named) -> None:
+    """Every ``(name, tensor)`` pair of ``named`` (tensor None allowed) has ``ref``'s dtype and
+    device."""
+    device, dtype = ref.device, ref.dtype
+    for name, t in named:
         if t is None:
             continue
-        if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: "
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}: "
                              "all tensors must be on one device")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: "
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {dtype}: "
                             "all floating tensors must share one dtype")
 
 
-def last_dim_contiguous(**tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), "
-                             f"got strides {t.stride()}")
+def last_dim_contiguous(name: str, t: Optional[torch.Tensor]) -> None:
+    if t is not None and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), "
+                         f"got strides {t.stride()}")
 
 
-def shape(name: str, t: Optional[torch.Tensor], expected: Iterable[int]) -> None:
-    expected = tuple(expected)
-    if t is not None and tuple(t.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(t.shape)}")
+def shape(name: str, t: Optional[torch.Tensor], expected: tuple) -> None:
+    """``t`` (None allowed) has shape ``expected`` (a tuple or torch.Size)."""
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
 def empty_reason(**tensors) -> Optional[str]:
@@ -64,6 +67,6 @@ def empty_reason(**tensors) -> Optional[str]:
 
 def kernel_dtype_reason(dtype: torch.dtype) -> Optional[str]:
     """None when the Triton/CUDA kernels take ``dtype``, else why not."""
-    if dtype not in KERNEL_DTYPES:
+    if dtype not in _KERNEL_DTYPES:
         return f"kernels take float16, bfloat16 and float32, got {dtype}"
     return None

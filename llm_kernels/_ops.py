@@ -64,6 +64,16 @@ def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``t (..., C)`` as a contiguous ``(N, C)`` tensor (``t`` itself when it is one)."""
+    return (t if t.dim() == 2 else t.reshape(-1, t.shape[-1])).contiguous()
+
+
+def unrows(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``y (N, F)``, computed from ``rows(like)``, viewed with ``like``'s leading dims."""
+    return y if like.dim() == 2 else y.view(*like.shape[:-1], y.shape[-1])
+
+
 class _NotDifferentiable(torch.autograd.Function):
     """A kernel backward run as a function of the tensors it depends on (the saved tensors and
     the incoming gradients), so that under ``create_graph=True`` its results stay connected to
@@ -225,12 +235,22 @@ def register_cuda_fakes() -> None:
         torch.library.register_fake(f"{CUDA_NAMESPACE}::{op}", FAKES[op])
 
 
+_namespaces: dict = {}
+
+
 def ops(backend: str):
     """The op namespace of a kernel backend (``triton`` or ``cuda``)."""
     if torch.compiler.is_compiling():
         # backends.select() defined/loaded these ops before tracing got here; the lock and
         # the import below would break the graph.
         return getattr(torch.ops, TRITON_NAMESPACE if backend == "triton" else CUDA_NAMESPACE)
+    namespace = _namespaces.get(backend)
+    if namespace is None:
+        namespace = _namespaces[backend] = _load_ops(backend)
+    return namespace
+
+
+def _load_ops(backend: str):
     if backend == "triton":
         return triton_ops()
     if backend == "cuda":

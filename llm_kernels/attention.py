@@ -39,11 +39,14 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _validate(q, k, v, attn_mask):
-    _checks.tensor("q", q, ndim=4)
-    _checks.tensor("k", k, ndim=4)
-    _checks.tensor("v", v, ndim=4)
-    _checks.same_dtype_device("q", q, k=k, v=v)
+def _validate(q, k, v, attn_mask, *, checked: bool = False):
+    """``checked``: q, k and v are known to be 4-D floating tensors with a contiguous last dim
+    (scaled_dot_product_attention's fallback checks), which is not checked again."""
+    if not checked:
+        _checks.tensor("q", q, ndim=4)
+        _checks.tensor("k", k, ndim=4)
+        _checks.tensor("v", v, ndim=4)
+    _checks.same_dtype_device("q", q, ("k", k), ("v", v))
     b, h, lq, d = q.shape
     bk, hkv, lk, dk = k.shape
     if k.shape != v.shape:
@@ -54,7 +57,10 @@ def _validate(q, k, v, attn_mask):
                          f"{tuple(k.shape)} must agree in B and D")
     if (h % hkv != 0) if hkv else h != 0:
         raise ValueError(f"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv}")
-    _checks.last_dim_contiguous(q=q, k=k, v=v)
+    if not checked:
+        _checks.last_dim_contiguous("q", q)
+        _checks.last_dim_contiguous("k", k)
+        _checks.last_dim_contiguous("v", v)
     if attn_mask is not None:
         _validate_mask(attn_mask, q, (b, h, lq, lk))
 
@@ -169,8 +175,9 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, sc
         return f"head dim {query.shape[-1]}"
     if attn_mask is not None and attn_mask.requires_grad:
         return "attn_mask requires grad"
-    if any(t.shape[-1] > 1 and t.stride(-1) != 1 for t in (query, key, value)):
-        return "a last dim that is not contiguous"
+    for t in (query, key, value):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            return "a last dim that is not contiguous"
     return None
 
 
@@ -204,7 +211,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                   stacklevel=2)
         record("scaled_dot_product_attention", "torch", "fallback: " + reason)
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    _validate(query, key, value, attn_mask)
+    _validate(query, key, value, attn_mask, checked=True)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return _attention(query, key, value, causal_offset=0 if is_causal else None, scale=scale,
                       attn_mask=attn_mask, backend=None, op="scaled_dot_product_attention",

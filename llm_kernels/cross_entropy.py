@@ -68,7 +68,7 @@ def _validate(logits, target, ignore_index, reduction, inplace_backward):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    _checks.last_dim_contiguous(logits=logits)
+    _checks.last_dim_contiguous("logits", logits)
     if not torch.compiler.is_compiling():
         valid = (target == ignore_index) | ((target >= 0) & (target < logits.shape[1]))
         if not bool(valid.all()):

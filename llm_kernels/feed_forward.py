@@ -59,22 +59,18 @@ def _linear_weight(name, w, in_features, x):
     if w.shape[1] != in_features:
         raise ValueError(f"{name} must have shape (out_features, {in_features}) in nn.Linear "
                          f"layout, got {tuple(w.shape)}")
-    _checks.same_dtype_device("x", x, **{name: w})
+    _checks.same_dtype_device("x", x, (name, w))
 
 
 def _bias(name, b, out_features, x):
-    _checks.optional(name, b, ndim=1)
-    _checks.shape(name, b, (out_features,))
-    _checks.same_dtype_device("x", x, **{name: b})
+    if b is not None:
+        _checks.tensor(name, b, ndim=1)
+        _checks.shape(name, b, (out_features,))
+        _checks.same_dtype_device("x", x, (name, b))
 
 
 def _kernel_reason(x) -> Optional[str]:
     return _checks.kernel_dtype_reason(x.dtype)
-
-
-
-def _rows(x):
-    return x.reshape(-1, x.shape[-1]).contiguous()  # (N, d)
 
 
 def feed_forward(x, w1, b1, w2, b2, *, activation: str = "gelu",
@@ -97,9 +93,9 @@ def feed_forward(x, w1, b1, w2, b2, *, activation: str = "gelu",
                   empty=_checks.empty_reason(x=x, w1=w1, w2=w2))
     if name == "torch":
         return feed_forward_ref(x, w1, b1, w2, b2, activation=activation)
-    out = FeedForwardFunction.apply(_rows(x), w1.contiguous(), _ops.contiguous(b1), w2.contiguous(),
-                                    _ops.contiguous(b2), activation, name)
-    return out.view(*x.shape[:-1], w2.shape[0])
+    out = FeedForwardFunction.apply(_ops.rows(x), w1.contiguous(), _ops.contiguous(b1),
+                                    w2.contiguous(), _ops.contiguous(b2), activation, name)
+    return _ops.unrows(out, x)
 
 
 def swiglu(x, w_gate, w_up, w_down, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -121,6 +117,6 @@ def swiglu(x, w_gate, w_up, w_down, *, backend: Optional[str] = None) -> torch.T
                   empty=_checks.empty_reason(x=x, w_gate=w_gate, w_down=w_down))
     if name == "torch":
         return swiglu_ref(x, w_gate, w_up, w_down)
-    out = SwiGLUFunction.apply(_rows(x), w_gate.contiguous(), w_up.contiguous(),
+    out = SwiGLUFunction.apply(_ops.rows(x), w_gate.contiguous(), w_up.contiguous(),
                                w_down.contiguous(), name)
-    return out.view(*x.shape[:-1], w_down.shape[0])
+    return _ops.unrows(out, x)

@@ -54,12 +54,15 @@ def _validate(x, weight, bias, residual, eps):
     _checks.tensor("x", x, min_ndim=1)
     c = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
-        _checks.optional(name, t, ndim=1)
-        _checks.shape(name, t, (c,))
-    _checks.optional("residual", residual)
-    _checks.shape("residual", residual, x.shape)
-    _checks.same_dtype_device("x", x, weight=weight, bias=bias, residual=residual)
-    _checks.last_dim_contiguous(x=x, residual=residual)
+        if t is not None:
+            _checks.tensor(name, t, ndim=1)
+            _checks.shape(name, t, (c,))
+    if residual is not None:
+        _checks.tensor("residual", residual)
+        _checks.shape("residual", residual, x.shape)
+    _checks.same_dtype_device("x", x, ("weight", weight), ("bias", bias), ("residual", residual))
+    _checks.last_dim_contiguous("x", x)
+    _checks.last_dim_contiguous("residual", residual)
     if not isinstance(eps, (float, int)) or not eps >= 0:  # NaN too
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
@@ -69,14 +72,12 @@ def _norm(op, x, weight, bias, eps, residual, backend, rms, torch_fn):
                   kernel="layer_norm", empty=_checks.empty_reason(x=x))
     if name == "torch":
         return torch_fn()
-    c = x.shape[-1]
-    x2 = x.reshape(-1, c).contiguous()  # (N, C)
-    r2 = residual.reshape(-1, c).contiguous() if residual is not None else None
-    y, h = NormFunction.apply(x2, _ops.contiguous(weight), _ops.contiguous(bias), r2, float(eps),
-                              rms, name)
-    y = y.view(x.shape)
-    return y if residual is None else (y, h.view(x.shape))
-
+    rows = _ops.rows(x)  # (N, C)
+    r_rows = None if residual is None else _ops.rows(residual)
+    y, h = NormFunction.apply(rows, _ops.contiguous(weight), _ops.contiguous(bias), r_rows,
+                              float(eps), rms, name)
+    y = _ops.unrows(y, x)
+    return y if residual is None else (y, _ops.unrows(h, x))
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, residual=None,

@@ -37,19 +37,26 @@ def _as_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
     return tuple(int(s) for s in normalized_shape)
 
 
-def _flat_param(p: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+def _flat_param(p: Optional[torch.Tensor], x: torch.Tensor,
+                autocast: bool) -> Optional[torch.Tensor]:
     """The affine parameter as a 1-D tensor in x's dtype (differentiable view/cast); as is under
     autocast, where the norm promotes its inputs (float32 parameters: a float32 result, as
     torch's modules give)."""
     if p is None:
         return None
-    return p.reshape(-1) if _amp.dtype_for(x) is not None else p.reshape(-1).to(x.dtype)
+    if p.dim() != 1:
+        p = p.reshape(-1)
+    return p if autocast or p.dtype == x.dtype else p.to(x.dtype)
 
 
 def _flat_rows(t: torch.Tensor, lead, features: int) -> torch.Tensor:
     """t (..., *normalized_shape) as (..., features) with a contiguous last dim."""
     flat = t.reshape(*lead, features)
-    return flat if features <= 1 or flat.stride(-1) == 1 else flat.contiguous()
+    return _last_dim_contiguous(flat, features)
+
+
+def _last_dim_contiguous(t: torch.Tensor, features: int) -> torch.Tensor:
+    return t if features <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _normalize(fn, module, x, residual, **params):
@@ -60,14 +67,16 @@ def _normalize(fn, module, x, residual, **params):
                          f"with normalized_shape {shape}")
     lead = x.shape[:-len(shape)]
     features = math.prod(shape)
-    flat = _flat_rows(x, lead, features)                          # (..., prod(shape))
+    one_dim = len(shape) == 1  # x already is (..., features): no reshapes
+    flat = _last_dim_contiguous(x, features) if one_dim else _flat_rows(x, lead, features)
     flat_res = None if residual is None else _flat_rows(residual, lead, features)
-    params = {k: _flat_param(v, x) for k, v in params.items()}
+    autocast = _amp.dtype_for(x) is not None
+    params = {k: _flat_param(v, x, autocast) for k, v in params.items()}
     out = fn(flat, **params, residual=flat_res, backend=module.backend)
     if residual is None:
-        return out.view(x.shape)
+        return out if one_dim else out.view_as(x)
     normed, summed = out
-    return normed.view(x.shape), summed.view(x.shape)
+    return (normed, summed) if one_dim else (normed.view_as(x), summed.view_as(x))
 
 
 class LayerNorm(torch.nn.Module):

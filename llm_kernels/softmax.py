@@ -36,13 +36,15 @@ def softmax(x, dim: int = -1, *, backend: Optional[str] = None) -> torch.Tensor:
         with _amp.disabled(x):
             return softmax(x, dim, backend=backend)
     _checks.tensor("x", x, min_ndim=1)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    ndim = x.dim()
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be an int in [{-ndim}, {ndim}), got {dim!r}")
     name = select("softmax", backend, x.device, lambda _: _checks.kernel_dtype_reason(x.dtype),
                   empty=_checks.empty_reason(x=x))
     if name == "torch":
         return softmax_ref(x, dim)
+    if dim in (-1, ndim - 1):
+        return _ops.unrows(SoftmaxFunction.apply(_ops.rows(x), name), x)  # on (N, C) rows
     moved = x.movedim(dim, -1)
-    rows = moved.reshape(-1, moved.shape[-1]).contiguous()  # (N, C)
-    y = SoftmaxFunction.apply(rows, name).view(moved.shape)
-    return y if dim in (-1, x.dim() - 1) else y.movedim(-1, dim).contiguous()
+    y = _ops.unrows(SoftmaxFunction.apply(_ops.rows(moved), name), moved)
+    return y.movedim(-1, dim).contiguous()
