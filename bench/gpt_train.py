@@ -7,7 +7,8 @@ Work per step: ``llm_kernels.train.flops_per_token`` (6 N + 12 n_layer d_model T
 tokens, so the TFLOP/s column is the model FLOP rate; each row's note gives tokens/s and the
 MFU against the device's bf16 peak (``llm_kernels.train.peak_flops``; n/a on a CPU).
 
-Providers: ``lk-triton``/``lk-cuda`` (GPTConfig backend), ``torch`` (backend "torch": the
+Providers: ``lk-triton``/``lk-cuda``/``lk-auto`` (GPTConfig backend; auto takes each op's
+measured fastest backend), ``torch`` (backend "torch": the
 pure-torch references, attention materializing the scores) and ``torch-sdpa`` (backend "torch"
 with attention through ``torch.nn.functional.scaled_dot_product_attention``).
 """
@@ -139,6 +140,11 @@ def lk_provider(provider: str, case: Case, device: torch.device, opts: Options):
     return training_step(case, lk_backend(provider), device)
 
 
+def auto_provider(case: Case, device: torch.device, opts: Options):
+    """GPTConfig(backend="auto"), the default: each op on its measured fastest backend."""
+    return training_step(case, "auto", device)
+
+
 def torch_provider(case: Case, device: torch.device, opts: Options):
     """Every op by the pure-torch references (attention materializes the scores)."""
     return training_step(case, "torch", device)
@@ -152,6 +158,7 @@ def torch_sdpa_provider(case: Case, device: torch.device, opts: Options):
 PROVIDERS = {
     "lk-triton": functools.partial(lk_provider, "lk-triton"),
     "lk-cuda": functools.partial(lk_provider, "lk-cuda"),
+    "lk-auto": auto_provider,
     "torch": torch_provider,
     "torch-sdpa": torch_sdpa_provider,
 }

@@ -161,6 +161,7 @@ PROVIDER_COLORS = {
     "torch-compile": "#9467bd", "sdpa-flash": "#8c564b", "sdpa-efficient": "#e377c2",
     "sdpa-cudnn": "#7f7f7f", "sdpa-math": "#bcbd22", "flash-attn": "#17becf", "liger": "#000000",
     "lk-triton-inplace": "#aec7e8", "lk-cuda-inplace": "#ffbb78", "torch-sdpa": "#98df8a",
+    "lk-auto": "#ff9896",
 }
 UNKNOWN_PROVIDER_COLOR = "#c7c7c7"
 

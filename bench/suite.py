@@ -63,7 +63,7 @@ def standard_plan() -> list[PlanItem]:
                          ["lk-triton", "lk-cuda", "torch"]))
     plan.append(PlanItem(gpt_train, gpt_train.train_case(gpt_train.GPT2_SMALL, 8, DTYPE,
                                                          "gpt2-small"),
-                         ["lk-triton", "lk-cuda", "torch-sdpa", "torch"]))
+                         ["lk-triton", "lk-cuda", "lk-auto", "torch-sdpa", "torch"]))
     return deferred_last(plan, LAST)
 
 

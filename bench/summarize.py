@@ -274,9 +274,10 @@ def targets(bench: dict) -> list[Target]:
     out.append(Target("#4", "cross_entropy peak mem lk-triton / torch", value, None, "<=", detail))
     value, detail = speedup_vs(rows, "cross_entropy", "fwd+bwd", "lk-triton", "torch")
     out.append(Target("#4", "cross_entropy f+b lk-triton vs torch", value, 1.0, detail=detail))
-    value, detail = speedup_vs(rows, "gpt_train", "train", "lk-triton", "torch-sdpa")
-    out.append(Target("#6", "GPT-2 small train step lk-triton vs torch SDPA", value, 1.15,
-                      detail=detail))
+    for provider in ("lk-auto", "lk-triton", "lk-cuda"):
+        value, detail = speedup_vs(rows, "gpt_train", "train", provider, "torch-sdpa")
+        out.append(Target("#6", f"GPT-2 small train step {provider} vs torch SDPA", value, 1.15,
+                          detail=detail))
     for check in bench.get("checks", []):
         if check.get("check") == "determinism":
             verdict = {"identical": 1.0, "different": 0.0, "fault": 0.0}.get(check.get("result"))

@@ -29,6 +29,7 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 AUTO = "auto"
 ENV_VAR = "LLM_KERNELS_BACKEND"
+_NAMES = frozenset(BACKENDS + (AUTO,))
 
 # Order tried by "auto", per device type. The Triton interpreter is far too slow to be chosen
 # automatically on CPU: it runs only when named.
@@ -42,8 +43,16 @@ _AUTO_ORDER = {
 # (1.35-3.2x) and attention (1.03-1.23x) win, and since the vectorized exp (2026-11-27, fp32,
 # fwd and fwd+bwd, interleaved A/B) softmax (1.1-3.6x the torch backend, which checks for -inf
 # rows; 0.86-1.15x bare torch.softmax) and cross_entropy (1.3-6.1x F.cross_entropy) too.
+# On CUDA, measured on an H100 (2026-11-27, bf16, bench/results/2026-11-27-nvidia-h100-80gb-hbm3.md):
+# the CUDA C++ norms beat the Triton ones (layer norm fwd+bwd 0.50 / 0.70 ms against 1.12 / 1.21
+# at hidden 4096 / 8192, RMSNorm 0.69 against 0.98 ms at 8192), and torch's cuBLAS block beats
+# both feed-forward kernels (fwd 2.93 ms against 3.06 cuda and 3.69 triton; fwd+bwd 10.13
+# against 10.38 and 10.83 at 8192 x 4096 x 16384). Triton keeps attention (2.5x the CUDA C++
+# kernel), softmax, cross-entropy and SwiGLU (level with both).
 _AUTO_ORDER_OVERRIDES: dict[tuple[str, str], tuple[str, ...]] = {
-    (op, "cpu"): ("torch",) for op in ("layer_norm", "feed_forward", "swiglu")
+    **{(op, "cpu"): ("torch",) for op in ("layer_norm", "feed_forward", "swiglu")},
+    **{(op, "cuda"): ("cuda", "triton", "torch") for op in ("layer_norm", "rms_norm")},
+    ("feed_forward", "cuda"): ("torch",),
 }
 
 _state = threading.local()
@@ -64,7 +73,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or name not in BACKENDS + (AUTO,):
+    if not isinstance(name, str) or name not in _NAMES:
         raise ValueError(f"backend must be one of {BACKENDS + (AUTO,)}, got {name!r}")
     return name
 
@@ -75,7 +84,7 @@ def default_backend() -> str:
     if stack:
         return stack[-1]
     env = os.environ.get(ENV_VAR, AUTO).strip() or AUTO
-    if env not in BACKENDS + (AUTO,):
+    if env not in _NAMES:
         raise ValueError(f"${ENV_VAR} must be one of {BACKENDS + (AUTO,)}, got {env!r}")
     return env
 
@@ -144,7 +153,33 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return {"torch": (True, ""), "triton": _triton_status(), "cuda": extension_status()}
 
 
+_UNKNOWN = object()
+_setup_reasons: dict = {}
+
+
 @_constant_under_compile
+def _setup_reason(backend: str, kernel: str, device: torch.device) -> Optional[str]:
+    """Why kernel backend ``backend`` cannot run ``kernel`` on ``device`` whatever the
+    arguments (not built, no kernel for the device), or None; cached per (backend, kernel,
+    device) where the answer cannot change."""
+    key = (backend, kernel, device)
+    reason = _setup_reasons.get(key, _UNKNOWN)
+    if reason is _UNKNOWN:
+        ok, why = available_backends()[backend]
+        reason = _device_reason(backend, kernel, device) if ok else why
+        if _fixed(backend, device):
+            _setup_reasons[key] = reason
+    return reason
+
+
+def _fixed(backend: str, device: torch.device) -> bool:
+    """False where _setup_reason can change: Triton on CPU (``$TRITON_INTERPRET``, read on
+    each call) and a CUDA device without an index (the current device)."""
+    if backend == "triton" and device.type == "cpu":
+        return False
+    return device.type != "cuda" or device.index is not None
+
+
 def _device_reason(backend: str, kernel: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` has no ``kernel`` for tensors on ``device``, or None."""
     reason = _device_type_reason(backend, kernel, device.type, interpreting())
@@ -251,10 +286,7 @@ def _why_not(name: str, kernel: str, device: torch.device,
              supports: Callable[[str], Optional[str]]) -> Optional[str]:
     if name == "torch":
         return None
-    ok, why = available_backends()[name]
-    if not ok:
-        return why
-    return _device_reason(name, kernel, device) or supports(name)
+    return _setup_reason(name, kernel, device) or supports(name)
 
 
 _deterministic = [False]

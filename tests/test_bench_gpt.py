@@ -45,7 +45,7 @@ def test_only_named_runs_and_the_gpu_suite_include_it():
     assert "gpt_train" in cli.OPS and "gpt_train" not in cli.DEFAULT_OPS
     item = next(i for i in suite.standard_plan() if i.case.op == "gpt_train")
     assert item.case.params == {"B": 8, "T": 1024, "layers": 12, "d": 768, "V": 50304}
-    assert {"lk-triton", "lk-cuda", "torch", "torch-sdpa"} <= set(item.providers)
+    assert {"lk-triton", "lk-cuda", "lk-auto", "torch", "torch-sdpa"} <= set(item.providers)
 
 
 def test_quick_cpu_run_times_a_training_step(tmp_path, capsys):
@@ -54,7 +54,7 @@ def test_quick_cpu_run_times_a_training_step(tmp_path, capsys):
     capsys.readouterr()
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if r["op"] == "gpt_train"]
-    assert {"torch", "torch-sdpa"} <= {r["provider"] for r in rows}
+    assert {"torch", "torch-sdpa", "lk-auto", "lk-cuda"} <= {r["provider"] for r in rows}
     assert any(s["provider"] == "lk-triton" for s in data["skipped"])
     case = gpt_train.cases(Options(quick=True), CPU)[0]
     for row in rows:

@@ -59,6 +59,22 @@ def test_auto_records_its_fallback():
     assert "cuda:" in entry["reason"]  # the skipped backend and why
 
 
+@pytest.mark.parametrize("op, kernel, device, expected", [
+    ("attention", None, "cuda", "triton"), ("softmax", None, "cuda", "triton"),
+    ("cross_entropy", None, "cuda", "triton"), ("swiglu", None, "cuda", "triton"),
+    ("layer_norm", None, "cuda", "cuda"), ("rms_norm", "layer_norm", "cuda", "cuda"),
+    ("feed_forward", None, "cuda", "torch"),
+    ("attention", None, "cpu", "cuda"), ("layer_norm", None, "cpu", "torch"),
+    ("feed_forward", None, "cpu", "torch")])
+def test_auto_takes_the_measured_fastest_backend_per_op(monkeypatch, op, kernel, device, expected):
+    """With every backend able to run the call, auto picks the one measured fastest for the op
+    on that device type (the H100 and 2-core CPU results in bench/results/)."""
+    monkeypatch.setattr(backends, "_why_not", lambda *args: None)
+    chosen = backends.select(op, None, torch.device(device, 0) if device == "cuda"
+                             else torch.device(device), lambda name: None, kernel=kernel)
+    assert chosen == expected
+
+
 def test_env_var_sets_default_backend():
     code = ("import torch, llm_kernels as lk; lk.softmax(torch.randn(2, 3)); "
             "print(lk.dispatch_log()[-1]['backend'], lk.dispatch_log()[-1]['reason'])")
