@@ -314,6 +314,35 @@ def test_cuda_dtypes_head_dims(d, dtype, device):
     check_attention(q, k, v, causal=True)
 
 
+def _table_candidates():
+    """(kernel, head dim, index) of every bf16 launch-table candidate at head dims 64 and 128:
+    the autotuner may pick any of them on a GPU, so each must compute the right answer."""
+    return [(kernel, d, i) for kernel in ("fwd", "fwd_mask", "split", "dkdv", "dq")
+            for d in (64, 128)
+            for i in range(len(kernels._TABLE[kernel].get((kernels.block_d(d), 2), [])))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel,d,index", _table_candidates())
+def test_cuda_every_autotune_candidate(kernel, d, index, device, monkeypatch):
+    """Each launch-table candidate alone (autotuning off), forward and backward against the
+    fp64 reference: causal with tails, an additive mask for fwd_mask, a decode step over a
+    split key range for split."""
+    key = (kernels.block_d(d), 2)
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "0")
+    monkeypatch.setitem(kernels._TABLE[kernel], key, [kernels._TABLE[kernel][key][index]])
+    if kernel == "split":
+        q, k, v = make_qkv(2, 8, 2, 3, 4099, d, torch.bfloat16, device)
+        assert kernels.split_plan(2, 2, 4, 3, 4099, kernels._device_sm_count(device))
+        check_attention(q, k, v, causal=True)
+        return
+    q, k, v = make_qkv(1, 4, 2, 301, 333, d, torch.bfloat16, device)
+    mask = None
+    if kernel == "fwd_mask":
+        mask = torch.randn(1, 1, 301, 333, dtype=torch.bfloat16, device=device)
+    check_attention(q, k, v, causal=True, attn_mask=mask)
+
+
 @pytest.mark.cuda
 def test_cuda_masks(device):
     b, h, lq, lk_ = 2, 8, 1500, 2100
