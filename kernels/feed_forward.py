@@ -191,10 +191,10 @@ def prune_configs(configs, named_args, **kwargs):
     return kept[-1:] if small else kept
 
 
-MATMUL_CONFIGS = tile_configs(
-    tensor_core=[(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
-                 (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (64, 128, 64, 4, 4)],
-    fp32=[(64, 64, 32, 3, 4)])
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) of the 16-bit matmul's autotuning candidates.
+MATMUL_TILES = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+                (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (64, 128, 64, 4, 4)]
+MATMUL_CONFIGS = tile_configs(tensor_core=MATMUL_TILES, fp32=[(64, 64, 32, 3, 4)])
 
 
 @triton.autotune(configs=MATMUL_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bk"],

@@ -18,9 +18,8 @@ from .feed_forward import (EPI_SWIGLU_GRAD, _store_tile, _tile_position,
                            bf16_interpreted, matmul, prune_configs, tile_configs)
 
 
-GATE_UP_CONFIGS = tile_configs(
-    tensor_core=[(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 128, 64, 4, 4)],
-    fp32=[(64, 64, 32, 3, 4)])
+GATE_UP_TILES = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 128, 64, 4, 4)]
+GATE_UP_CONFIGS = tile_configs(tensor_core=GATE_UP_TILES, fp32=[(64, 64, 32, 3, 4)])
 
 
 @triton.autotune(configs=GATE_UP_CONFIGS, key=["M", "N", "K"],

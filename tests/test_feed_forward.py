@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import llm_kernels as lk
+from llm_kernels.kernels import feed_forward as ff_kernels
+from llm_kernels.kernels import swiglu as swiglu_kernels
 from llm_kernels.numerics import assert_close
 from llm_kernels.reference import ACTIVATIONS, feed_forward_ref, swiglu_ref
 
@@ -176,3 +178,33 @@ def test_swiglu_realistic_cuda():
 def test_feed_forward_odd_realistic_cuda():
     dtype = torch.float16
     _check_ff(_ff_inputs((2, 2049, 1000), 4001, 1000, dtype, "cuda"), "relu", dtype)
+
+
+
+def _only_config(monkeypatch, tuner, tiles, index):
+    """Make autotuner ``tuner`` run the 16-bit config ``tiles[index]`` alone."""
+    m, n, k, stages, warps = tiles[index]
+    config = next(c for c in tuner.configs
+                  if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages,
+                      c.num_warps) == (m, n, k, stages, warps))
+    monkeypatch.setattr(tuner, "configs", [config])
+    monkeypatch.setattr(tuner, "cache", {})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(len(ff_kernels.MATMUL_TILES)))
+def test_every_matmul_config_cuda(index, monkeypatch):
+    """Each 16-bit matmul config alone (the autotuner may pick any on a GPU), the feed-forward
+    forward and backward (every epilogue) at odd sizes against the fp64 reference."""
+    _only_config(monkeypatch, ff_kernels._matmul_kernel, ff_kernels.MATMUL_TILES, index)
+    dtype = torch.bfloat16
+    _check_ff(_ff_inputs((1000, 520), 1544, 500, dtype, "cuda"), "gelu", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(len(swiglu_kernels.GATE_UP_TILES)))
+def test_every_gate_up_config_cuda(index, monkeypatch):
+    """Each config of swiglu's fused gate/up matmul alone, forward and backward."""
+    _only_config(monkeypatch, swiglu_kernels._gate_up_kernel, swiglu_kernels.GATE_UP_TILES, index)
+    dtype = torch.bfloat16
+    _check_swiglu(_swiglu_inputs((1000, 520), 1544, 500, dtype, "cuda"), dtype)
