@@ -204,9 +204,9 @@ sanitize_steps() {
 
 case "$MODE" in
   full)
-    cuda_tests 170 170
-    verify_step 50 120
-    profile_step 70 50
+    cuda_tests 230 110
+    verify_step 40 70
+    profile_step 60 10
     bench_step 200 5
     rest_tests 120 5 ;;
   bench)
