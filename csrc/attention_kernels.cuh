@@ -427,89 +427,146 @@ __global__ void attention_backward_delta(const Params p, int64_t rows) {
   if (threadIdx.x % 32 == 0) p.delta[row] = acc;
 }
 
-// dK, dV of BN = 16 * NW keys (grid (B * Hkv, key tiles)); loops over the group's query heads
-// and their query tiles of BMQ rows. Each warp owns 16 keys: S^T = K Q^T, P^T, dV += P^T dO,
-// dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
-template <typename T, int HD, int BMQ, int NW>
+// dK, dV of BN = 16 * NW keys (grid (B * Hkv, key tiles), remapped below); one loop over the
+// query tiles (BMQ rows) of the group's query heads, head by head. Each warp owns 16 keys:
+// S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+// Q, dO and the rows' lse, delta are double-buffered (stage t % 2 holds query tile t): tile t + 1
+// loads (Q, dO by cp.async, lse, delta into registers, stored after the compute) while tile t is
+// computed, one __syncthreads per tile. With KV_REGS a warp keeps its K and V rows as mma A
+// fragments in registers for the whole loop (HD / 2 registers); at HD = 128 even the K ones
+// alone spill beside the two 16 x 128 fp32 dK, dV fragments (128 registers), so that path re-reads
+// them from shared memory per query tile.
+template <typename T, int HD, int BMQ, int NW, bool KV_REGS>
 __global__ void __launch_bounds__(NW * 32) attention_backward_dkdv_tc(const Params p) {
   constexpr int BN = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NQ = BMQ / 8;
+  static_assert(BMQ <= kThreads, "one thread per query row loads lse, delta");
   LK_DYNAMIC_SMEM(unsigned char, smem);
   T* s_k = reinterpret_cast<T*>(smem);  // BN x HD
   T* s_v = s_k + BN * kLd;              // BN x HD
-  T* s_q = s_v + BN * kLd;              // BMQ x HD
-  T* s_do = s_q + BMQ * kLd;            // BMQ x HD
-  float* s_lse = reinterpret_cast<float*>(s_do + BMQ * kLd);  // BMQ, log2 domain
-  float* s_delta = s_lse + BMQ;                                // BMQ
+  T* s_q = s_v + BN * kLd;              // 2 stages x BMQ x HD
+  T* s_do = s_q + 2 * BMQ * kLd;        // 2 stages x BMQ x HD
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * BMQ * kLd);  // 2 stages x BMQ, log2 domain
+  float* s_delta = s_lse + 2 * BMQ;                                // 2 stages x BMQ
 
-  const int bhk = blockIdx.x, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
-  const int n0 = blockIdx.y * BN;
+  // Block `linear` (launch order) takes key tile linear % gridDim.y of kv head
+  // linear / gridDim.y: the blocks in flight cover few kv heads and read the same Q, dO from L2;
+  // within a head the first keys (the most causal query tiles) start first.
+  const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+  const int bhk = static_cast<int>(linear / gridDim.y), b = bhk / p.kv_heads;
+  const int hk = bhk % p.kv_heads;
+  const int n0 = static_cast<int>(linear % gridDim.y) * BN;
   const int warp = threadIdx.x / 32, d = p.head_dim;
   const int key_rows = min(BN, p.k_len - n0);
+  const int m_start = first_query(p, n0) / BMQ * BMQ;
+  const int q_tiles = (p.q_len - m_start + BMQ - 1) / BMQ;  // per query head
+  const int n_tiles = p.group * q_tiles;
+  // Query tile t: head hk * group + t / q_tiles, rows from m_start + (t % q_tiles) * BMQ.
+  auto tile_head = [&](int t) { return hk * p.group + t / q_tiles; };
+  auto tile_row = [&](int t) { return m_start + t % q_tiles * BMQ; };
+  // Q, dO of query tile t into stage t % 2 (cp.async, not committed).
+  auto load_q_do = [&](int t) {
+    const int h = tile_head(t), m0 = tile_row(t), rows = min(BMQ, p.q_len - m0);
+    const int64_t bh = int64_t{b} * p.heads + h;
+    const int at = (t % 2) * BMQ * kLd;
+    load_tile_async<BMQ, HD, kThreads>(s_q + at, q_row<T>(p, b, h, m0), p.q_stride[2], rows, d);
+    load_tile_async<BMQ, HD, kThreads>(
+        s_do + at, head_row(static_cast<const T*>(p.dout), bh, p.q_len, m0, d), d, rows, d);
+  };
+  // lse (log2 domain; +inf past Lq, so P = 0) and delta of row threadIdx.x of query tile t.
+  float next_lse = INFINITY, next_delta = 0.0f;
+  auto load_stats = [&](int t) {
+    const int i = tile_row(t) + threadIdx.x;
+    const int64_t row = (int64_t{b} * p.heads + tile_head(t)) * p.q_len + i;
+    next_lse = i < p.q_len ? lse_log2(p.lse[row]) : INFINITY;
+    next_delta = i < p.q_len ? p.delta[row] : 0.0f;
+  };
+  auto store_stats = [&](int t) {
+    s_lse[(t % 2) * BMQ + threadIdx.x] = next_lse;
+    s_delta[(t % 2) * BMQ + threadIdx.x] = next_delta;
+  };
+
   load_tile_async<BN, HD, kThreads>(s_k, k_row<T>(p, b, hk, n0), p.k_stride[2], key_rows, d);
   load_tile_async<BN, HD, kThreads>(s_v, v_row<T>(p, b, hk, n0), p.v_stride[2], key_rows, d);
+  if (n_tiles > 0) load_q_do(0);
   cp_async_commit();
+  if (n_tiles > 0 && threadIdx.x < BMQ) {
+    load_stats(0);
+    store_stats(0);
+  }
+  cp_async_wait_all();
+  __syncthreads();  // K, V and query tile 0 are in
 
+  const T* k_warp = s_k + warp * 16 * kLd;
+  const T* v_warp = s_v + warp * 16 * kLd;
+  uint32_t kf[KV_REGS ? HD / 16 : 1][4], vf[KV_REGS ? HD / 16 : 1][4];
+  if constexpr (KV_REGS) {
+    load_a_fragments<HD / 16, HD>(kf, k_warp);
+    load_a_fragments<HD / 16, HD>(vf, v_warp);
+  }
   float dk[HD / 8][4], dv[HD / 8][4];
   zero(dk);
   zero(dv);
-  const T* k_warp = s_k + warp * 16 * kLd;
-  const T* v_warp = s_v + warp * 16 * kLd;
   const int key_base = n0 + warp * 16;
-  const int m_start = first_query(p, n0) / BMQ * BMQ;
 
-  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-    const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
-    for (int m0 = m_start; m0 < p.q_len; m0 += BMQ) {
-      const int q_rows = min(BMQ, p.q_len - m0);
-      load_tile_async<BMQ, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
-      load_tile_async<BMQ, HD, kThreads>(
-          s_do, head_row(static_cast<const T*>(p.dout), bh, p.q_len, m0, d), d, q_rows, d);
-      cp_async_commit();
-      for (int r = threadIdx.x; r < BMQ; r += kThreads) {
-        s_lse[r] = r < q_rows ? lse_log2(p.lse[bh * p.q_len + m0 + r]) : INFINITY;
-        s_delta[r] = r < q_rows ? p.delta[bh * p.q_len + m0 + r] : 0.0f;
-      }
-      cp_async_wait_all();
-      __syncthreads();
+  for (int t = 0; t < n_tiles; ++t) {
+    const int h = tile_head(t), m0 = tile_row(t);
+    const T* q_tile = s_q + (t % 2) * BMQ * kLd;
+    const T* do_tile = s_do + (t % 2) * BMQ * kLd;
+    const float* lse_tile = s_lse + (t % 2) * BMQ;
+    const float* delta_tile = s_delta + (t % 2) * BMQ;
+    const bool prefetch = t + 1 < n_tiles;
+    if (prefetch) load_q_do(t + 1);  // into the stage every warp finished at tile t - 1
+    cp_async_commit();
+    if (prefetch && threadIdx.x < BMQ) load_stats(t + 1);
 
-      float pt[NQ][4];  // P^T: 16 keys x BMQ queries
-      zero(pt);
-      mma_rows_x_rows<NQ, HD / 16, HD>(pt, k_warp, s_q);
-      const bool need_mask =
-          p.mask != nullptr || (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
-#pragma unroll
-      for (int nt = 0; nt < NQ; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = frag_col(nt, e);
-          const float x = need_mask
-                              ? masked_score(p, pt[nt][e], b, h, m0 + col, key_base + frag_row(e))
-                              : pt[nt][e] * p.scale_log2;
-          pt[nt][e] = exp2f(x - s_lse[col]);
-        }
-      }
-      uint32_t pa[NQ / 2][4];
-      to_a_fragments<NQ, T>(pa, pt);
-      mma_regs_x_tile<NQ / 2, HD>(dv, pa, s_do);  // dV += P^T dO
-
-      float dpt[NQ][4];  // dP^T = V dO^T
-      zero(dpt);
-      mma_rows_x_rows<NQ, HD / 16, HD>(dpt, v_warp, s_do);
-#pragma unroll
-      for (int nt = 0; nt < NQ; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - s_delta[frag_col(nt, e)]);
-        }
-      }
-      to_a_fragments<NQ, T>(pa, dpt);
-      mma_regs_x_tile<NQ / 2, HD>(dk, pa, s_q);  // dK += dS^T Q
-      __syncthreads();  // every warp is done with s_q, s_do before the next tile
+    float pt[NQ][4];  // P^T: 16 keys x BMQ queries
+    zero(pt);
+    if constexpr (KV_REGS) {
+      mma_frags_x_rows<NQ, HD / 16, HD>(pt, kf, q_tile);
+    } else {
+      mma_rows_x_rows<NQ, HD / 16, HD>(pt, k_warp, q_tile);
     }
+    const bool need_mask =
+        p.mask != nullptr || (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = frag_col(nt, e);
+        const float x = need_mask
+                            ? masked_score(p, pt[nt][e], b, h, m0 + col, key_base + frag_row(e))
+                            : pt[nt][e] * p.scale_log2;
+        pt[nt][e] = exp2f(x - lse_tile[col]);
+      }
+    }
+    uint32_t pa[NQ / 2][4];
+    to_a_fragments<NQ, T>(pa, pt);
+    mma_regs_x_tile<NQ / 2, HD>(dv, pa, do_tile);  // dV += P^T dO
+
+    float dpt[NQ][4];  // dP^T = V dO^T
+    zero(dpt);
+    if constexpr (KV_REGS) {
+      mma_frags_x_rows<NQ, HD / 16, HD>(dpt, vf, do_tile);
+    } else {
+      mma_rows_x_rows<NQ, HD / 16, HD>(dpt, v_warp, do_tile);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NQ; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - delta_tile[frag_col(nt, e)]);
+      }
+    }
+    to_a_fragments<NQ, T>(pa, dpt);
+    mma_regs_x_tile<NQ / 2, HD>(dk, pa, q_tile);  // dK += dS^T Q
+
+    if (prefetch && threadIdx.x < BMQ) store_stats(t + 1);
+    cp_async_wait_all();
+    __syncthreads();  // query tile t + 1 is in; every warp is done with stage t % 2
   }
 
-  cp_async_wait_all();
-  __syncthreads();
+  // Every cp.async has landed (waited before the last __syncthreads); a warp's K, V rows are
+  // read by it alone.
   const float scale_dk[2] = {p.scale, p.scale}, one[2] = {1.0f, 1.0f};
   T* stage_k = s_k + warp * 16 * kLd;
   T* stage_v = s_v + warp * 16 * kLd;
@@ -522,27 +579,46 @@ __global__ void __launch_bounds__(NW * 32) attention_backward_dkdv_tc(const Para
   store_warp_rows<HD>(stage_v, static_cast<T*>(p.dv) + offset, rows, d);
 }
 
-// dQ of BM = 16 * NW query rows (grid (B * H, query tiles)) over key tiles of BN:
-// S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+// dQ of BM = 16 * NW query rows (grid (B * H, query tiles), remapped as in the forward) over key
+// tiles of BN: S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K. K and V are
+// double-buffered (stage t % 2 holds key tile t): tile t + 1 loads while tile t is computed, one
+// __syncthreads per tile. Each warp keeps its Q and dO rows as mma A fragments in registers
+// (HD / 2 registers), so Q and dO only pass through shared memory before the loop, in the K and V
+// stage 1 (BM <= BN) that key tile 1 fills later.
 template <typename T, int HD, int BN, int NW>
 __global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params p) {
   constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
+  static_assert(BM <= BN, "Q and dO pass through K, V stage 1");
   LK_DYNAMIC_SMEM(unsigned char, smem);
-  T* s_q = reinterpret_cast<T*>(smem);  // BM x HD
-  T* s_do = s_q + BM * kLd;             // BM x HD
-  T* s_k = s_do + BM * kLd;             // BN x HD
-  T* s_v = s_k + BN * kLd;              // BN x HD
+  T* s_k = reinterpret_cast<T*>(smem);  // 2 stages x BN x HD
+  T* s_v = s_k + 2 * BN * kLd;          // 2 stages x BN x HD
+  T* s_q = s_k + BN * kLd;              // BM x HD in K stage 1, before the loop
+  T* s_do = s_v + BN * kLd;             // BM x HD in V stage 1, before the loop
 
-  const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group;
-  const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  // As in the forward: the blocks in flight cover few heads (the same K, V from L2), and within
+  // a head the longest causal rows start first.
+  const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+  const int bh = static_cast<int>(linear / gridDim.y), b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / p.group;
+  const int m0 = (gridDim.y - 1 - static_cast<int>(linear % gridDim.y)) * BM;
   const int warp = threadIdx.x / 32, d = p.head_dim;
+  const T* k = k_row<T>(p, b, hk, 0);
+  const T* v = v_row<T>(p, b, hk, 0);
   const int q_rows = min(BM, p.q_len - m0);
+  const int n_end = key_end(p, m0 + q_rows);
+  const int n_tiles = (n_end + BN - 1) / BN;
+  // Key tile t into stage t % 2 (cp.async, not committed).
+  auto load_kv = [&](int t) {
+    const int n0 = t * BN, rows = min(BN, p.k_len - n0), at = (t % 2) * BN * kLd;
+    load_tile_async<BN, HD, kThreads>(s_k + at, k + n0 * p.k_stride[2], p.k_stride[2], rows, d);
+    load_tile_async<BN, HD, kThreads>(s_v + at, v + n0 * p.v_stride[2], p.v_stride[2], rows, d);
+  };
+
   load_tile_async<BM, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
   load_tile_async<BM, HD, kThreads>(
       s_do, head_row(static_cast<const T*>(p.dout), bh, p.q_len, m0, d), d, q_rows, d);
+  if (n_tiles > 0) load_kv(0);
   cp_async_commit();
-  const T* k = k_row<T>(p, b, hk, 0);
-  const T* v = v_row<T>(p, b, hk, 0);
 
   const int row_base = m0 + warp * 16;
   float lse2[2], delta[2];
@@ -553,50 +629,61 @@ __global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params
     lse2[half] = i < p.q_len ? lse_log2(p.lse[row]) : INFINITY;
     delta[half] = i < p.q_len ? p.delta[row] : 0.0f;
   }
+  cp_async_wait_all();
+  __syncthreads();  // Q, dO and key tile 0 are in
+  uint32_t qf[HD / 16][4], dof[HD / 16][4];
+  load_a_fragments<HD / 16, HD>(qf, s_q + warp * 16 * kLd);
+  load_a_fragments<HD / 16, HD>(dof, s_do + warp * 16 * kLd);
+  __syncthreads();  // every warp holds its Q, dO fragments: stage 1 is free for key tile 1
+
   float dq[HD / 8][4];
   zero(dq);
-  const T* q_warp = s_q + warp * 16 * kLd;
-  const T* do_warp = s_do + warp * 16 * kLd;
-  const int n_end = key_end(p, m0 + q_rows);
-
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
-    const int key_rows = min(BN, p.k_len - n0);
-    load_tile_async<BN, HD, kThreads>(s_k, k + n0 * p.k_stride[2], p.k_stride[2], key_rows, d);
-    load_tile_async<BN, HD, kThreads>(s_v, v + n0 * p.v_stride[2], p.v_stride[2], key_rows, d);
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = t * BN;
+    const T* k_tile = s_k + (t % 2) * BN * kLd;
+    const T* v_tile = s_v + (t % 2) * BN * kLd;
+    if (t + 1 < n_tiles) load_kv(t + 1);  // into the stage every warp finished at tile t - 1
     cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
 
-    float s[NT][4];
-    zero(s);
-    mma_rows_x_rows<NT, HD / 16, HD>(s, q_warp, s_k);
     const bool need_mask = p.mask != nullptr || n0 + BN > p.k_len ||
                            (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row_base + frag_row(e), j = n0 + frag_col(nt, e);
-        const float x = need_mask ? masked_score(p, s[nt][e], b, h, i, j) : s[nt][e] * p.scale_log2;
-        s[nt][e] = exp2f(x - lse2[e / 2]);
-      }
-    }
-    float dp[NT][4];  // dP = dO V^T
-    zero(dp);
-    mma_rows_x_rows<NT, HD / 16, HD>(dp, do_warp, s_v);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta[e / 2]);
-    }
+    // dS in chunks of NC n-tiles (keys [8 * NC * c, 8 * NC * (c + 1)) of the tile), so that only
+    // one chunk of S and dP is live beside the Q, dO fragments and dQ.
+    constexpr int NC = NT / 2;
     uint32_t ds[NT / 2][4];
-    to_a_fragments<NT, T>(ds, dp);
-    mma_regs_x_tile<NT / 2, HD>(dq, ds, s_k);  // dQ += dS K
-    __syncthreads();  // every warp is done with s_k, s_v before the next tile
+#pragma unroll
+    for (int c = 0; c < NT / NC; ++c) {
+      float s[NC][4];
+      zero(s);
+      mma_frags_x_rows<NC, HD / 16, HD>(s, qf, k_tile + c * NC * 8 * kLd);
+#pragma unroll
+      for (int nt = 0; nt < NC; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = row_base + frag_row(e), j = n0 + frag_col(c * NC + nt, e);
+          const float x =
+              need_mask ? masked_score(p, s[nt][e], b, h, i, j) : s[nt][e] * p.scale_log2;
+          s[nt][e] = exp2f(x - lse2[e / 2]);
+        }
+      }
+      float dp[NC][4];  // dP = dO V^T
+      zero(dp);
+      mma_frags_x_rows<NC, HD / 16, HD>(dp, dof, v_tile + c * NC * 8 * kLd);
+#pragma unroll
+      for (int nt = 0; nt < NC; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta[e / 2]);
+      }
+      to_a_fragments<NC, T>(*reinterpret_cast<uint32_t(*)[NC / 2][4]>(ds[c * NC / 2]), dp);
+    }
+    mma_regs_x_tile<NT / 2, HD>(dq, ds, k_tile);  // dQ += dS K
+
+    cp_async_wait_all();
+    __syncthreads();  // key tile t + 1 is in; every warp is done with stage t % 2
   }
 
-  cp_async_wait_all();
-  __syncthreads();
+  // Every cp.async has landed and every warp is past its last read of K stage 1 (the last
+  // __syncthreads); the warp stages its dQ rows where its Q rows were.
   const float scale[2] = {p.scale, p.scale};
   T* stage = s_q + warp * 16 * kLd;
   stage_fragment<HD>(stage, dq, scale);

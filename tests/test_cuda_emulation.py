@@ -113,6 +113,11 @@ SHAPES = [  # (b, h, hkv, lq, lk, d, options)
     (1, 2, 1, 70, 300, 48, dict(mask="float")),  # D <= 64: 5 tiles of 64, every one masked
     (1, 2, 2, 200, 333, 128, dict(causal=True)),  # D <= 128: 6 tiles of 64, unmasked ones between
     (1, 1, 1, 33, 170, 200, dict()),  # D <= 256 (Q re-read from shared memory): 6 tiles of 32
+    # Several query tiles through both Q/dO stages of the tensor-core dK/dV (one sequence over the
+    # group's heads) and several key tiles through both K/V stages of dQ, per head-dim tile:
+    (1, 4, 2, 150, 140, 64, dict(causal=True)),  # D <= 64: 3 tiles of 64 per head, group 2
+    (1, 3, 1, 75, 200, 128, dict(mask="float")),  # D <= 128: 3 tiles of 32 per head, group 3
+    (2, 4, 2, 70, 90, 96, dict(causal=True, mask="bool")),  # masked and causal, tails everywhere
 ]
 CASES = [Case(dtype, *shape, **options) for *shape, options in SHAPES for dtype in DTYPES]
 CASES += [Case(F16, 1, 2, 2, 19, 29, 20, causal=True)]  # D % 8 != 0: the 16-bit SIMT fallback
