@@ -275,6 +275,46 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // ================================ tensor-core forward ========================================
 
+// One block's query tile in the forward and dQ grids (gridDim = (B * H, query tiles)). Blocks
+// start in launch order (x fastest); block `linear` of it takes query tile linear % gridDim.y of
+// head linear / gridDim.y, so the blocks in flight cover few heads and read the same K, V from
+// L2; within a head the longest causal rows start first.
+template <typename T>
+struct QueryTile {
+  int bh, b, h;      // batch * heads + head, batch, head
+  int m0, q_rows;    // first query row, rows in the tile
+  int n_tiles;       // key tiles of BN that any row of the tile sees
+  const T* k;        // key 0 of the head's K / V head (B, Hkv, Lk, D)
+  const T* v;
+};
+
+template <typename T, int BM, int BN>
+__device__ __forceinline__ QueryTile<T> query_tile(const Params& p) {
+  const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+  QueryTile<T> tile;
+  tile.bh = static_cast<int>(linear / gridDim.y);
+  tile.b = tile.bh / p.heads;
+  tile.h = tile.bh % p.heads;
+  tile.m0 = (gridDim.y - 1 - static_cast<int>(linear % gridDim.y)) * BM;
+  tile.q_rows = min(BM, p.q_len - tile.m0);
+  tile.n_tiles = (key_end(p, tile.m0 + tile.q_rows) + BN - 1) / BN;
+  tile.k = k_row<T>(p, tile.b, tile.h / p.group, 0);
+  tile.v = v_row<T>(p, tile.b, tile.h / p.group, 0);
+  return tile;
+}
+
+// Key tile t of the tile's head (BN rows of K and of V) into stage t % 2 of s_k and s_v
+// (2 x BN x HD each; cp.async, not committed).
+template <int BN, int HD, int THREADS, typename T>
+__device__ __forceinline__ void load_kv_stage(T* s_k, T* s_v, const QueryTile<T>& tile,
+                                              const Params& p, int t) {
+  const int n0 = t * BN, rows = min(BN, p.k_len - n0), at = (t % 2) * BN * Tile<HD>::kLd;
+  load_tile_async<BN, HD, THREADS>(s_k + at, tile.k + n0 * p.k_stride[2], p.k_stride[2], rows,
+                                   p.head_dim);
+  load_tile_async<BN, HD, THREADS>(s_v + at, tile.v + n0 * p.v_stride[2], p.v_stride[2], rows,
+                                   p.head_dim);
+}
+
 // Grid (B * H, query tiles), remapped below; NW warps, BM = 16 * NW query rows x BN keys per
 // step. K and V are double-buffered (stage t % 2 holds key tile t): tile t + 1 loads while tile
 // t is computed, one __syncthreads per tile. Up to HD = 128 a warp keeps its Q rows as mma A
@@ -290,25 +330,10 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
   T* s_k = s_q + BM * kLd;              // 2 stages x BN x HD
   T* s_v = s_k + 2 * BN * kLd;          // 2 stages x BN x HD
 
-  // Blocks start in launch order (x fastest); block `linear` of it takes query tile
-  // linear % gridDim.y of head linear / gridDim.y, so the blocks in flight cover few heads and
-  // read the same K, V from L2; within a head the longest causal rows start first.
-  const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
-  const int bh = static_cast<int>(linear / gridDim.y), b = bh / p.heads, h = bh % p.heads;
-  const int hk = h / p.group;
-  const int m0 = (gridDim.y - 1 - static_cast<int>(linear % gridDim.y)) * BM;
-  const int warp = threadIdx.x / 32, d = p.head_dim;
-  const T* k = k_row<T>(p, b, hk, 0);
-  const T* v = v_row<T>(p, b, hk, 0);
-  const int q_rows = min(BM, p.q_len - m0);
-  const int n_end = key_end(p, m0 + q_rows);
-  const int n_tiles = (n_end + BN - 1) / BN;
-  // Key tile t into stage t % 2 (cp.async, not committed).
-  auto load_kv = [&](int t) {
-    const int n0 = t * BN, rows = min(BN, p.k_len - n0), at = (t % 2) * BN * kLd;
-    load_tile_async<BN, HD, kThreads>(s_k + at, k + n0 * p.k_stride[2], p.k_stride[2], rows, d);
-    load_tile_async<BN, HD, kThreads>(s_v + at, v + n0 * p.v_stride[2], p.v_stride[2], rows, d);
-  };
+  const QueryTile<T> tile = query_tile<T, BM, BN>(p);
+  const int bh = tile.bh, b = tile.b, h = tile.h, m0 = tile.m0, q_rows = tile.q_rows;
+  const int n_tiles = tile.n_tiles, warp = threadIdx.x / 32, d = p.head_dim;
+  auto load_kv = [&](int t) { load_kv_stage<BN, HD, kThreads>(s_k, s_v, tile, p, t); };
 
   load_tile_async<BM, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
   if (n_tiles > 0) load_kv(0);
@@ -595,24 +620,10 @@ __global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params
   T* s_q = s_k + BN * kLd;              // BM x HD in K stage 1, before the loop
   T* s_do = s_v + BN * kLd;             // BM x HD in V stage 1, before the loop
 
-  // As in the forward: the blocks in flight cover few heads (the same K, V from L2), and within
-  // a head the longest causal rows start first.
-  const int64_t linear = int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
-  const int bh = static_cast<int>(linear / gridDim.y), b = bh / p.heads, h = bh % p.heads;
-  const int hk = h / p.group;
-  const int m0 = (gridDim.y - 1 - static_cast<int>(linear % gridDim.y)) * BM;
-  const int warp = threadIdx.x / 32, d = p.head_dim;
-  const T* k = k_row<T>(p, b, hk, 0);
-  const T* v = v_row<T>(p, b, hk, 0);
-  const int q_rows = min(BM, p.q_len - m0);
-  const int n_end = key_end(p, m0 + q_rows);
-  const int n_tiles = (n_end + BN - 1) / BN;
-  // Key tile t into stage t % 2 (cp.async, not committed).
-  auto load_kv = [&](int t) {
-    const int n0 = t * BN, rows = min(BN, p.k_len - n0), at = (t % 2) * BN * kLd;
-    load_tile_async<BN, HD, kThreads>(s_k + at, k + n0 * p.k_stride[2], p.k_stride[2], rows, d);
-    load_tile_async<BN, HD, kThreads>(s_v + at, v + n0 * p.v_stride[2], p.v_stride[2], rows, d);
-  };
+  const QueryTile<T> tile = query_tile<T, BM, BN>(p);
+  const int bh = tile.bh, b = tile.b, h = tile.h, m0 = tile.m0, q_rows = tile.q_rows;
+  const int n_tiles = tile.n_tiles, warp = threadIdx.x / 32, d = p.head_dim;
+  auto load_kv = [&](int t) { load_kv_stage<BN, HD, kThreads>(s_k, s_v, tile, p, t); };
 
   load_tile_async<BM, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
   load_tile_async<BM, HD, kThreads>(
