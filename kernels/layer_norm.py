@@ -144,6 +144,20 @@ def _row_terms(DY, Hs, W, cols, mask, mean, rstd, HAS_W: tl.constexpr, RMS: tl.c
 
 
 @triton.jit
+def _add_pairs(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@triton.jit
+def _row_sums(xhat, g, RMS: tl.constexpr):
+    """(sum(xhat * g), sum(g)) of a chunk: one block-wide reduction for both (one exchange
+    through shared memory instead of two); RMSNorm needs only the first (the second is 0)."""
+    if RMS:
+        return tl.sum(xhat * g, axis=0), 0.0
+    return tl.reduce((xhat * g, g), 0, _add_pairs)
+
+
+@triton.jit
 def _input_grad(xhat, g, c1, c2, rstd, DH, cols, mask, HAS_DH: tl.constexpr,
                 RMS: tl.constexpr):
     """rstd * (g - xhat * c1 - c2) (no c2 for RMSNorm), plus the residual stream's gradient."""
@@ -177,8 +191,9 @@ def _layer_norm_bwd_kernel(DY, DH, Hs, W, MEAN, RSTD, DX, PARTIAL_W, PARTIAL_B, 
             mean = 0.0 if RMS else tl.load(MEAN + row)
             dy, xhat, g = _row_terms(DY + start, Hs + start, W, cols, mask, mean, rstd,
                                      HAS_W, RMS)
-            c1 = tl.sum(xhat * g, axis=0) / C
-            c2 = tl.sum(g, axis=0) / C
+            sum_xg, sum_g = _row_sums(xhat, g, RMS)
+            c1 = sum_xg / C
+            c2 = sum_g / C
             dx = _input_grad(xhat, g, c1, c2, rstd, DH + start, cols, mask, HAS_DH, RMS)
             tl.store(DX + start + cols, to_dtype(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
             acc_w += dy * xhat
@@ -199,8 +214,9 @@ def _layer_norm_bwd_kernel(DY, DH, Hs, W, MEAN, RSTD, DX, PARTIAL_W, PARTIAL_B, 
                 mask = cols < C
                 dy, xhat, g = _row_terms(DY + start, Hs + start, W, cols, mask, mean, rstd,
                                          HAS_W, RMS)
-                sum_xg += tl.sum(xhat * g, axis=0)
-                sum_g += tl.sum(g, axis=0)
+                chunk_xg, chunk_g = _row_sums(xhat, g, RMS)
+                sum_xg += chunk_xg
+                sum_g += chunk_g
             c1 = sum_xg / C
             c2 = sum_g / C
             for c0 in range(0, C, BLOCK):
