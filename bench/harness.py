@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 QUANTILES = (0.5, 0.2, 0.8)
+MIN_GPU_SAMPLES = 10
 ATTENTION_MODE_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, "decode": 1.0}
 GEMM_MODE_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +33,14 @@ class Skip(Exception):
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and 20th/80th percentile of the run time in ms, peak memory in MB (None on CPU)."""
+    """Median and 20th/80th percentile of the run time in ms, peak memory in MB (None on CPU),
+    and on a GPU the CPU time one call takes to issue its work (``host_ms``)."""
 
     ms: float
     ms_p20: float
     ms_p80: float
     peak_mb: Optional[float]
+    host_ms: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,17 @@ def time_cpu(fn: Callable[[], object], config: TimerConfig = TimerConfig()) -> l
 
 
 def time_gpu(fn: Callable[[], object], config: TimerConfig = TimerConfig()) -> tuple[float, ...]:
-    """(median, p20, p80) in ms through ``triton.testing.do_bench`` (L2 flushed before each run)."""
+    """(median, p20, p80) in ms through ``triton.testing.do_bench`` (L2 flushed before each run),
+    over at least MIN_GPU_SAMPLES runs: a call longer than the repetition time (a training
+    step) gets a longer one, not a single sample."""
     from triton.testing import do_bench
-    return tuple(do_bench(fn, warmup=config.gpu_warmup_ms, rep=config.gpu_rep_ms,
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    rep_ms = max(config.gpu_rep_ms, MIN_GPU_SAMPLES * start.elapsed_time(end))
+    return tuple(do_bench(fn, warmup=config.gpu_warmup_ms, rep=rep_ms,
                           quantiles=list(QUANTILES)))
 
 
@@ -106,15 +117,33 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
     return peak / 2**20
 
 
+def host_time_ms(fn: Callable[[], object], device: torch.device, calls: int = 5) -> float:
+    """Median wall time (ms) of one call of ``fn`` on the CPU, the device idle before each: the
+    time to issue its work. When it is close to the measured device time the row is bound by
+    the host (Python, dispatch, launches), not by its kernels; a call that synchronizes inside
+    counts its kernels too."""
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+        del result
+    torch.cuda.synchronize(device)
+    return percentile(samples, 0.5)
+
+
 def measure(fn: Callable[[], object], device: torch.device,
             config: TimerConfig = TimerConfig()) -> Timing:
-    """Time an already warmed-up ``fn`` on ``device`` and measure its peak memory."""
+    """Time an already warmed-up ``fn`` on ``device`` and measure its peak memory (and, on a
+    GPU, its host time)."""
     peak = peak_memory_mb(fn, device)
     if device.type == "cuda":
         ms, p20, p80 = time_gpu(fn, config)
-    else:
-        samples = time_cpu(fn, config)
-        ms, p20, p80 = (percentile(samples, q) for q in QUANTILES)
+        return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=peak,
+                      host_ms=host_time_ms(fn, device))
+    samples = time_cpu(fn, config)
+    ms, p20, p80 = (percentile(samples, q) for q in QUANTILES)
     return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=peak)
 
 

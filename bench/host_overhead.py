@@ -28,6 +28,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwd+bwd")
 ROWS, C, D_FF = 4, 64, 128
 B, H, L, D = 1, 2, 16, 16
+DECODE_LK = 512
 
 
 class Case(NamedTuple):
@@ -92,6 +93,15 @@ def _attention(device, dtype):
                 lambda name: lk.attention(q, k, v, causal=True, backend=name))
 
 
+def _decode(device, dtype):
+    """One query per head against DECODE_LK cached keys (GQA 4:1): the flash-decoding path
+    (a split kernel and a combine kernel)."""
+    q = _randn(device, dtype, B, 4, 1, D)
+    k, v = (_randn(device, dtype, B, 1, DECODE_LK, D) for _ in range(2))
+    return Case((q, k, v), lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                lambda name: lk.attention(q, k, v, backend=name))
+
+
 def _sdpa(device, dtype):
     q, k, v = _qkv(device, dtype)
     return Case((q, k, v), lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -107,7 +117,7 @@ def _layer_norm_module(device, dtype):
 
 OPS = {"layer_norm": _layer_norm, "rms_norm": _rms_norm, "softmax": _softmax,
        "cross_entropy": _cross_entropy, "feed_forward": _feed_forward, "swiglu": _swiglu,
-       "attention": _attention, "scaled_dot_product_attention": _sdpa,
+       "attention": _attention, "decode": _decode, "scaled_dot_product_attention": _sdpa,
        "nn.LayerNorm": _layer_norm_module}
 
 

@@ -14,14 +14,16 @@ CPU it profiles the tiny model's CPU ops instead (a smoke run, not a measurement
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
 
 import torch
 
 from llm_kernels.bench import gpt_train
 from llm_kernels.bench.common import Options
-from llm_kernels.bench.harness import Skip, free_memory
+from llm_kernels.bench.harness import Skip, free_memory, host_time_ms
 
 NAME_WIDTH = 78
 
@@ -57,6 +59,29 @@ def timed_steps(step, steps: int, sync) -> float:
         step()
     sync()
     return (time.perf_counter() - began) * 1e3 / steps
+
+
+def sync_points(step) -> dict[str, int]:
+    """Where one step makes the host wait for the device (torch's CUDA sync debug mode):
+    {source location: times}."""
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{os.path.relpath(w.filename)}:{w.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+    return counts
+
+
+def _sync_lines(counts: dict[str, int]) -> list[str]:
+    lines = [f"host waits for the device {sum(counts.values())} times a step"]
+    return lines + [f"  {n} x {where}" for where, n in sorted(counts.items(), key=lambda kv: -kv[1])]
 
 
 def _table(title: str, rows, step_ms: float) -> list[str]:
@@ -95,6 +120,10 @@ def profile_provider(provider: str, case, device: torch.device, warmup: int, ste
     lines += _table("kernel", rows, total)
     lines += _table("host op (time including children; share of the profiled step)",
                     host_table(prof, steps, top), step_ms)
+    if device.type == "cuda":
+        lines.append(f"host time to issue a step (device idle before it): "
+                     f"{host_time_ms(step, device, calls=3):.2f} ms")
+        lines += _sync_lines(sync_points(step))
     return lines
 
 

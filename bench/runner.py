@@ -20,6 +20,9 @@ from llm_kernels.bench import harness, report
 from llm_kernels.bench.common import DTYPE_NAMES, Case, Options
 
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 26}
+# A GPU row whose call takes at least this share of its measured time to issue on the CPU
+# gets the host time in its note: it is bound by the host, not by its kernels.
+HOST_BOUND_SHARE = 0.5
 # Error messages of faults after which no CUDA call in the process can succeed.
 FAULT_MARKERS = ("illegal memory access", "illegal address", "unspecified launch failure",
                  "device-side assert", "misaligned address", "illegal instruction",
@@ -150,6 +153,9 @@ class Runner:
         describe = getattr(module, "row_note", None)  # a note from the measured time
         if describe is not None:
             row["note"] = describe(case, row, self.device)
+        if timing.host_ms is not None and timing.host_ms >= HOST_BOUND_SHARE * timing.ms:
+            row["note"] = "; ".join(filter(None, [row["note"],
+                                                  f"host {timing.host_ms:.3f} ms/call"]))
         self.results.rows.append(row)
         self.echo(f"  {case.op:<13} {case.mode:<7} {case.variant or '-':<10} {case.shape:<34} "
                   f"{provider:<15} {row['ms']:9.3f} ms" + self._rate(row)

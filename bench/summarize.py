@@ -344,6 +344,8 @@ def summarize(out_dir: str) -> dict:
         "bench_errors": bench_problems(bench),
         "targets": [dict(asdict(t), status=t.status) for t in targets(bench)],
         "profile": profile_lines(steps_output(log["steps"], "profile")),
+        "host_overhead": host_overhead_lines(steps_output(log["steps"], "host-overhead")),
+        "native": native_lines(log["steps"]),
         "autotune": bench.get("autotune", {}),
     }
 
@@ -353,13 +355,40 @@ def steps_output(steps: dict[str, list[dict]], name: str) -> str:
     return steps[name][-1]["output"] if name in steps else ""
 
 
-PROFILE_ROW = re.compile(r"^(== .*|(kernel|host op .*\))\s+calls\s+ms/step\s+share|.+\s\d+\s+[\d.]+\s+[\d.]+%)$")
+PROFILE_ROW = re.compile(r"^(== .*|host waits for the device \d+ times a step|  \d+ x \S+|host time .*|"
+                         r"(kernel|host op .*\))\s+calls\s+ms/step\s+share|.+\s\d+\s+[\d.]+\s+[\d.]+%)$")
 
 
 def profile_lines(output: str) -> list[str]:
     """The tables of ``bench/profile_step.py`` in a step's output (``== provider`` headers,
     column titles and kernel rows), without the profiler's own log lines."""
     return [line.rstrip() for line in output.splitlines() if PROFILE_ROW.match(line.rstrip())]
+
+
+def host_overhead_lines(output: str) -> list[str]:
+    """The table of ``bench/host_overhead.py`` (from its ``op ... mode`` title on)."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(r"^op\s+mode\s", line)), None)
+    return [] if start is None else [line.rstrip() for line in lines[start:] if line.strip()]
+
+
+NATIVE_FOLLOW_UPS = {"native-backtrace": 60, "native-rebuild": 5, "native-probe-system-gxx": 30}
+
+
+def native_lines(steps: dict[str, list[dict]], tail: int = 60) -> list[str]:
+    """What the native probe printed when it failed (the compilers, the libraries and the
+    crashing case), then each follow-up that ran (the cuda-gdb backtrace, the rebuild with the
+    system's g++ and its probe); [] when the probe passed."""
+    probe = steps.get("native-probe")
+    if not probe or probe[-1].get("status") == "ok":
+        return []
+    lines = probe[-1]["output"].splitlines()[-tail:]
+    for name, keep in NATIVE_FOLLOW_UPS.items():
+        if name in steps:
+            run = steps[name][-1]
+            lines += [f"--- {name}: {run.get('status')} (rc={run.get('rc')}) ---"]
+            lines += run["output"].splitlines()[-keep:]
+    return [line.rstrip() for line in lines]
 
 
 def _counts_text(counts: Optional[dict]) -> str:
@@ -482,6 +511,12 @@ def format_markdown(summary: dict, csv_name: Optional[str], png_name: Optional[s
     if summary.get("profile"):
         md += ["", "## Where a GPT-2-small training step's time goes", "", "```"]
         md += summary["profile"] + ["```"]
+    if summary.get("host_overhead"):
+        md += ["", "## Host time per call of the public ops (microseconds, bench/host_overhead.py)",
+               "", "```"] + summary["host_overhead"] + ["```"]
+    if summary.get("native"):
+        md += ["", "## Native probe of the C++ ops' error paths (failed)", "", "```"]
+        md += summary["native"] + ["```"]
     if summary.get("autotune"):
         md += ["", "## Configs the Triton autotuners chose (kernel, tuning key: config)", "", "```"]
         md += [f"{kernel} {key}: {config}" for kernel, chosen in sorted(summary["autotune"].items())
@@ -501,9 +536,12 @@ def format_markdown(summary: dict, csv_name: Optional[str], png_name: Optional[s
 
 
 def results_stem(summary: dict) -> str:
-    """``<date>-<gpu>``, e.g. ``2026-11-20-nvidia-h100-80gb-hbm3``."""
+    """``<date>-<gpu>-<commit>``, e.g. ``2026-11-20-nvidia-h100-80gb-hbm3-18b6ffc``: two checks
+    on one day (of different commits) keep their own files."""
     gpu = summary["gpu"].split(",")[0].strip().lower()
-    return f"{summary['date'][:10]}-{re.sub(r'[^a-z0-9]+', '-', gpu).strip('-') or 'unknown'}"
+    stem = f"{summary['date'][:10]}-{re.sub(r'[^a-z0-9]+', '-', gpu).strip('-') or 'unknown'}"
+    commit = re.sub(r"[^0-9a-f]", "", str(summary.get("commit", "")).lower())[:7]
+    return f"{stem}-{commit}" if commit else stem
 
 
 def write_results(summary: dict, out_dir: str, results_dir: str) -> str:

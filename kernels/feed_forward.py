@@ -122,7 +122,7 @@ def _accumulate(acc, a_ptr, b_ptr, row0, col0, M, N, K,
         if BF16_INTERPRETED:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
     return acc

@@ -27,12 +27,18 @@ from llm_kernels.kernels._rounding import to_dtype
 
 # Longest row kept in registers; longer rows loop over chunks of this many elements.
 MAX_BLOCK = 8192
-# Resident warps per SM the backward aims for: 32 of 64, i.e. at most 64 registers a thread.
-# Its warps per program scale with the row (a thread keeps 16 elements of each row tensor: 64
-# registers at sm_90), and as many programs per SM are launched as fit that many warps. Each
-# program reduces its rows' dweight/dbias into one partial row. (H100, hidden 4096: 8 warps x
-# 121 registers left 16 warps per SM and ran at 948 GB/s; 16 warps x 64 registers fit 32.)
+# Warps per SM the backward is sized for. A program gets _backward_warps(block) warps (a thread
+# keeps 8 elements of each row tensor) or twice as many, whichever leaves more warps resident
+# per SM once compiled, and as many programs are launched per SM as its registers, warps and
+# shared memory let one SM hold at once: all of them resident, as a second wave would wait for
+# the first one's whole loop over rows (H100, triton 3.6, hidden 4096: 16 warps x 82 registers
+# fit once per SM; two per SM ran in two waves at 0.3 of the copy bandwidth). Each program
+# reduces its rows' dweight/dbias into one partial row.
 BWD_WARPS_PER_SM = 32
+# An SM's limits (sm_80/sm_90): registers, resident warps, resident programs.
+SM_REGISTERS = 65536
+SM_MAX_WARPS = 64
+SM_MAX_PROGRAMS = 32
 # Software-pipelining depth of the backward's loop over rows (the next row's loads are issued
 # while this row is reduced); 1 turns it off.
 BWD_STAGES = 2
@@ -244,7 +250,7 @@ def _config(c: int) -> tuple[int, bool, int]:
 
 
 def _backward_warps(block: int) -> int:
-    """Warps per backward program: 16 elements of a row per thread (see BWD_WARPS_PER_SM)."""
+    """Warps per backward program: 8 elements of a row per thread (see BWD_WARPS_PER_SM)."""
     return min(max(block // 256, 1), BWD_WARPS_PER_SM)
 
 
@@ -252,11 +258,50 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _backward_programs(n: int, num_warps: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(n, sms * max(BWD_WARPS_PER_SM // num_warps, 1))
-    return min(n, INTERPRETER_BWD_PROGRAMS if interpreting() else 1)
+# (device index, compile-time key) -> (warps per program, programs per SM) of the backward.
+_backward_plans: dict = {}
+
+
+def resident_programs(regs: int, shared: int, num_warps: int, sm_shared: int) -> int:
+    """Programs of a kernel (``regs`` registers a thread, ``shared`` bytes, ``num_warps``) that
+    one SM holds at once; registers are allocated per warp in units of 256."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = SM_REGISTERS // (regs_per_warp * num_warps)
+    by_shared = sm_shared // shared if shared else SM_MAX_PROGRAMS
+    return max(1, min(by_regs, SM_MAX_WARPS // num_warps, by_shared, SM_MAX_PROGRAMS))
+
+
+def _compiled_per_sm(args, constexprs: dict, num_warps: int, device: torch.device) -> int:
+    """Compile the backward with ``num_warps`` (no launch) and size its residency per SM."""
+    compiled = _layer_norm_bwd_kernel.warmup(*args, grid=(1,), **constexprs, num_warps=num_warps)
+    compiled.run  # loads the binary, which fills in n_regs
+    props = torch.cuda.get_device_properties(device)
+    sm_shared = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    return resident_programs(compiled.n_regs, compiled.metadata.shared, num_warps, sm_shared)
+
+
+def _backward_plan(args, constexprs: dict, block: int, device: torch.device) -> tuple[int, int]:
+    """(warps per program, programs per SM): of _backward_warps(block) and twice as many warps
+    (fewer registers a thread), the one with more warps resident per SM, as compiled for this
+    GPU. Fixed per kernel variant and GPU, so the partial sums, and dweight/dbias, are the same
+    bits from run to run."""
+    key = (device.index, block, *constexprs.values(), *(a.dtype for a in args[:4]))
+    plan = _backward_plans.get(key)
+    if plan is None:
+        warps = _backward_warps(block)
+        options = [(w, _compiled_per_sm(args, constexprs, w, device))
+                   for w in dict.fromkeys((warps, min(2 * warps, BWD_WARPS_PER_SM)))]
+        plan = _backward_plans[key] = max(options, key=lambda o: o[0] * o[1])
+    return plan
+
+
+def _backward_launch(n: int, args, constexprs: dict, block: int,
+                     device: torch.device) -> tuple[int, int]:
+    """(warps per program, programs): on a GPU one program per resident slot of every SM."""
+    if device.type != "cuda":
+        return _backward_warps(block), min(n, INTERPRETER_BWD_PROGRAMS if interpreting() else 1)
+    warps, per_sm = _backward_plan(args, constexprs, block, device)
+    return warps, min(n, torch.cuda.get_device_properties(device).multi_processor_count * per_sm)
 
 
 def _partial_buffer(programs: int, c: int, device, single: bool) -> torch.Tensor:
@@ -294,18 +339,20 @@ def layer_norm_backward(grad_y, grad_h, h, weight, bias, mean, rstd, rms):
     n, c = h.shape
     dx = torch.empty_like(h)
     block, single, _ = _config(c)
-    num_warps = _backward_warps(block)
-    programs = _backward_programs(n, num_warps, h.device)
-    partial_w = _partial_buffer(programs, c, h.device, single) if weight is not None else None
-    partial_b = _partial_buffer(programs, c, h.device, single) if bias is not None else None
+    constexprs = dict(HAS_DH=grad_h is not None, HAS_W=weight is not None,
+                      HAS_B=bias is not None, RMS=rms, BLOCK=block, SINGLE=single,
+                      STAGES=BWD_STAGES, INTERPRET=interpreting())
+    grad_h = grad_h.contiguous() if grad_h is not None else grad_y
+    head = (grad_y, grad_h, h, weight if weight is not None else h, mean if not rms else rstd,
+            rstd, dx)
     with _device(h):
+        num_warps, programs = _backward_launch(n, head + (rstd, rstd, n, c), constexprs, block,
+                                               h.device)
+        partial_w = _partial_buffer(programs, c, h.device, single) if weight is not None else None
+        partial_b = _partial_buffer(programs, c, h.device, single) if bias is not None else None
         _layer_norm_bwd_kernel[(programs,)](
-            grad_y, grad_h.contiguous() if grad_h is not None else grad_y, h,
-            weight if weight is not None else h, mean if not rms else rstd, rstd, dx,
-            partial_w if partial_w is not None else rstd,
-            partial_b if partial_b is not None else rstd, n, c,
-            HAS_DH=grad_h is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            RMS=rms, BLOCK=block, SINGLE=single, STAGES=BWD_STAGES, INTERPRET=interpreting(),
+            *head, partial_w if partial_w is not None else rstd,
+            partial_b if partial_b is not None else rstd, n, c, **constexprs,
             num_warps=num_warps)
     dweight = partial_w.sum(0).to(h.dtype) if partial_w is not None else h.new_empty((0,))
     dbias = partial_b.sum(0).to(h.dtype) if partial_b is not None else h.new_empty((0,))

@@ -55,8 +55,8 @@ def _gate_up_kernel(a_ptr, bg_ptr, bu_ptr, gate_ptr, up_ptr, h_ptr, M, N, K,
             a = a.to(tl.float32)
             bg = bg.to(tl.float32)
             bu = bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
-        acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+        acc_g = tl.dot(a, bg, acc_g, input_precision="ieee", out_dtype=acc_g.dtype)
+        acc_u = tl.dot(a, bu, acc_u, input_precision="ieee", out_dtype=acc_u.dtype)
         a_tile += BLOCK_K * stride_ak
         bg_tile += BLOCK_K * stride_bk
         bu_tile += BLOCK_K * stride_bk

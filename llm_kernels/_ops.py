@@ -212,6 +212,10 @@ def triton_ops():
     global _triton_library
     with _lock:
         if _triton_library is None:
+            from llm_kernels.backends import interpreting
+            if interpreting():
+                from llm_kernels.kernels._interpreter import fix_index_conversion
+                fix_index_conversion()
             lib = torch.library.Library(TRITON_NAMESPACE, "DEF")
             for op, schema in SCHEMAS.items():
                 lib.define(op + schema)

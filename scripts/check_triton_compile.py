@@ -4,6 +4,7 @@ an API a triton version lacks, shared memory over the device limit) before GPU t
 
     python scripts/check_triton_compile.py                # sm_90, every autotune candidate
     python scripts/check_triton_compile.py --quick        # one config per kernel
+    python scripts/check_triton_compile.py --shard 2/8 --no-usage   # 1/8 of the cases
     /path/to/venv-with-triton-3.6/bin/python scripts/check_triton_compile.py   # another triton
 
 A fake CUDA driver reports the target GPU, and every launch becomes a compile-only warmup
@@ -209,7 +210,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and one config per kernel (no autotune candidates)")
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="run every N-th case from the K-th (K in 0..N-1): N processes in "
+                             "parallel fill triton's cache (TRITON_CACHE_DIR) N times faster")
+    parser.add_argument("--no-usage", action="store_true",
+                        help="skip reading registers and spills from each cubin")
     args = parser.parse_args(argv)
+    try:
+        shard, shards = (int(part) for part in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard takes K/N with 0 <= K < N, got {args.shard!r}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     if args.quick:
@@ -226,7 +238,7 @@ def main(argv=None) -> int:
                     tuner.configs = tuner.configs[-1:]
     dtypes = (torch.bfloat16,) if args.quick else (torch.bfloat16, torch.float16, torch.float32)
     cases = [c for group in (attention_cases, row_cases, feed_forward_cases)
-             for c in group(dtypes, args.quick) if args.only in c[0]]
+             for c in group(dtypes, args.quick) if args.only in c[0]][shard::shards]
     print(f"triton {triton.__version__}, torch {torch.__version__}, sm_{args.arch}, "
           f"{len(cases)} cases", flush=True)
     failures, seen, spilling, start = [], set(), 0, time.monotonic()
@@ -247,7 +259,7 @@ def main(argv=None) -> int:
             over = meta.shared > MAX_SHARED[args.arch]
             if over:
                 failures.append(f"{name}: {kernel_name} needs {meta.shared} B of shared memory")
-            regs, spill = resource_usage(kernel)
+            regs, spill = (-1, -1) if args.no_usage else resource_usage(kernel)
             spilling += spill > 0
             print(f"{'OVER ' if over else 'ok   '}{kernel_name:<32} warps={meta.num_warps} "
                   f"stages={meta.num_stages} shared={meta.shared:>6} regs={regs:>3} "

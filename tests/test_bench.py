@@ -219,6 +219,53 @@ def test_a_failing_provider_is_recorded_and_the_run_goes_on():
     assert "ZeroDivisionError: kernel exploded" in results.skipped[0]["reason"]
 
 
+@pytest.mark.parametrize("host_ms,noted", [(0.8, True), (0.2, False), (None, False)])
+def test_a_host_bound_row_notes_its_host_time(monkeypatch, host_ms, noted):
+    """A GPU row whose call takes at least half its measured time to issue on the CPU says so."""
+    timing = harness.Timing(ms=1.0, ms_p20=0.9, ms_p80=1.1, peak_mb=None, host_ms=host_ms)
+    monkeypatch.setattr(harness, "measure", lambda fn, device, config: timing)
+    module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"torch": layer_norm.PROVIDERS["torch"]})
+    opts, plan = _tiny_plan()
+    row, = _fast_runner(opts).run([PlanItem(module, plan[0].case, ["torch"])]).rows
+    assert ("host 0.800 ms/call" in row["note"]) == noted
+
+
+@pytest.mark.parametrize("call_ms,rep_ms", [(80.0, 800.0), (0.2, 50)])
+def test_gpu_timer_takes_at_least_ten_samples(monkeypatch, call_ms, rep_ms):
+    """A call longer than the repetition budget (a training step) gets a budget of ten calls;
+    short calls keep the configured one."""
+    import triton.testing
+
+    class Event:
+        def __init__(self, enable_timing):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return call_ms
+    seen = {}
+
+    def do_bench(fn, warmup, rep, quantiles):
+        seen["rep"] = rep
+        return [call_ms] * len(quantiles)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    assert harness.time_gpu(lambda: None, harness.QUICK_TIMER) == (call_ms,) * 3
+    assert seen["rep"] == pytest.approx(rep_ms)
+
+
+def test_host_time_is_the_cpu_time_to_issue_one_call(monkeypatch):
+    """A call that keeps the CPU busy for 20 ms (and queues nothing) takes 20 ms to issue."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    ms = harness.host_time_ms(lambda: time.sleep(0.02), torch.device("cuda"), calls=3)
+    assert 19.0 <= ms < 60.0
+
+
 def test_device_fault_stops_the_process_and_a_resumed_run_finishes_the_plan():
     def faulting(case, device, opts):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -513,6 +560,34 @@ def test_summary_keeps_the_profile_tables_and_autotune_choices(tmp_path):
     assert f"_matmul_kernel (8192, 768, 3072): BLOCK_M: {block}, num_warps: 8" in md
 
 
+@pytest.mark.parametrize("crashed", [False, True])
+def test_summary_keeps_the_host_overhead_table_and_a_native_crash(tmp_path, crashed):
+    """The host-overhead table reaches the markdown; the native probe's output and the cuda-gdb
+    backtrace only when the probe failed."""
+    us = round(random.uniform(10, 90), 1)
+    table = [f"{'op':<30} {'mode':<10} {'torch':>8} {'lk-triton':>10}", "-" * 60,
+             f"{'decode':<30} {'fwd':<10} {us:>8.1f} {2 * us:>10.1f}"]
+    probe = ["CXX=/opt/gcc/bin/g++", "Fatal Python error: Segmentation fault"]
+    log = ["@@info mode=full", "@@begin native-probe: bash scripts/native_probe.sh", *probe,
+           f"@@step native-probe status={'failed' if crashed else 'ok'} "
+           f"rc={139 if crashed else 0} secs=5",
+           "@@begin host-overhead: python -m ...", "warming up", *table,
+           "@@step host-overhead status=ok rc=0 secs=12"]
+    if crashed:
+        log += ["@@begin native-backtrace: cuda-gdb ...", "#0  0x00007f in __cxa_throw ()",
+                "@@step native-backtrace status=ok rc=0 secs=40",
+                "@@begin native-probe-system-gxx: bash scripts/native_probe.sh",
+                "DONE 229 cases, 0 failed", "@@step native-probe-system-gxx status=ok rc=0 secs=9"]
+    (tmp_path / "gpu_check.log").write_text("\n".join(log))
+    summary = summarize.summarize(str(tmp_path))
+    assert summary["host_overhead"] == table
+    md = summarize.format_markdown(summary, None, None)
+    assert "\n".join(["```", *table, "```"]) in md
+    assert ("#0  0x00007f in __cxa_throw ()" in md) == crashed
+    assert ("Segmentation fault" in md) == crashed
+    assert ("--- native-probe-system-gxx: ok (rc=0) ---\nDONE 229 cases" in md) == crashed
+
+
 def test_summary_reads_the_log_and_verify(tmp_path):
     passed, failed = random.randint(1, 99), random.randint(0, 9)
     log = "\n".join([
@@ -543,7 +618,7 @@ def test_summary_reads_the_log_and_verify(tmp_path):
     text = summarize.format_text(summary)
     assert "GPU CHECK SUMMARY" in text and f"{passed} passed" in text
     path = summarize.write_results(summary, str(tmp_path), str(tmp_path / "results"))
-    assert os.path.basename(path) == "2026-11-20-nvidia-h100-80gb-hbm3.md"
+    assert os.path.basename(path) == "2026-11-20-nvidia-h100-80gb-hbm3-abc123.md"
     assert "| #3 | attn fwd causal lk-triton / best SDPA |" in open(path).read()
 
 
@@ -630,6 +705,13 @@ case "$1 $2" in
   "-m llm_kernels.bench")
     while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' '{"environment": {}, "rows": [], "skipped": [], "checks": [], "excluded": [], "autotune": {}}' > "$2"; shift; done
     echo "0 rows measured"; exit 0 ;;
+  "-X faulthandler") echo "DONE 229 cases, 0 failed"; exit 0 ;;
+  "scripts/check_triton_compile.py --no-usage") echo "ok   _attn_fwd_kernel warps=4"; exit 0 ;;
+  "-c import torch, llm_kernels._C"*) exit 0 ;;
+  "-m llm_kernels.bench.host_overhead")
+    echo "op                             mode          torch   lk-triton"
+    echo "decode                         fwd            24.1       61.5"
+    exit 0 ;;
   "-m llm_kernels.bench.profile_step")
     echo "== lk-triton: 61.20 ms/step under the profiler (133856 tokens/s), kernels 58.10 ms/step"
     echo "kernel                                                                          calls  ms/step  share"
@@ -647,7 +729,8 @@ def _dry_run(tmp_path, *args, **env_vars):
     stub.write_text(STUB_PYTHON.replace("@REAL@", sys.executable))
     stub.chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(stub), OUT=str(out), **env_vars)
+    env = dict(os.environ, PYTHON=str(stub), OUT=str(out),
+               EXT_BUILD_STAMP=str(tmp_path / "stamp"), **env_vars)
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), *args], env=env,
                             capture_output=True, text=True, timeout=600)
@@ -658,15 +741,30 @@ def _dry_run(tmp_path, *args, **env_vars):
 
 def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
     """--bench with BENCH_RESUME: the earlier call's bench.json is copied into the output folder
-    and the bench resumes from it; no cuda tests or verify run, the rest of the tests do."""
+    and the bench resumes from it; no cuda tests or profile run, verify and the rest of the
+    tests do."""
     earlier = tmp_path / "earlier.json"
     earlier.write_text('{"environment": {}, "rows": [], "skipped": [], "checks": []}')
     stdout, log, steps = _dry_run(tmp_path, "--bench", BENCH_RESUME=str(earlier))
     bench_begin = next(line for line in log.splitlines() if line.startswith("@@begin bench:"))
     assert "--resume" in bench_begin.split() and steps["bench"] == "status=ok"
     assert steps["pytest-rest"] == "status=ok"
-    assert "pytest-cuda" not in steps and "verify" not in steps and "profile" not in steps
+    assert steps["verify"] == "status=ok"
+    assert "pytest-cuda" not in steps and "profile" not in steps
     assert stdout.splitlines()[-1].startswith("targets: ")
+
+
+def test_gpu_check_keeps_a_build_of_the_same_sources(tmp_path):
+    """A second call on the still-warm machine keeps the extension the first one built (the
+    stamp matches setup.py and csrc/); a stamp of other sources builds again."""
+    _, first, steps = _dry_run(tmp_path, "--bench")
+    assert "@@begin build:" in first and steps["build"] == "status=ok"
+    _, second, steps = _dry_run(tmp_path, "--bench")
+    assert "@@begin build:" not in second and "already built here: kept" in second
+    assert steps["build"] == "status=ok"
+    (tmp_path / "stamp").write_text("0123456789abcdef-9.0\n")
+    _, third, _ = _dry_run(tmp_path, "--bench")
+    assert "@@begin build:" in third
 
 
 def test_gpu_check_names_failing_tests_from_the_failure_log(tmp_path):
@@ -694,7 +792,8 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_summary(tmp_path, budg
     stub.write_text(STUB_PYTHON.replace("@REAL@", sys.executable))
     stub.chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(stub), OUT=str(out), GPU_CHECK_BUDGET=str(budget))
+    env = dict(os.environ, PYTHON=str(stub), OUT=str(out), GPU_CHECK_BUDGET=str(budget),
+               EXT_BUILD_STAMP=str(tmp_path / "stamp"))
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh")], env=env,
                             capture_output=True, text=True, timeout=600)
@@ -709,12 +808,15 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_summary(tmp_path, budg
     expected = "status=ok" if budget == 415 else "status=skipped"
     for name in ("build", "pytest-cuda", "verify"):
         assert steps.get(name) == expected, (name, steps)
-    for name in ("profile", "bench", "pytest-rest"):
+    later = ("native-probe", "profile", "host-overhead", "bench")
+    for name in later:
         assert steps.get(name) in ("status=ok", "status=skipped"), (name, steps)
     if budget == 415:
-        assert all(steps[name] == "status=ok" for name in ("profile", "bench", "pytest-rest"))
+        assert all(steps[name] == "status=ok" for name in later)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["profile"][2].startswith("_attn_bwd_dkdv_kernel")
+        assert summary["host_overhead"][1].startswith("decode")
+        assert "@@info precompiled=8" in log
     assert len(list(out.iterdir())) <= 8
 
 

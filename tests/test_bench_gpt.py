@@ -83,6 +83,26 @@ def test_profile_step_lists_the_kernels_of_a_step(capsys):
     assert "== lk-triton: skipped (the Triton interpreter is not benchmarked" in out
 
 
+def test_sync_points_count_each_waiting_call_by_source_line(monkeypatch):
+    """Each 'synchronizing CUDA operation' warning of one step is counted at its source line,
+    and the summary keeps those lines."""
+    import warnings
+
+    from llm_kernels.bench import profile_step, summarize
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+
+    def step():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("an unrelated warning")
+    counts = profile_step.sync_points(step)
+    assert list(counts.values()) == [3] and next(iter(counts)).endswith(".py:" + str(
+        step.__code__.co_firstlineno + 2))
+    lines = profile_step._sync_lines(counts)
+    assert lines[0] == "host waits for the device 3 times a step"
+    assert summarize.profile_lines("\n".join(["noise", *lines])) == lines
+
+
 def test_profile_step_rejects_unknown_providers():
     from llm_kernels.bench import profile_step
     with pytest.raises(SystemExit):

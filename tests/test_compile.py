@@ -132,8 +132,16 @@ def block(x, w_qkv, weight, bias, w1, b1, w2, b2, backend):
 
 
 def block_inputs(device, b, l, c, d_ff):
-    shapes = [(b, l, c), (3 * c, c), (c,), (c,), (d_ff, c), (d_ff,), (c, d_ff), (c,)]
-    return [(torch.randn(shape, device=device) / 2).requires_grad_() for shape in shapes]
+    """x ~ N(0, 1); the matrices scaled like nn.Linear's init (std 1/sqrt(fan_in)), so the
+    attention logits are O(1) as in a real model rather than a saturated softmax; the vectors
+    ~ N(0, 1/4)."""
+    x = torch.randn(b, l, c, device=device)
+    mats = [torch.randn(shape, device=device) / shape[1] ** 0.5
+            for shape in ((3 * c, c), (d_ff, c), (c, d_ff))]
+    vecs = [torch.randn(n, device=device) / 2 for n in (c, c, d_ff, c)]
+    w_qkv, w1, w2 = mats
+    weight, bias, b1, b2 = vecs
+    return [t.requires_grad_() for t in (x, w_qkv, weight, bias, w1, b1, w2, b2)]
 
 
 def run(fn, inputs, backend):

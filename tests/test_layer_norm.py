@@ -163,6 +163,42 @@ def test_backward_is_deterministic(device):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("regs,warps,shared,expected", [
+    (81, 16, 32916, 1),   # H100 hidden 4096 bf16: a second program's registers do not fit
+    (64, 16, 32836, 2),
+    (50, 32, 32768, 1),
+    (32, 4, 8212, 16),    # warps limit: 64 per SM
+    (40, 2, 120000, 1),   # shared memory limit
+])
+def test_backward_programs_per_sm_fit_the_compiled_kernel(regs, warps, shared, expected):
+    """Programs per SM from the compiled backward's registers (per warp, in units of 256),
+    warps and shared memory: all of them resident at once, never a second wave."""
+    assert kernels.resident_programs(regs, shared, warps, 233472) == expected
+
+
+@pytest.mark.parametrize("resident,expected", [
+    ({16: 1, 32: 1}, (32, 1)),   # 16 warps x 82 registers fit once: 32 warps resident beat 16
+    ({16: 2, 32: 1}, (16, 2)),   # a tie keeps the fewer warps per program
+    ({4: 7, 8: 4}, (8, 4)),
+])
+def test_backward_plan_keeps_the_most_warps_resident(monkeypatch, resident, expected):
+    """Of the two warp counts the one leaving more warps resident per SM wins; each kernel
+    variant is compiled and sized once per process."""
+    compiled = []
+
+    def per_sm(args, constexprs, warps, device):
+        compiled.append(warps)
+        return resident[warps]
+    monkeypatch.setattr(kernels, "_compiled_per_sm", per_sm)
+    monkeypatch.setattr(kernels, "_backward_plans", {})
+    block = 256 * min(resident)
+    args = tuple(torch.empty(1) for _ in range(4))
+    device = torch.device("cuda", 0)
+    assert kernels._backward_plan(args, {"RMS": False}, block, device) == expected
+    assert kernels._backward_plan(args, {"RMS": False}, block, device) == expected
+    assert sorted(compiled) == sorted(resident)
+
+
 def test_gradient_of_y_alone_with_residual(device):
     """Only y feeds the loss: the residual's gradient is the normed path's alone."""
     x, r = (torch.randn(37, 127, device=device, requires_grad=True) for _ in range(2))

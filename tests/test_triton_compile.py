@@ -33,3 +33,30 @@ def test_the_check_refuses_the_interpreter():
     out = subprocess.run([sys.executable, SCRIPT, "--quick"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 2 and "unset TRITON_INTERPRET" in out.stderr
+
+
+def _run(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    return subprocess.run([sys.executable, SCRIPT, "--quick", "--no-usage", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_shards_split_the_cases_and_fill_the_triton_cache(tmp_path):
+    """--shard K/N runs every N-th case: the shards together compile what one run does, and
+    the compiled kernels land in TRITON_CACHE_DIR (what bench/gpu_check.sh precompiles into)."""
+    def variants(out):
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return {line.split("(")[0] for line in out.stdout.splitlines() if line.startswith("ok ")}
+    whole = variants(_run(tmp_path, "--only", "norm C=4096"))
+    halves = [variants(_run(tmp_path, "--only", "norm C=4096", "--shard", f"{k}/2"))
+              for k in range(2)]
+    assert whole and halves[0] and halves[1] and halves[0] | halves[1] == whole
+    assert any(name.endswith(".cubin") for _, _, files in os.walk(tmp_path / "cache")
+               for name in files)
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "-1/3"])
+def test_a_bad_shard_exits_2(tmp_path, shard):
+    out = _run(tmp_path, f"--shard={shard}")
+    assert out.returncode == 2 and "--shard takes K/N" in out.stderr
