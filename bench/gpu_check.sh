@@ -14,8 +14,9 @@
 #                                        # call 2 (5 min): the build kept from call 1 (same
 #                                        # sources), the benchmark resumed from call 1's
 #                                        # bench.json (copied to gpu-resume/, which git ignores:
-#                                        # name it in the call's carry), verify again (call 1's
-#                                        # is cut short), then the rest of the tests
+#                                        # name it in the call's carry), the launch-parameter
+#                                        # sweeps (bench/sweep.py), verify again (call 1's is
+#                                        # cut short), then the rest of the tests
 #   bash bench/gpu_check.sh --sanitize   # build, cuda tests, verify, then compute-sanitizer
 #                                        # (memcheck, racecheck) over a small subset of the
 #                                        # cuda tests instead of the benchmarks
@@ -197,6 +198,11 @@ native_rebuild() {
     "$PY" setup.py build_ext --inplace || return 0
   TAIL_LINES=30 step native-probe-system-gxx "$(slot 40 0)" bash scripts/native_probe.sh "$PY"
 }
+# Launch-parameter sweeps (layer norm backward, decode split plan, attention forward settings):
+# the data that chooses the kernels' launch settings.
+sweep_step() {
+  TAIL_LINES=80 step sweep "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.sweep
+}
 # The CPU time each public op takes per call around its kernels, next to plain torch.
 host_overhead_step() {
   TAIL_LINES=30 step host-overhead "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.host_overhead \
@@ -283,8 +289,9 @@ case "$MODE" in
     native_rebuild
     bench_step 200 5 ;;
   bench)
-    bench_step 150 100
-    verify_step 80 20
+    bench_step 150 130
+    sweep_step 90 50
+    verify_step 70 20
     rest_tests 150 5 ;;
   sanitize)
     cuda_tests 100 215

@@ -345,6 +345,7 @@ def summarize(out_dir: str) -> dict:
         "targets": [dict(asdict(t), status=t.status) for t in targets(bench)],
         "profile": profile_lines(steps_output(log["steps"], "profile")),
         "host_overhead": host_overhead_lines(steps_output(log["steps"], "host-overhead")),
+        "sweep": sweep_lines(steps_output(log["steps"], "sweep")),
         "native": native_lines(log["steps"]),
         "autotune": bench.get("autotune", {}),
     }
@@ -373,6 +374,13 @@ def host_overhead_lines(output: str) -> list[str]:
 
 
 NATIVE_FOLLOW_UPS = {"native-backtrace": 60, "native-rebuild": 5, "native-probe-system-gxx": 30}
+
+
+def sweep_lines(output: str) -> list[str]:
+    """The tables of ``bench/sweep.py`` (from its first ``== `` title on)."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("== ")), None)
+    return [] if start is None else [line.rstrip() for line in lines[start:] if line.strip()]
 
 
 def native_lines(steps: dict[str, list[dict]], tail: int = 60) -> list[str]:
@@ -514,6 +522,9 @@ def format_markdown(summary: dict, csv_name: Optional[str], png_name: Optional[s
     if summary.get("host_overhead"):
         md += ["", "## Host time per call of the public ops (microseconds, bench/host_overhead.py)",
                "", "```"] + summary["host_overhead"] + ["```"]
+    if summary.get("sweep"):
+        md += ["", "## Launch-parameter sweeps (bench/sweep.py)", "", "```"]
+        md += summary["sweep"] + ["```"]
     if summary.get("native"):
         md += ["", "## Native probe of the C++ ops' error paths (failed)", "", "```"]
         md += summary["native"] + ["```"]

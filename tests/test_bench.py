@@ -709,6 +709,8 @@ case "$1 $2" in
   "scripts/check_triton_compile.py --no-usage") echo "ok   _attn_fwd_kernel warps=4"; exit 0 ;;
   "-c import torch, llm_kernels._C"*) exit 0 ;;
   "-c import torch"*) echo "torch: (stub)"; exit 0 ;;
+  "-m llm_kernels.bench.sweep")
+    echo "== decode (stub): programs per SM"; echo "Lk per_sm ms"; echo "16384 4* 0.201"; exit 0 ;;
   "-m llm_kernels.bench.host_overhead")
     echo "op                             mode          torch   lk-triton"
     echo "decode                         fwd            24.1       61.5"
@@ -750,8 +752,11 @@ def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
     bench_begin = next(line for line in log.splitlines() if line.startswith("@@begin bench:"))
     assert "--resume" in bench_begin.split() and steps["bench"] == "status=ok"
     assert steps["pytest-rest"] == "status=ok"
-    assert steps["verify"] == "status=ok"
+    assert steps["verify"] == "status=ok" and steps["sweep"] == "status=ok"
     assert "pytest-cuda" not in steps and "profile" not in steps
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sweep"] == ["== decode (stub): programs per SM", "Lk per_sm ms",
+                                "16384 4* 0.201"]
     assert stdout.splitlines()[-1].startswith("targets: ")
 
 
