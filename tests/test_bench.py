@@ -705,7 +705,9 @@ case "$1 $2" in
   "-m llm_kernels.bench")
     while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' '{"environment": {}, "rows": [], "skipped": [], "checks": [], "excluded": [], "autotune": {}}' > "$2"; shift; done
     echo "0 rows measured"; exit 0 ;;
-  "-X faulthandler") echo "DONE 229 cases, 0 failed"; exit 0 ;;
+  "-X faulthandler")
+    if [ -n "${STUB_NATIVE_CRASH:-}" ]; then echo "PASS attention/ok"; kill -SEGV $$; fi
+    echo "DONE 229 cases, 0 failed"; exit 0 ;;
   "scripts/check_triton_compile.py --no-usage") echo "ok   _attn_fwd_kernel warps=4"; exit 0 ;;
   "-c import torch, llm_kernels._C"*) exit 0 ;;
   "-c import torch"*) echo "torch: (stub)"; exit 0 ;;
@@ -771,6 +773,25 @@ def test_gpu_check_keeps_a_build_of_the_same_sources(tmp_path):
     (tmp_path / "stamp").write_text("0123456789abcdef-9.0\n")
     _, third, _ = _dry_run(tmp_path, "--bench")
     assert "@@begin build:" in third
+
+
+def test_gpu_check_native_crash_rebuilds_with_the_system_compiler(tmp_path):
+    """A probe that dies of a signal marks the crash; the extension is rebuilt with /usr/bin/g++
+    (the configured compiler being another one) and probed again; the summary shows both."""
+    if not os.path.exists("/usr/bin/g++"):
+        pytest.skip("no /usr/bin/g++ on this machine")
+    other = tmp_path / "other-g++"
+    other.write_text("#!/bin/sh\nexec /usr/bin/g++ \"$@\"\n")
+    other.chmod(0o755)
+    _, log, steps = _dry_run(tmp_path, GPU_CHECK_BUDGET="415", STUB_NATIVE_CRASH="1",
+                             CXX=str(other))
+    assert steps["native-probe"] == "status=failed" and "rc=139" in log
+    assert steps["native-rebuild"] == "status=ok"
+    assert steps["native-probe-system-gxx"] == "status=failed"
+    rebuild = next(line for line in log.splitlines() if line.startswith("@@begin native-rebuild"))
+    assert "setup.py build_ext --inplace" in rebuild
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert any(line.startswith("--- native-probe-system-gxx: failed") for line in summary["native"])
 
 
 def test_gpu_check_names_failing_tests_from_the_failure_log(tmp_path):
