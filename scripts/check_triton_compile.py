@@ -124,6 +124,10 @@ def attention_cases(dtypes, quick: bool):
                 cases.append((f"attention d={d} {dtype} causal={causal}",
                               lambda d=d, dtype=dtype, c=causal: run(1, 4, 2, 300, 300, d, dtype,
                                                                      c, False)))
+                if not quick:  # lengths divisible by 16: triton specializes on that
+                    cases.append((f"attention aligned d={d} {dtype} causal={causal}",
+                                  lambda d=d, dtype=dtype, c=causal: run(1, 4, 2, 256, 256, d,
+                                                                         dtype, c, False)))
         for d in mask_dims:
             cases.append((f"attention mask d={d} {dtype}",
                           lambda d=d, dtype=dtype: run(1, 2, 2, 97, 130, d, dtype, False, True)))
