@@ -281,7 +281,7 @@ case "$MODE" in
   full)
     native_probe
     cuda_tests 230 100
-    verify_step 40 60
+    verify_step 90 60
     precompile_stop
     profile_step 40 20
     host_overhead_step 30 5
