@@ -208,3 +208,20 @@ def test_every_gate_up_config_cuda(index, monkeypatch):
     _only_config(monkeypatch, swiglu_kernels._gate_up_kernel, swiglu_kernels.GATE_UP_TILES, index)
     dtype = torch.bfloat16
     _check_swiglu(_swiglu_inputs((1000, 520), 1544, 500, dtype, "cuda"), dtype)
+
+
+@pytest.mark.parametrize("which", ["row_sums", "col_sums"])
+def test_matmul_sums_of_its_operands(which, device):
+    """matmul's K-sums of A's rows / B's columns (the bias gradients' path), several tiles in
+    both dims, against float64 by the pass rule; asking for both is an error."""
+    a, b = torch.randn(70, 45, device=device), torch.randn(45, 66, device=device)
+    out = torch.empty(70, 66, device=device)
+    sums = torch.empty(70 if which == "row_sums" else 66, device=device)
+    ff_kernels.matmul(a, b, out, **{which: sums})
+    dim = 1 if which == "row_sums" else 0
+    operand = a if which == "row_sums" else b
+    assert_close(sums, operand.double().sum(dim), operand.sum(dim), torch.float32, which)
+    assert_close(out, a.double() @ b.double(), a @ b, torch.float32, "matmul")
+    with pytest.raises(ValueError, match="one of row_sums and col_sums"):
+        ff_kernels.matmul(a, b, out, row_sums=torch.empty(70, device=device),
+                          col_sums=torch.empty(66, device=device))
