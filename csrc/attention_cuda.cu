@@ -16,6 +16,7 @@
 
 #include "attention_checks.h"
 #include "attention_launch.cuh"
+#include "check.h"
 #include "common.h"
 
 namespace lk::attn {
@@ -57,10 +58,10 @@ Params make_params(const Sizes& s, const at::Tensor& q, const at::Tensor& k, con
 }
 
 void check_grid(const char* op, const Sizes& s) {
-  TORCH_CHECK(s.batch * s.heads < (int64_t{1} << 31) && s.q_len < (int64_t{1} << 30) &&
+  LK_CHECK(s.batch * s.heads < (int64_t{1} << 31) && s.q_len < (int64_t{1} << 30) &&
                   s.k_len < (int64_t{1} << 30),
               op, ": sizes too large for the CUDA kernels (B * H < 2^31, Lq, Lk < 2^30)");
-  TORCH_CHECK(lk::ceil_div(std::max(s.q_len, s.k_len), 32) <= kMaxGridY, op,
+  LK_CHECK(lk::ceil_div(std::max(s.q_len, s.k_len), 32) <= kMaxGridY, op,
               ": sequence length ", std::max(s.q_len, s.k_len), " exceeds the CUDA grid limit (",
               kMaxGridY * 32, ")");
 }
@@ -97,7 +98,7 @@ struct CudaLaunch {
                   Args... args) const {
     if (grid.x == 0 || grid.y == 0) return;
     const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    TORCH_CHECK(smem <= smem_limit, "llm_kernels::attention: this head dim needs ", smem,
+    LK_CHECK(smem <= smem_limit, "llm_kernels::attention: this head dim needs ", smem,
                 " bytes of shared memory per block, the GPU allows ", smem_limit,
                 "; use backend='triton' or 'torch' for it");
     if (smem > 48 * 1024) {

@@ -1,5 +1,5 @@
 // The one binding layer of llm_kernels._C: declares every op of llm_kernels/_ops.py SCHEMAS in
-// TORCH_LIBRARY(llm_kernels, ...) with the identical schema, TORCH_CHECKs every precondition
+// TORCH_LIBRARY(llm_kernels, ...) with the identical schema, LK_CHECKs (check.h) every precondition
 // (device, dtype, contiguity, shapes) with a clear message, allocates the outputs (the one
 // mutating op, cross_entropy_backward_inplace, writes into its logits instead), and runs the
 // CPU twin or enqueues the CUDA kernel on the current stream. The feed-forward GEMMs run here
@@ -26,6 +26,7 @@
 #endif
 
 #include "attention.h"
+#include "check.h"
 #include "kernels.h"
 
 namespace {
@@ -54,16 +55,16 @@ lk::DType kernel_dtype(const char* op, const char* name, const Tensor& t) {
     case at::kBFloat16:
       return lk::DType::kBFloat16;
     default:
-      TORCH_CHECK(false, op, ": ", name, " must be float16, bfloat16 or float32, got ",
+      LK_CHECK(false, op, ": ", name, " must be float16, bfloat16 or float32, got ",
                   t.scalar_type());
   }
 }
 
 void check_device(const char* op, const char* name, const Tensor& t, const Tensor& ref,
                   const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+  LK_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
               ref_name, " is on ", ref.device(), "; all tensors must be on one device");
-  TORCH_CHECK(t.is_cpu() || t.is_cuda(), op, ": ", name, " must be a CPU or CUDA tensor, got ",
+  LK_CHECK(t.is_cpu() || t.is_cuda(), op, ": ", name, " must be a CPU or CUDA tensor, got ",
               t.device());
 }
 
@@ -71,18 +72,18 @@ void check_device(const char* op, const char* name, const Tensor& t, const Tenso
 void check_like(const char* op, const char* name, const Tensor& t, const Tensor& ref,
                 const char* ref_name) {
   check_device(op, name, t, ref, ref_name);
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+  LK_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
               t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type(),
               "; the floating tensors must share one dtype");
 }
 
 void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+  LK_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
               t.sizes());
 }
 
 void check_contiguous(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ",
+  LK_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ",
               t.strides());
 }
 
@@ -91,12 +92,12 @@ constexpr int64_t kMaxCols = INT32_MAX - 65536;
 
 // A contiguous 2D (N, C) kernel input with 1 <= C <= kMaxCols; returns its dtype.
 lk::DType check_rows(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2D (N, C), got shape ", t.sizes());
-  TORCH_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxCols, op, ": ", name, " must have 1 <= C <= ",
+  LK_CHECK(t.dim() == 2, op, ": ", name, " must be 2D (N, C), got shape ", t.sizes());
+  LK_CHECK(t.size(1) >= 1 && t.size(1) <= kMaxCols, op, ": ", name, " must have 1 <= C <= ",
               kMaxCols, " columns, got shape ", t.sizes());
-  TORCH_CHECK(t.size(0) <= INT32_MAX, op, ": ", name, " must have fewer than 2^31 rows, got ",
+  LK_CHECK(t.size(0) <= INT32_MAX, op, ": ", name, " must have fewer than 2^31 rows, got ",
               t.size(0));
-  TORCH_CHECK(t.is_cpu() || t.is_cuda(), op, ": ", name, " must be a CPU or CUDA tensor, got ",
+  LK_CHECK(t.is_cpu() || t.is_cuda(), op, ": ", name, " must be a CPU or CUDA tensor, got ",
               t.device());
   check_contiguous(op, name, t);
   return kernel_dtype(op, name, t);
@@ -115,7 +116,7 @@ void check_optional(const char* op, const char* name, const OptTensor& t, const 
 void check_stat(const char* op, const char* name, const Tensor& t, const Tensor& ref,
                 int64_t rows) {
   check_device(op, name, t, ref, "the input");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+  LK_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
               t.scalar_type());
   check_shape(op, name, t, {rows});
   check_contiguous(op, name, t);
@@ -144,10 +145,10 @@ void run(const char* op, const Tensor& ref, void (*cpu)(const Args&),
     cpu(args);
     return;
   }
-  TORCH_CHECK(cuda != nullptr, op, ": llm_kernels._C was built without CUDA kernels");
+  LK_CHECK(cuda != nullptr, op, ": llm_kernels._C was built without CUDA kernels");
 #ifdef LLM_KERNELS_WITH_CUDA
   const char* error = cuda(args, c10::cuda::getCurrentCUDAStream(ref.get_device()).stream());
-  TORCH_CHECK(error == nullptr, op, ": CUDA kernel launch failed: ", error);
+  LK_CHECK(error == nullptr, op, ": CUDA kernel launch failed: ", error);
 #endif
 }
 
@@ -161,7 +162,7 @@ Tensor4 layer_norm_forward(const Tensor& x, const OptTensor& weight, const OptTe
   check_optional(op, "weight", weight, x, "x", {cols});
   check_optional(op, "bias", bias, x, "x", {cols});
   check_optional(op, "residual", residual, x, "x", x.sizes());
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  LK_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const at::OptionalDeviceGuard guard(x.device());
   const auto stats = x.options().dtype(at::kFloat);
   Tensor y = at::empty_like(x);
@@ -256,7 +257,7 @@ Tensor softmax_backward(const Tensor& grad_y_in, const Tensor& y) {
 
 void check_target(const char* op, const Tensor& target, const Tensor& logits) {
   check_device(op, "target", target, logits, "logits");
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+  LK_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
               target.scalar_type());
   check_shape(op, "target", target, {logits.size(0)});
   check_contiguous(op, "target", target);
@@ -287,7 +288,7 @@ lk::DType check_cross_entropy_backward(const char* op, const Tensor& grad_loss,
   check_target(op, target, logits);
   const int64_t rows = logits.size(0);
   check_device(op, "grad_loss", grad_loss, logits, "logits");
-  TORCH_CHECK(grad_loss.scalar_type() == at::kFloat, op, ": grad_loss must be float32, got ",
+  LK_CHECK(grad_loss.scalar_type() == at::kFloat, op, ": grad_loss must be float32, got ",
               grad_loss.scalar_type());
   check_shape(op, "grad_loss", grad_loss, {rows});
   check_stat(op, "lse", lse, logits, rows);
@@ -336,7 +337,7 @@ lk::Activation parse_activation(const char* op, c10::string_view name) {
   if (name == "gelu") return lk::Activation::kGelu;
   if (name == "gelu_tanh") return lk::Activation::kGeluTanh;
   if (name == "relu") return lk::Activation::kRelu;
-  TORCH_CHECK(name == "silu", op, ": activation must be gelu, gelu_tanh, relu or silu, got '",
+  LK_CHECK(name == "silu", op, ": activation must be gelu, gelu_tanh, relu or silu, got '",
               std::string(name), "'");
   return lk::Activation::kSilu;
 }
@@ -345,7 +346,7 @@ lk::Activation parse_activation(const char* op, c10::string_view name) {
 void check_linear(const char* op, const char* name, const Tensor& w, const Tensor& x,
                   int64_t out_features, int64_t in_features) {
   check_like(op, name, w, x, "x");
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == in_features &&
+  LK_CHECK(w.dim() == 2 && w.size(1) == in_features &&
                   (out_features < 0 || w.size(0) == out_features),
               op, ": ", name, " must have shape (", out_features < 0 ? std::string("d_out")
                                                                       : std::to_string(out_features),

@@ -434,7 +434,9 @@ def test_fake_implementations_match_the_kernels(ext, op, args):
 
 BAD_CALLS = [
     ("layer_norm_forward", lambda: (torch.randn(5, 7).t(), None, None, None, 1e-5, False),
-     "must be contiguous"),
+     r"x must be contiguous, got strides \[1, 7\]"),
+    ("layer_norm_forward", lambda: (torch.randn(5, 7), None, None, None, -0.5, False),
+     "eps must be >= 0, got -0.5"),
     ("layer_norm_forward", lambda: (torch.randn(5, 7), torch.randn(6), None, None, 1e-5, False),
      r"weight must have shape \[7\]"),
     ("layer_norm_forward", lambda: (torch.randn(5, 7), torch.randn(7, dtype=F16), None, None,
