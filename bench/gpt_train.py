@@ -11,6 +11,11 @@ Providers: ``lk-triton``/``lk-cuda``/``lk-auto`` (GPTConfig backend; auto takes 
 measured fastest backend), ``torch`` (backend "torch": the
 pure-torch references, attention materializing the scores) and ``torch-sdpa`` (backend "torch"
 with attention through ``torch.nn.functional.scaled_dot_product_attention``).
+
+``<provider>-graph`` (GPU only): the same step captured once in a CUDA graph (forward, loss,
+backward and the AdamW step) and replayed, so the host issues one graph launch a step instead
+of every op: the device time of the step without the host's Python, autograd and launch
+overhead, for the lk backends and the torch SDPA model alike.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_kernels.bench.common import Case, Options, check_lk_available, default_dtype, lk_backend
+from llm_kernels.bench.harness import Skip
 
 NAME = "gpt_train"
 METRIC = "tflops"
@@ -115,50 +121,93 @@ def build_model(case: Case, backend: str, device: torch.device, sdpa: bool = Fal
     return model.train()
 
 
-def training_step(case: Case, backend: str, device: torch.device, sdpa: bool = False):
+def training_step(case: Case, backend: str, device: torch.device, sdpa: bool = False,
+                  cuda_graph: bool = False):
     """The callable to time: zero_grad, forward + loss under autocast, backward, AdamW step,
-    on fixed random tokens; returns the detached loss."""
+    on fixed random tokens; returns the detached loss. ``cuda_graph``: that step captured in a
+    CUDA graph (after warm-up steps) and replayed."""
     from llm_kernels.train import make_optimizer
     model = build_model(case, backend, device, sdpa)
-    optimizer = make_optimizer(model, {"lr": LR, "weight_decay": WEIGHT_DECAY}, device)
+    optimizer = make_optimizer(model, {"lr": LR, "weight_decay": WEIGHT_DECAY}, device,
+                               capturable=cuda_graph)
     b, t, vocab = case.params["B"], case.params["T"], case.params["V"]
     x, y = (torch.randint(0, vocab, (b, t), device=device) for _ in range(2))
     amp = amp_dtype(case)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        # A captured step must cast the weights on every replay: no autocast cast cache.
+        with (torch.autocast(device.type, dtype=amp, cache_enabled=not cuda_graph) if amp
+              else contextlib.nullcontext()):
             _, loss = model(x, y)
         loss.backward()
         optimizer.step()
         return loss.detach()
-    return step
+    return captured(step) if cuda_graph else step
 
 
-def lk_provider(provider: str, case: Case, device: torch.device, opts: Options):
+def captured(step, warmup: int = 3):
+    """``step`` recorded once into a CUDA graph; returns the replay, which returns the loss
+    tensor the recorded step produced (overwritten by each replay). The warm-up steps run on
+    a side stream first, as CUDA graph capture requires: they autotune and compile the Triton
+    kernels and create the optimizer state, so nothing in the recorded step synchronizes.
+    The gradients set to None before recording are allocated inside the graph's memory pool
+    and rewritten in place by every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+
+    def replay():
+        graph.replay()
+        return loss
+    return replay
+
+
+def _check_graph(cuda_graph: bool, device: torch.device) -> None:
+    if cuda_graph and device.type != "cuda":
+        raise Skip("CUDA graphs need a GPU")
+
+
+def lk_provider(provider: str, case: Case, device: torch.device, opts: Options,
+                cuda_graph: bool = False):
+    _check_graph(cuda_graph, device)
     check_lk_available(provider, device)
-    return training_step(case, lk_backend(provider), device)
+    return training_step(case, lk_backend(provider), device, cuda_graph=cuda_graph)
 
 
-def auto_provider(case: Case, device: torch.device, opts: Options):
+def auto_provider(case: Case, device: torch.device, opts: Options, cuda_graph: bool = False):
     """GPTConfig(backend="auto"), the default: each op on its measured fastest backend."""
-    return training_step(case, "auto", device)
+    _check_graph(cuda_graph, device)
+    return training_step(case, "auto", device, cuda_graph=cuda_graph)
 
 
-def torch_provider(case: Case, device: torch.device, opts: Options):
+def torch_provider(case: Case, device: torch.device, opts: Options, cuda_graph: bool = False):
     """Every op by the pure-torch references (attention materializes the scores)."""
-    return training_step(case, "torch", device)
+    _check_graph(cuda_graph, device)
+    return training_step(case, "torch", device, cuda_graph=cuda_graph)
 
 
-def torch_sdpa_provider(case: Case, device: torch.device, opts: Options):
+def torch_sdpa_provider(case: Case, device: torch.device, opts: Options,
+                        cuda_graph: bool = False):
     """The torch references with attention through torch's SDPA (flash on an H100)."""
-    return training_step(case, "torch", device, sdpa=True)
+    _check_graph(cuda_graph, device)
+    return training_step(case, "torch", device, sdpa=True, cuda_graph=cuda_graph)
 
 
-PROVIDERS = {
+EAGER_PROVIDERS = {
     "lk-triton": functools.partial(lk_provider, "lk-triton"),
     "lk-cuda": functools.partial(lk_provider, "lk-cuda"),
     "lk-auto": auto_provider,
     "torch": torch_provider,
     "torch-sdpa": torch_sdpa_provider,
 }
+GRAPH_SUFFIX = "-graph"
+PROVIDERS = {**EAGER_PROVIDERS,
+             **{name + GRAPH_SUFFIX: functools.partial(fn, cuda_graph=True)
+                for name, fn in EAGER_PROVIDERS.items()}}

@@ -10,7 +10,8 @@ sized to the issues' performance targets, and the bit-for-bit determinism check.
   backward too (``lk-triton-inplace``);
 - rms_norm, softmax and swiglu once each;
 - one training step of GPT-2 small (124M, batch 8 x 1024, bf16 autocast) per backend, eager
-  torch and torch SDPA (issue 6: tokens/s and MFU in the row's note);
+  torch and torch SDPA (issue 6: tokens/s and MFU in the row's note), and the lk backends and
+  torch SDPA with the whole step captured in a CUDA graph (``-graph``: no host overhead);
 - torch.compile providers last (their compile time is the first thing the time budget cuts).
 """
 from __future__ import annotations
@@ -63,7 +64,9 @@ def standard_plan() -> list[PlanItem]:
                          ["lk-triton", "lk-cuda", "torch"]))
     plan.append(PlanItem(gpt_train, gpt_train.train_case(gpt_train.GPT2_SMALL, 8, DTYPE,
                                                          "gpt2-small"),
-                         ["lk-triton", "lk-cuda", "lk-auto", "torch-sdpa", "torch"]))
+                         ["lk-triton", "lk-cuda", "lk-auto", "torch-sdpa", "torch",
+                          "lk-auto-graph", "lk-triton-graph", "lk-cuda-graph",
+                          "torch-sdpa-graph"]))
     return deferred_last(plan, LAST)
 
 

@@ -278,6 +278,11 @@ def targets(bench: dict) -> list[Target]:
         value, detail = speedup_vs(rows, "gpt_train", "train", provider, "torch-sdpa")
         out.append(Target("#6", f"GPT-2 small train step {provider} vs torch SDPA", value, 1.15,
                           detail=detail))
+    for provider in ("lk-auto", "lk-triton", "lk-cuda"):
+        value, detail = speedup_vs(rows, "gpt_train", "train", f"{provider}-graph",
+                                   "torch-sdpa-graph")
+        out.append(Target("#6", f"GPT-2 small step in a CUDA graph {provider} vs torch SDPA",
+                          value, 1.15, detail=detail))
     for check in bench.get("checks", []):
         if check.get("check") == "determinism":
             verdict = {"identical": 1.0, "different": 0.0, "fault": 0.0}.get(check.get("result"))

@@ -15,6 +15,16 @@ _FLOAT_DTYPES = frozenset(FLOAT_DTYPES)
 _KERNEL_DTYPES = frozenset(KERNEL_DTYPES)
 
 
+def can_read_values(t: torch.Tensor) -> bool:
+    """Whether a check may read t's values on the host (a device sync): not while torch.compile
+    traces, nor while a CUDA graph is being captured on the current stream (the sync would
+    break the graph or the capture). Skipped checks are the ones on values only (token ids,
+    targets); every check on shapes, dtypes and devices always runs."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
            floating: bool = True) -> torch.Tensor:
     """Check that ``t`` is a tensor of the expected rank (and floating dtype)."""

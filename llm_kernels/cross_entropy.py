@@ -69,7 +69,7 @@ def _validate(logits, target, ignore_index, reduction, inplace_backward):
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     _checks.last_dim_contiguous("logits", logits)
-    if not torch.compiler.is_compiling():
+    if _checks.can_read_values(target):
         valid = (target == ignore_index) | ((target >= 0) & (target < logits.shape[1]))
         if not bool(valid.all()):
             raise ValueError(f"target values must be in [0, {logits.shape[1]}) or equal "

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llm_kernels import _checks
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -136,7 +138,7 @@ def softmax_ref(x, dim=-1, *, upcast=False):
         return _safe_softmax(x.double().transpose(dim, -1)).transpose(dim, -1)
     # torch's own softmax in x's dtype (its backward reads the rounded output, as the kernels'
     # do), with rows of all -inf set to zeros instead of NaN (checked only when x has an -inf).
-    if not torch.compiler.is_compiling() and not bool(torch.isneginf(x).any()):
+    if _checks.can_read_values(x) and not bool(torch.isneginf(x).any()):
         return torch.softmax(x, dim=dim)
     empty_rows = (x == float("-inf")).all(dim=dim, keepdim=True)
     out = torch.softmax(x.masked_fill(empty_rows, 0.0), dim=dim)

@@ -608,13 +608,15 @@ def learning_rate(step: int, run: dict) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def make_optimizer(model: GPT, run: dict, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, weight decay on matrices and embeddings only (fused kernels on a GPU)."""
+def make_optimizer(model: GPT, run: dict, device: torch.device,
+                   capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices and embeddings only (fused kernels on a GPU;
+    ``capturable``: its step may be captured in a CUDA graph)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": run["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=run["lr"], betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+                             fused=device.type == "cuda", capturable=capturable)
 
 
 def flops_per_token(model: GPT, seq_len: int) -> float:

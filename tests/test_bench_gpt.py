@@ -8,6 +8,7 @@ import torch
 
 from llm_kernels.bench import cli, gpt_train, suite
 from llm_kernels.bench.common import Options
+from llm_kernels.bench.harness import Skip
 
 CPU = torch.device("cpu")
 
@@ -107,3 +108,30 @@ def test_profile_step_rejects_unknown_providers():
     from llm_kernels.bench import profile_step
     with pytest.raises(SystemExit):
         profile_step.parse_args(["--providers", "lk-nope"])
+
+
+def test_cuda_graph_providers_need_a_gpu():
+    case = gpt_train.cases(Options(quick=True), CPU)[0]
+    graph_providers = [p for p in gpt_train.PROVIDERS if p.endswith(gpt_train.GRAPH_SUFFIX)]
+    assert sorted(graph_providers) == sorted(p + "-graph" for p in gpt_train.EAGER_PROVIDERS)
+    for provider in graph_providers:
+        with pytest.raises(Skip, match="CUDA graphs need a GPU"):
+            gpt_train.PROVIDERS[provider](case, CPU, Options())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["torch-sdpa", "lk-cuda", "lk-triton", "lk-auto"])
+def test_cuda_graph_step_replays_the_eager_training(provider):
+    """The step captured after three eager warm-up steps replays steps 4 to 6 of the same
+    training run (same seed, weights and tokens): the eager run's losses, each replay
+    training the model further."""
+    case = gpt_train.train_case(gpt_train.CPU_QUICK, 2, torch.bfloat16, "tiny")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    eager = gpt_train.PROVIDERS[provider](case, device, Options())
+    expected = [eager().item() for _ in range(6)][3:]
+    torch.manual_seed(0)
+    replay = gpt_train.PROVIDERS[provider + gpt_train.GRAPH_SUFFIX](case, device, Options())
+    got = [replay().item() for _ in range(3)]
+    assert got == pytest.approx(expected, rel=1e-3, abs=0)
+    assert got[0] > got[1] > got[2], got

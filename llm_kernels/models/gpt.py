@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llm_kernels as lk
+from llm_kernels import _checks
 from llm_kernels.backends import AUTO, BACKENDS
 
 MLPS = ("gelu", "swiglu")
@@ -362,7 +363,7 @@ def _check_idx(idx, config: GPTConfig, pos: int) -> None:
     if pos + idx.shape[1] > config.max_seq_len:
         raise ValueError(f"sequence length {pos + idx.shape[1]} exceeds max_seq_len="
                          f"{config.max_seq_len}")
-    if torch.compiler.is_compiling():  # a data-dependent check would break the graph
+    if not _checks.can_read_values(idx):  # torch.compile tracing or CUDA graph capture
         return
     low, high = torch.stack(torch.aminmax(idx)).tolist()  # one device sync
     if low < 0 or high >= config.vocab_size:
