@@ -2,7 +2,8 @@
 
 FLOPs 4*B*H*Lq*Lk*D per forward (halved when causal, backward 2.5x). GPU default: D = 128,
 H = 2048 / D, B*L = 16384 tokens, L from 1k to 16k, bf16; decode: one query per sequence,
-B = 8, H = 4096 / D (32 at D = 128) query heads, H / 4 key/value heads, against L cached keys.
+B = 8, H = 4096 / D (32 at D = 128) query heads, H / 4 key/value heads, against L cached keys,
+on a GPU also replayed from a CUDA graph (variant ``cuda-graph``: the kernels' device time).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from llm_kernels.bench.harness import Skip, attention_flops, element_size
 NAME = "attention"
 METRIC = "tflops"
 TOKENS_GPU = 16384
+GRAPH_VARIANT = "cuda-graph"
 # Providers that materialize the (B, H, Lq, Lk) scores are skipped above this many elements.
 MAX_SCORES = {"cuda": 2**31, "cpu": 2**26}
 CPU_SDPA_BACKENDS = ("FLASH_ATTENTION", "MATH")
@@ -45,14 +47,19 @@ def dense_case(mode: str, b: int, h: int, seq_len: int, d: int, causal: bool,
                 flops=attention_flops(b, h, seq_len, seq_len, d, causal=causal, mode=mode))
 
 
-def decode_case(b: int, h: int, hkv: int, lk: int, d: int, dtype: torch.dtype) -> Case:
-    """One decode step: q (B, H, 1, D) against the cache k, v (B, Hkv, Lk, D)."""
+def decode_case(b: int, h: int, hkv: int, lk: int, d: int, dtype: torch.dtype,
+                cuda_graph: bool = False) -> Case:
+    """One decode step: q (B, H, 1, D) against the cache k, v (B, Hkv, Lk, D). ``cuda_graph``
+    (variant ``cuda-graph``): every provider's step replayed from a CUDA graph, as servers run
+    decode steps, so the row is the kernels' device time without the host's issue time."""
     params = {"B": b, "H": h, "Hkv": hkv, "Lq": 1, "Lk": lk, "D": d}
     e = element_size(dtype)
     nbytes = (2 * b * hkv * lk * d + 2 * b * h * d) * e  # K and V read once, q read, out written
     return Case(op=NAME, mode="decode", dtype=dtype, params=params, x_name="seq_len", x=lk,
+                variant=GRAPH_VARIANT if cuda_graph else "",
                 flops=attention_flops(b, h, 1, lk, d, causal=False, mode="decode"),
-                nbytes=nbytes, extra={"kv_bytes": 2 * b * hkv * lk * d * e})
+                nbytes=nbytes, extra={"kv_bytes": 2 * b * hkv * lk * d * e,
+                                      "cuda_graph": cuda_graph})
 
 
 def cases(opts: Options, device: torch.device) -> list[Case]:
@@ -69,8 +76,9 @@ def cases(opts: Options, device: torch.device) -> list[Case]:
         for seq_len in lens:
             if mode == "decode":
                 h = max(1, 4096 // d) if gpu else 8
-                out.append(decode_case(8 if gpu else 1, h, max(1, h // 4),
-                                       seq_len if gpu else 4 * seq_len, d, dtype))
+                out.extend(decode_case(8 if gpu else 1, h, max(1, h // 4),
+                                       seq_len if gpu else 4 * seq_len, d, dtype, graph)
+                           for graph in ((False, True) if gpu else (False,)))
                 continue
             h = max(1, 2048 // d) if gpu else 8
             b = max(1, TOKENS_GPU // seq_len) if gpu else 1

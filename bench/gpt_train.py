@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_kernels.bench.common import Case, Options, check_lk_available, default_dtype, lk_backend
-from llm_kernels.bench.harness import Skip
+from llm_kernels.bench.harness import Skip, capture_graph
 
 NAME = "gpt_train"
 METRIC = "tflops"
@@ -125,7 +125,9 @@ def training_step(case: Case, backend: str, device: torch.device, sdpa: bool = F
                   cuda_graph: bool = False):
     """The callable to time: zero_grad, forward + loss under autocast, backward, AdamW step,
     on fixed random tokens; returns the detached loss. ``cuda_graph``: that step captured in a
-    CUDA graph (after warm-up steps) and replayed."""
+    CUDA graph after three warm-up steps (which also create the optimizer state) and replayed;
+    the gradients, set to None before the recording, live in the graph's memory pool and are
+    rewritten in place by each replay."""
     from llm_kernels.train import make_optimizer
     model = build_model(case, backend, device, sdpa)
     optimizer = make_optimizer(model, {"lr": LR, "weight_decay": WEIGHT_DECAY}, device,
@@ -143,30 +145,7 @@ def training_step(case: Case, backend: str, device: torch.device, sdpa: bool = F
         loss.backward()
         optimizer.step()
         return loss.detach()
-    return captured(step) if cuda_graph else step
-
-
-def captured(step, warmup: int = 3):
-    """``step`` recorded once into a CUDA graph; returns the replay, which returns the loss
-    tensor the recorded step produced (overwritten by each replay). The warm-up steps run on
-    a side stream first, as CUDA graph capture requires: they autotune and compile the Triton
-    kernels and create the optimizer state, so nothing in the recorded step synchronizes.
-    The gradients set to None before recording are allocated inside the graph's memory pool
-    and rewritten in place by every replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
-
-    def replay():
-        graph.replay()
-        return loss
-    return replay
+    return capture_graph(step, warmup=3) if cuda_graph else step
 
 
 def _check_graph(cuda_graph: bool, device: torch.device) -> None:

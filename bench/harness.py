@@ -133,11 +133,36 @@ def host_time_ms(fn: Callable[[], object], device: torch.device, calls: int = 5)
     return percentile(samples, 0.5)
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 1) -> Callable[[], object]:
+    """``fn`` recorded once into a CUDA graph; returns its replay, which returns what the
+    recorded call returned (overwritten by each replay). ``warmup`` calls run first on a side
+    stream, as capture requires (compilation, autotuning, lazily created state), so the
+    recorded call neither compiles nor synchronizes. A replay issues all of ``fn``'s kernels
+    with one launch: timing it gives their device time without the host's cost to issue them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def measure(fn: Callable[[], object], device: torch.device,
-            config: TimerConfig = TimerConfig()) -> Timing:
+            config: TimerConfig = TimerConfig(), cuda_graph: bool = False) -> Timing:
     """Time an already warmed-up ``fn`` on ``device`` and measure its peak memory (and, on a
-    GPU, its host time)."""
+    GPU, its host time). ``cuda_graph``: the time (and host time) of ``fn`` replayed from a
+    CUDA graph; the peak memory is still that of a plain call."""
     peak = peak_memory_mb(fn, device)
+    if cuda_graph:
+        fn = capture_graph(fn)
     if device.type == "cuda":
         ms, p20, p80 = time_gpu(fn, config)
         return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=peak,

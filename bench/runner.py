@@ -137,7 +137,8 @@ class Runner:
             fn = module.PROVIDERS[provider](case, self.device, self.opts)
             fn()  # warm-up: compilation, autotuning, allocator growth
             self._sync()
-            timing = harness.measure(fn, self.device, self.timer)
+            timing = harness.measure(fn, self.device, self.timer,
+                                     cuda_graph=case.extra.get("cuda_graph", False))
         except Exception as exc:  # one provider's failure must not stop the run
             kind, reason = classify(exc)
             self._skip(case, provider, kind, reason)

@@ -2,7 +2,8 @@
 sized to the issues' performance targets, and the bit-for-bit determinism check.
 
 - attention forward and backward, bf16, D = 128, H = 16, B*L = 16k, L in {4k, 8k, 16k},
-  causal and not; a decode step B = 8, H = 32, Hkv = 8, Lk = 16k;
+  causal and not; a decode step B = 8, H = 32, Hkv = 8, Lk = 16k, issued from Python and
+  replayed from a CUDA graph (the kernels' device time);
 - layer norm forward+backward, hidden 4096 and 8192, 16k rows (the copy bandwidth is measured
   in the same run by the runner);
 - feed-forward forward and forward+backward at tokens 8192, d 4096, d_ff 16384;
@@ -47,8 +48,9 @@ def standard_plan() -> list[PlanItem]:
             for causal in (False, True):
                 case = attention.dense_case(mode, 16384 // seq_len, 16, seq_len, 128, causal, DTYPE)
                 plan.append(PlanItem(attention, case, list(ATTN_PROVIDERS)))
-    plan.append(PlanItem(attention, attention.decode_case(8, 32, 8, 16384, 128, DTYPE),
-                         list(ATTN_PROVIDERS)))
+    for graph in (False, True):
+        plan.append(PlanItem(attention, attention.decode_case(8, 32, 8, 16384, 128, DTYPE, graph),
+                             list(ATTN_PROVIDERS)))
     for hidden in (4096, 8192):
         plan.append(PlanItem(layer_norm, _rows(layer_norm, "fwd+bwd", 16384, hidden),
                              ROW_PROVIDERS + [LAST]))

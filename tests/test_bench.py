@@ -223,7 +223,7 @@ def test_a_failing_provider_is_recorded_and_the_run_goes_on():
 def test_a_host_bound_row_notes_its_host_time(monkeypatch, host_ms, noted):
     """A GPU row whose call takes at least half its measured time to issue on the CPU says so."""
     timing = harness.Timing(ms=1.0, ms_p20=0.9, ms_p80=1.1, peak_mb=None, host_ms=host_ms)
-    monkeypatch.setattr(harness, "measure", lambda fn, device, config: timing)
+    monkeypatch.setattr(harness, "measure", lambda fn, device, config, cuda_graph=False: timing)
     module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"torch": layer_norm.PROVIDERS["torch"]})
     opts, plan = _tiny_plan()
     row, = _fast_runner(opts).run([PlanItem(module, plan[0].case, ["torch"])]).rows
@@ -447,8 +447,11 @@ def test_standard_suite_covers_the_targets():
         for seq_len in (4096, 8192, 16384):
             for variant in ("causal", "non-causal"):
                 assert ("attention", mode, variant, seq_len) in cases
-    decode = next(i.case for i in plan if i.case.mode == "decode")
-    assert decode.params == {"B": 8, "H": 32, "Hkv": 8, "Lq": 1, "Lk": 16384, "D": 128}
+    decodes = [i.case for i in plan if i.case.mode == "decode"]
+    assert [(c.variant, c.extra["cuda_graph"]) for c in decodes] == [("", False),
+                                                                     ("cuda-graph", True)]
+    for decode in decodes:
+        assert decode.params == {"B": 8, "H": 32, "Hkv": 8, "Lq": 1, "Lk": 16384, "D": 128}
     assert {("layer_norm", "fwd+bwd", "", 4096), ("layer_norm", "fwd+bwd", "", 8192),
             ("feed_forward", "fwd", "", 4096), ("cross_entropy", "fwd+bwd", "", 131072)} <= cases
     cross_entropy_item = next(i for i in plan if i.case.op == "cross_entropy")
@@ -495,9 +498,10 @@ def _bench_rows(copy_gbps):
                 times[(variant, x, provider)] = random.uniform(0.5, 2.0)
                 rows.append(_row(provider, times[(variant, x, provider)], op="attention",
                                  mode="fwd", variant=variant, shape=shape, x=x, dtype="bf16"))
-    decode_ms = random.uniform(0.1, 0.3)
-    rows.append(_row("lk-triton", decode_ms, op="attention", mode="decode", dtype="bf16",
-                     shape="B=8 H=32 Hkv=8 Lq=1 Lk=16384 D=128", x=16384))
+    decode_ms = {variant: random.uniform(0.1, 0.3) for variant in ("", "cuda-graph")}
+    for variant, ms in decode_ms.items():
+        rows.append(_row("lk-triton", ms, op="attention", mode="decode", variant=variant,
+                         dtype="bf16", shape="B=8 H=32 Hkv=8 Lq=1 Lk=16384 D=128", x=16384))
     return rows, times, decode_ms
 
 
@@ -517,9 +521,30 @@ def test_summary_targets_from_bench_rows():
     assert speedup.value == pytest.approx(times[("non-causal", 8192, "lk-triton")]
                                           / times[("causal", 8192, "lk-triton")])
     kv_read_ms = 2 * 8 * 8 * 16384 * 128 * 2 / (copy * 1e9) * 1e3
-    assert found["decode lk-triton time / KV read time"].value == pytest.approx(decode_ms / kv_read_ms)
+    assert found["decode lk-triton time / KV read time"].value == pytest.approx(
+        decode_ms[""] / kv_read_ms)
+    assert found["decode in a CUDA graph lk-triton time / KV read time"].value == pytest.approx(
+        decode_ms["cuda-graph"] / kv_read_ms)
     assert found["attn fwd causal lk-cuda / best SDPA"].status == "n/a"
     assert found["bwd bit-identical lk-triton causal"].status == "MET"
+
+
+def test_summary_training_step_targets_pair_eager_and_graph_rows():
+    """Issue 6: each lk step against torch SDPA's, eager against eager and CUDA graph against
+    CUDA graph."""
+    shape = "B=8 T=1024 layers=12 d=768 V=50304"
+    ms = {p: random.uniform(20, 90) for p in ("lk-auto", "torch-sdpa", "lk-auto-graph",
+                                              "torch-sdpa-graph", "lk-cuda-graph")}
+    rows = [_row(p, t, op="gpt_train", mode="train", variant="gpt2-small", shape=shape)
+            for p, t in ms.items()]
+    found = {t.what: t for t in summarize.targets({"rows": rows})}
+    assert found["GPT-2 small train step lk-auto vs torch SDPA"].value == pytest.approx(
+        ms["torch-sdpa"] / ms["lk-auto"])
+    for provider in ("lk-auto", "lk-cuda"):
+        target = found[f"GPT-2 small step in a CUDA graph {provider} vs torch SDPA"]
+        assert target.value == pytest.approx(ms["torch-sdpa-graph"] / ms[provider + "-graph"])
+        assert target.status == ("MET" if target.value >= 1.15 else "MISSED")
+    assert found["GPT-2 small step in a CUDA graph lk-triton vs torch SDPA"].status == "n/a"
 
 
 def test_summary_cross_entropy_memory_target_reads_the_inplace_provider():
