@@ -11,12 +11,15 @@
 #                                        # error paths, cuda tests, verify, profile, host
 #                                        # overhead, then the benchmark with what is left
 #   BENCH_RESUME=gpu-resume/bench.json bash bench/gpu_check.sh --bench
-#                                        # call 2 (5 min): the build kept from call 1 (same
+#                                        # call 2 (6 min): the build kept from call 1 (same
 #                                        # sources), the benchmark resumed from call 1's
 #                                        # bench.json (copied to gpu-resume/, which git ignores:
 #                                        # name it in the call's carry), the launch-parameter
-#                                        # sweeps (bench/sweep.py), verify again (call 1's is
-#                                        # cut short), then the rest of the tests
+#                                        # sweeps (bench/sweep.py), the tests of what this
+#                                        # machine built (C++ ops on CPU tensors, the Triton
+#                                        # interpreter), memcheck and racecheck over the CUDA C++
+#                                        # kernels' small-shape tests, verify again (call 1's
+#                                        # may be cut short), then the rest of the tests
 #   bash bench/gpu_check.sh --sanitize   # build, cuda tests, verify, then compute-sanitizer
 #                                        # (memcheck, racecheck) over a small subset of the
 #                                        # cuda tests instead of the benchmarks
@@ -27,8 +30,8 @@
 # machine:
 #   python bench/summarize.py --out gpu-results --results-dir bench/results
 # Two calls fit a 15-minute lease: call 1 with timeout_s 480, then call 2 at once (the machine
-# stays warm for 30 s: the build and the Triton cache are reused) with timeout_s 330.
-# Environment: GPU_CHECK_BUDGET (seconds; default 450, 300 with --bench), PYTHON (default
+# stays warm for 30 s: the build and the Triton cache are reused) with timeout_s 390.
+# Environment: GPU_CHECK_BUDGET (seconds; default 450, 360 with --bench), PYTHON (default
 # python3), BENCH_RESUME, TEST_WORKERS (pytest-xdist workers, default 6), TRITON_CACHE_DIR
 # (default .triton-cache in the repository: ignored by git, so a second call on the still-warm
 # machine reuses the kernels the first compiled), SANITIZE_K (a pytest -k expression choosing
@@ -46,7 +49,7 @@ MODE=full
 [ "${1:-}" = "--sanitize" ] && MODE=sanitize
 [ "${1:-}" = "--bench" ] && MODE=bench
 DEFAULT_BUDGET=450
-[ "$MODE" = bench ] && DEFAULT_BUDGET=300
+[ "$MODE" = bench ] && DEFAULT_BUDGET=360
 BUDGET=${GPU_CHECK_BUDGET:-$DEFAULT_BUDGET}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$REPO/.triton-cache}
 export LLM_KERNELS_FAILURE_LOG=$OUT/test_failures.txt
@@ -218,7 +221,7 @@ has_module xdist && XDIST=(-n "${TEST_WORKERS:-6}")
 # leaves RESERVE for the steps after it.
 cuda_tests() {
   step pytest-cuda "$(slot "$1" "$2")" \
-    env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m cuda "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
+    env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m cuda --durations=15 "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
 }
 verify_step() {
   step verify "$(slot "$1" "$2")" env LLM_KERNELS_AUTOTUNE=0 "$PY" -m llm_kernels verify --device cuda --progress --json "$OUT/verify.json"
@@ -249,17 +252,39 @@ bench_step() {
     rc=$?
   done
 }
-rest_tests() {
-  step pytest-rest "$(slot "$1" "$2")" \
-    env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m "not cuda" "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
+# The tests that depend on what this machine built or installed, not on a GPU: the C++ ops on
+# CPU tensors and their error paths (the extension compiled by this machine's compiler) and
+# Triton's interpreter under this machine's triton and numpy. Run before the rest of the suite.
+CORE_TESTS=(tests/test_bad_input.py tests/test_cuda_backend.py tests/test_cuda_attention.py
+            tests/test_interpreter_compat.py)
+rest_core() {
+  step pytest-rest-core "$(slot "$1" "$2")" \
+    env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m "not cuda" "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" "${CORE_TESTS[@]}"
 }
-# A small subset of the cuda tests under compute-sanitizer: SANITIZE_K, else the first
-# SANITIZE_PER_FILE (1) tests of each kernel test file (not the model, training or
-# torch.compile ones: too slow there).
+rest_tests() {
+  local ignore=() t
+  [ "${1:-}" = --after-core ] && { for t in "${CORE_TESTS[@]}"; do ignore+=(--ignore "$t"); done; shift; }
+  step pytest-rest "$(slot "$1" "$2")" \
+    env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m "not cuda" "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" "${ignore[@]}" tests
+}
+# Small-shape cuda tests of the CUDA C++ kernels (attention with tensor cores, padded head dims
+# and masks; norms; softmax; feed-forward epilogues; cross-entropy's target check): what the
+# benchmark call has time to run under compute-sanitizer.
+SANITIZE_LITE="tiny_shapes or padded_head_dims or test_cuda_masks or norm_flags_cuda or softmax_minus_inf_rows_cuda or feed_forward_odd_cuda or out_of_range_target_cuda"
+# sanitize_steps MEM_MAX MEM_RESERVE RACE_MAX RACE_RESERVE [K]: a subset of the cuda tests
+# under compute-sanitizer's memcheck, then racecheck: the tests matching K (else SANITIZE_K),
+# else the first SANITIZE_PER_FILE (1) tests of each kernel test file (not the model, training
+# or torch.compile ones: too slow there).
 sanitize_steps() {
-  local select=() san=(compute-sanitizer --error-exitcode 99 --print-limit 20 --target-processes all)
-  if [ -n "${SANITIZE_K:-}" ]; then
-    select=(-k "$SANITIZE_K" tests)
+  local tool select=() k=${5:-${SANITIZE_K:-}}
+  tool=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2> /dev/null)
+  if [ -z "$tool" ]; then
+    say "compute-sanitizer not found (PATH, \$CUDA_HOME/bin): memcheck and racecheck not run"
+    return
+  fi
+  local san=("$tool" --error-exitcode 99 --print-limit 20 --target-processes all)
+  if [ -n "$k" ]; then
+    select=(-k "$k" tests)
   else
     mapfile -t select < <(timeout 60 "$PY" -m pytest -m cuda --co -q -p no:cacheprovider tests 2> /dev/null \
       | grep '::' | grep -Ev '^tests/test_(compile|model|train|transformers|patch)' \
@@ -270,9 +295,9 @@ sanitize_steps() {
     return
   fi
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # exact allocations, so out-of-bounds is visible
-  step memcheck "$(slot 150 60)" "${san[@]}" --tool memcheck \
+  step memcheck "$(slot "$1" "$2")" "${san[@]}" --tool memcheck \
     "$PY" -m pytest -m cuda "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${select[@]}"
-  step racecheck "$(slot 150 5)" "${san[@]}" --tool racecheck \
+  step racecheck "$(slot "$3" "$4")" "${san[@]}" --tool racecheck \
     "$PY" -m pytest -m cuda "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${select[@]}"
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 }
@@ -289,14 +314,16 @@ case "$MODE" in
     native_rebuild
     bench_step 200 5 ;;
   bench)
-    bench_step 150 130
-    sweep_step 90 50
-    verify_step 70 20
-    rest_tests 150 5 ;;
+    bench_step 150 170
+    sweep_step 70 120
+    rest_core 60 90
+    sanitize_steps 50 45 40 35 "$SANITIZE_LITE"
+    verify_step 60 5
+    rest_tests --after-core 150 5 ;;
   sanitize)
     cuda_tests 100 215
     verify_step 45 200
-    sanitize_steps ;;
+    sanitize_steps 150 60 150 5 ;;
 esac
 
 # ------------------------------------------------------------------------------ summary

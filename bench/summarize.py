@@ -25,7 +25,8 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 INPUT_FILES = ("gpu_check.log", "verify.json", "bench.json")
 FAILED_STATUSES = ("failed", "timeout")
 # Steps whose failure fails the check (profile and the backends probe only inform).
-CHECKED_STEPS = ("build", "pytest-cuda", "verify", "bench", "memcheck", "racecheck", "pytest-rest")
+CHECKED_STEPS = ("build", "pytest-cuda", "verify", "bench", "memcheck", "racecheck",
+                 "pytest-rest-core", "pytest-rest")
 # Kinds of bench.json skips that are problems; "skip", "unavailable" (a provider not installed),
 # "budget" and "excluded" (after a fault, which is listed itself) are normal.
 PROBLEM_KINDS = ("fault", "error", "oom")
@@ -461,13 +462,18 @@ def step_lines(summary: dict) -> list[tuple[str, str]]:
              ("backends", summary["backends"] or "unknown"),
              ("pytest -m cuda", _step_text(summary, "pytest-cuda")),
              ("verify", verify_text)]
+    sanitized = [("memcheck", _step_text(summary, "memcheck")),
+                 ("racecheck", _step_text(summary, "racecheck"))]
     if summary["mode"] == "sanitize":
-        lines += [("memcheck", _step_text(summary, "memcheck")),
-                  ("racecheck", _step_text(summary, "racecheck"))]
+        lines += sanitized
     else:
+        if "pytest-rest-core" in summary["steps"]:
+            lines.append(("pytest rest (built-here tests)",
+                          _step_text(summary, "pytest-rest-core")))
         lines += [("pytest rest", _step_text(summary, "pytest-rest")),
                   ("bench", _step_text(summary, "bench") + f": {summary['bench_rows']} rows, "
                    + _problem_counts(summary["bench_errors"]))]
+        lines += [line for line in sanitized if line[0] in summary["steps"]]
     copy = summary["copy_gbps"]
     lines.append(("copy bandwidth", f"{copy:.0f} GB/s (read + write)" if copy else "n/a"))
     return lines

@@ -769,19 +769,39 @@ def _dry_run(tmp_path, *args, **env_vars):
     return result.stdout, log, steps
 
 
+# Stands in for compute-sanitizer: drops its options and runs the command after them.
+STUB_SANITIZER = r"""#!/usr/bin/env bash
+while [ "${1#-}" != "$1" ]; do case "$1" in --tool|--error-exitcode|--print-limit|--target-processes) shift 2 ;; *) shift ;; esac; done
+"$@"; rc=$?; echo "========= ERROR SUMMARY: 0 errors"; exit $rc
+"""
+
+
 def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
     """--bench with BENCH_RESUME: the earlier call's bench.json is copied into the output folder
-    and the bench resumes from it; no cuda tests or profile run, verify and the rest of the
-    tests do."""
+    and the bench resumes from it; no cuda tests or profile run; the tests of what the machine
+    built, memcheck and racecheck over the CUDA C++ kernels' small tests, verify and the rest
+    of the tests do."""
     earlier = tmp_path / "earlier.json"
     earlier.write_text('{"environment": {}, "rows": [], "skipped": [], "checks": []}')
-    stdout, log, steps = _dry_run(tmp_path, "--bench", BENCH_RESUME=str(earlier))
-    bench_begin = next(line for line in log.splitlines() if line.startswith("@@begin bench:"))
-    assert "--resume" in bench_begin.split() and steps["bench"] == "status=ok"
-    assert steps["pytest-rest"] == "status=ok"
-    assert steps["verify"] == "status=ok" and steps["sweep"] == "status=ok"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "compute-sanitizer").write_text(STUB_SANITIZER)
+    (bin_dir / "compute-sanitizer").chmod(0o755)
+    stdout, log, steps = _dry_run(tmp_path, "--bench", BENCH_RESUME=str(earlier),
+                                  PATH=f"{bin_dir}:{os.environ['PATH']}")
+    begins = {line.split(":")[0].split()[1]: line for line in log.splitlines()
+              if line.startswith("@@begin ")}
+    assert "--resume" in begins["bench"].split() and steps["bench"] == "status=ok"
+    assert "tests/test_bad_input.py" in begins["pytest-rest-core"].split()
+    assert "--ignore tests/test_bad_input.py" in begins["pytest-rest"]
+    for tool in ("memcheck", "racecheck"):
+        assert f"--tool {tool}" in begins[tool] and "-k tiny_shapes or " in begins[tool]
+        assert steps[tool] == "status=ok"
+    for step in ("pytest-rest-core", "pytest-rest", "verify", "sweep"):
+        assert steps[step] == "status=ok", step
     assert "pytest-cuda" not in steps and "profile" not in steps
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"]["memcheck"]["status"] == "ok"
     assert summary["sweep"] == ["== decode (stub): programs per SM", "Lk per_sm ms",
                                 "16384 4* 0.201"]
     assert stdout.splitlines()[-1].startswith("targets: ")
