@@ -5,7 +5,7 @@ sized to the issues' performance targets, and the bit-for-bit determinism check.
   causal and not; a decode step B = 8, H = 32, Hkv = 8, Lk = 16k, issued from Python and
   replayed from a CUDA graph (the kernels' device time);
 - layer norm forward+backward, hidden 4096 and 8192, 16k rows (the copy bandwidth is measured
-  in the same run by the runner);
+  in the same run by the runner), and its forward and backward alone at 4096;
 - feed-forward forward and forward+backward at tokens 8192, d 4096, d_ff 16384;
 - cross-entropy forward+backward at N = 8192, V = 128k (peak memory), with the in-place
   backward too (``lk-triton-inplace``);
@@ -54,6 +54,9 @@ def standard_plan() -> list[PlanItem]:
     for hidden in (4096, 8192):
         plan.append(PlanItem(layer_norm, _rows(layer_norm, "fwd+bwd", 16384, hidden),
                              ROW_PROVIDERS + [LAST]))
+    for mode in ("fwd", "bwd"):  # where the forward+backward's time goes, at the harder width
+        plan.append(PlanItem(layer_norm, _rows(layer_norm, mode, 16384, 4096),
+                             ["lk-triton", "lk-cuda", "torch"]))
     for mode in ("fwd", "fwd+bwd"):
         plan.append(PlanItem(feed_forward, feed_forward.ff_case(mode, 8192, 4096, 16384, DTYPE),
                              ["lk-triton", "lk-cuda", "torch"]))
