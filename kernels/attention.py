@@ -119,6 +119,17 @@ def _store_rows(ptrs, x, rows_ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(CAUSAL: tl.constexpr):
+    """This program's query tile (grid axis 0). Causal: the last tiles of each (batch, head),
+    which see the most keys, run first, so the grid ends on its lightest tiles rather than its
+    heaviest (a shorter tail); the heads' order, and so their K/V reuse in L2, is unchanged."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    return pid_m
+
+
+@triton.jit
 def _key_range(m0, Lk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr):
     """Key tiles of the query tile [m0, m0 + BLOCK_M): [0, full_end) are seen whole by every
@@ -221,7 +232,7 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
                      HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """out, lse of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
+    pid_m = _query_tile(CAUSAL)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -470,7 +481,7 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
                         HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H)."""
-    pid_m = tl.program_id(0)
+    pid_m = _query_tile(CAUSAL)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
