@@ -10,10 +10,11 @@
 #   bash bench/gpu_check.sh              # call 1 (7.5 min): build, a probe of the C++ ops'
 #                                        # error paths, cuda tests, verify, profile, host
 #                                        # overhead, then the benchmark with what is left
-#   BENCH_RESUME=gpu-resume/bench.json bash bench/gpu_check.sh --bench
-#                                        # call 2 (6 min): the build kept from call 1 (same
-#                                        # sources), the benchmark resumed from call 1's
-#                                        # bench.json (copied to gpu-resume/, which git ignores:
+#   BENCH_RESUME=gpu-resume/bench.json CUDA_RESUME=gpu-resume/cuda_finished.txt \
+#     bash bench/gpu_check.sh --bench    # call 2 (6 min): the build kept from call 1 (same
+#                                        # sources), the cuda tests call 1 did not finish, the
+#                                        # benchmark resumed from call 1's bench.json (both
+#                                        # files copied to gpu-resume/, which git ignores:
 #                                        # name it in the call's carry), the launch-parameter
 #                                        # sweeps (bench/sweep.py), the tests of what this
 #                                        # machine built (C++ ops on CPU tensors, the Triton
@@ -24,9 +25,10 @@
 #                                        # (memcheck, racecheck) over a small subset of the
 #                                        # cuda tests instead of the benchmarks
 #
-# Writes at most 7 files into ${OUT:-./gpu-results}: gpu_check.log, test_failures.txt (each
-# failing test the moment it fails, so a cut-off run still names them), verify.json (written
-# also when cut off), bench.csv, bench.json, bench.png, summary.json. Then, on the development
+# Writes at most 8 files into ${OUT:-./gpu-results}: gpu_check.log, test_failures.txt (each
+# failing test the moment it fails, so a cut-off run still names them), cuda_finished.txt (the
+# cuda tests that ended), verify.json (written also when cut off), bench.csv, bench.json,
+# bench.png, summary.json. Then, on the development
 # machine:
 #   python bench/summarize.py --out gpu-results --results-dir bench/results
 # Two calls fit a 15-minute lease: call 1 with timeout_s 480, then call 2 at once (the machine
@@ -34,7 +36,7 @@
 # Environment: GPU_CHECK_BUDGET (seconds; default 450, 360 with --bench), PYTHON (default
 # python3), BENCH_RESUME, TEST_WORKERS (pytest-xdist workers, default 6), TRITON_CACHE_DIR
 # (default .triton-cache in the repository: ignored by git, so a second call on the still-warm
-# machine reuses the kernels the first compiled), SANITIZE_K (a pytest -k expression choosing
+# machine reuses the kernels the first compiled), CUDA_RESUME, SANITIZE_K (a pytest -k expression choosing
 # the sanitized tests), SANITIZE_PER_FILE.
 set -u
 
@@ -219,9 +221,27 @@ has_module xdist && XDIST=(-n "${TEST_WORKERS:-6}")
 
 # cuda_tests MAX RESERVE / verify_step MAX RESERVE / ...: each step gets at most MAX seconds and
 # leaves RESERVE for the steps after it.
+# The cuda tests write the id of each one that ends to cuda_finished.txt, so that a time limit
+# that cuts them short leaves the list of those still to run (cuda_leftover, in call 2).
 cuda_tests() {
-  step pytest-cuda "$(slot "$1" "$2")" \
-    env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m cuda --durations=15 "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
+  : > "$OUT/cuda_finished.txt"
+  step pytest-cuda "$(slot "$1" "$2")" env LLM_KERNELS_AUTOTUNE=0 \
+    LLM_KERNELS_FINISHED_LOG="$OUT/cuda_finished.txt" "$PY" -m pytest -m cuda --durations=15 \
+    "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" tests
+}
+# With CUDA_RESUME (call 1's cuda_finished.txt): the cuda tests call 1 did not finish.
+cuda_leftover() {
+  [ -n "${CUDA_RESUME:-}" ] && [ -f "$CUDA_RESUME" ] || return 0
+  local left=()
+  mapfile -t left < <(timeout 60 "$PY" -m pytest -m cuda --co -q -p no:cacheprovider tests 2> /dev/null \
+    | grep '::' | grep -vxF -f "$CUDA_RESUME")
+  if [ "${#left[@]}" -eq 0 ]; then
+    say "cuda tests: the earlier call finished every one"
+    return 0
+  fi
+  say "cuda tests: ${#left[@]} not finished by the earlier call run now"
+  step pytest-cuda-rest "$(slot "$1" "$2")" env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m cuda \
+    "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" "${left[@]}"
 }
 verify_step() {
   step verify "$(slot "$1" "$2")" env LLM_KERNELS_AUTOTUNE=0 "$PY" -m llm_kernels verify --device cuda --progress --json "$OUT/verify.json"
@@ -314,6 +334,7 @@ case "$MODE" in
     native_rebuild
     bench_step 200 5 ;;
   bench)
+    cuda_leftover 60 300
     bench_step 150 170
     sweep_step 70 120
     rest_core 60 90

@@ -25,8 +25,8 @@ ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 INPUT_FILES = ("gpu_check.log", "verify.json", "bench.json")
 FAILED_STATUSES = ("failed", "timeout")
 # Steps whose failure fails the check (profile and the backends probe only inform).
-CHECKED_STEPS = ("build", "pytest-cuda", "verify", "bench", "memcheck", "racecheck",
-                 "pytest-rest-core", "pytest-rest")
+CHECKED_STEPS = ("build", "pytest-cuda", "pytest-cuda-rest", "verify", "bench", "memcheck",
+                 "racecheck", "pytest-rest-core", "pytest-rest")
 # Kinds of bench.json skips that are problems; "skip", "unavailable" (a provider not installed),
 # "budget" and "excluded" (after a fault, which is listed itself) are normal.
 PROBLEM_KINDS = ("fault", "error", "oom")
@@ -460,8 +460,10 @@ def step_lines(summary: dict) -> list[tuple[str, str]]:
                         f"{verify['skipped']} skipped")
     lines = [("build", _step_text(summary, "build")),
              ("backends", summary["backends"] or "unknown"),
-             ("pytest -m cuda", _step_text(summary, "pytest-cuda")),
-             ("verify", verify_text)]
+             ("pytest -m cuda", _step_text(summary, "pytest-cuda"))]
+    if "pytest-cuda-rest" in summary["steps"]:
+        lines.append(("pytest -m cuda, left over", _step_text(summary, "pytest-cuda-rest")))
+    lines.append(("verify", verify_text))
     sanitized = [("memcheck", _step_text(summary, "memcheck")),
                  ("racecheck", _step_text(summary, "racecheck"))]
     if summary["mode"] == "sanitize":

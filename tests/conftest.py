@@ -58,12 +58,19 @@ def device():
 
 
 def pytest_runtest_logreport(report):
-    """With LLM_KERNELS_FAILURE_LOG set, append each failure (id, phase, error) to that file the
-    moment it happens: a GPU check cut off by its time limit still names what failed. Written
-    by the main process only (pytest-xdist forwards its workers' reports there)."""
-    path = os.environ.get("LLM_KERNELS_FAILURE_LOG")
-    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+    """For the GPU check, written by the main process only (pytest-xdist forwards its workers'
+    reports there), the moment each test ends, so that a run cut off by its time limit still
+    says what it did: with LLM_KERNELS_FAILURE_LOG set, each failure (id, phase, error) is
+    appended to that file; with LLM_KERNELS_FINISHED_LOG set, the id of each test that ran to
+    its end (whatever its outcome) to that one, so a later call can run the tests left over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    entry = f"=== FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n"
-    with open(path, "a", encoding="utf-8") as log:
-        log.write(entry)
+    failures = os.environ.get("LLM_KERNELS_FAILURE_LOG")
+    if failures and report.failed:
+        with open(failures, "a", encoding="utf-8") as log:
+            log.write(f"=== FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n"
+                      f"{report.longreprtext}\n")
+    finished = os.environ.get("LLM_KERNELS_FINISHED_LOG")
+    if finished and report.when == "teardown":
+        with open(finished, "a", encoding="utf-8") as log:
+            log.write(report.nodeid + "\n")

@@ -723,7 +723,9 @@ def test_gpu_check_script_parses():
 STUB_PYTHON = r"""#!/usr/bin/env bash
 case "$1 $2" in
   "-m pip") echo "Successfully installed llm-kernels"; exit 0 ;;
-  "-m pytest") echo "failure log: $LLM_KERNELS_FAILURE_LOG"; echo "....s"; echo "4 passed, 1 skipped in 0.12s"; exit 0 ;;
+  "-m pytest")
+    case " $* " in *" --co "*) echo "tests/test_a.py::test_one"; echo "tests/test_a.py::test_two[x]"; exit 0 ;; esac
+    echo "failure log: $LLM_KERNELS_FAILURE_LOG"; echo "....s"; echo "4 passed, 1 skipped in 0.12s"; exit 0 ;;
   "-m llm_kernels")
     while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' '{"meta": {}, "rows": [{"op": "attention", "passed": true, "note": ""}]}' > "$2"; shift; done
     echo "verify: 1 passed"; exit 0 ;;
@@ -783,15 +785,20 @@ def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
     of the tests do."""
     earlier = tmp_path / "earlier.json"
     earlier.write_text('{"environment": {}, "rows": [], "skipped": [], "checks": []}')
+    finished = tmp_path / "cuda_finished.txt"
+    finished.write_text("tests/test_a.py::test_one\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "compute-sanitizer").write_text(STUB_SANITIZER)
     (bin_dir / "compute-sanitizer").chmod(0o755)
     stdout, log, steps = _dry_run(tmp_path, "--bench", BENCH_RESUME=str(earlier),
-                                  PATH=f"{bin_dir}:{os.environ['PATH']}")
+                                  CUDA_RESUME=str(finished), PATH=f"{bin_dir}:{os.environ['PATH']}")
     begins = {line.split(":")[0].split()[1]: line for line in log.splitlines()
               if line.startswith("@@begin ")}
     assert "--resume" in begins["bench"].split() and steps["bench"] == "status=ok"
+    leftover = begins["pytest-cuda-rest"].split()  # the cuda test call 1 did not finish
+    assert "tests/test_a.py::test_two[x]" in leftover
+    assert "tests/test_a.py::test_one" not in leftover and steps["pytest-cuda-rest"] == "status=ok"
     assert "tests/test_bad_input.py" in begins["pytest-rest-core"].split()
     assert "--ignore tests/test_bad_input.py" in begins["pytest-rest"]
     for tool in ("memcheck", "racecheck"):
@@ -894,19 +901,25 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_summary(tmp_path, budg
 
 def test_conftest_writes_each_failure_to_the_failure_log(tmp_path):
     """tests/conftest.py appends a failing test's id, phase and error to LLM_KERNELS_FAILURE_LOG
-    as it happens; passing tests write nothing."""
+    as it happens (passing tests write nothing there), and the id of every test that ran to its
+    end, whatever its outcome, to LLM_KERNELS_FINISHED_LOG."""
     (tmp_path / "test_sample.py").write_text(
+        "import pytest\n\n"
         "def test_fails():\n    assert 2 + 2 == 5, 'arithmetic'\n\n"
-        "def test_passes():\n    assert True\n")
-    failure_log = tmp_path / "failures.txt"
+        "def test_passes():\n    assert True\n\n"
+        "@pytest.mark.skip(reason='not here')\ndef test_skipped():\n    pass\n")
+    failure_log, finished_log = tmp_path / "failures.txt", tmp_path / "finished.txt"
     env = dict(os.environ, LLM_KERNELS_FAILURE_LOG=str(failure_log),
+               LLM_KERNELS_FINISHED_LOG=str(finished_log),
                PYTHONPATH=os.path.join(REPO, "tests"))
     env.pop("PYTEST_XDIST_WORKER", None)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p",
                              "no:cacheprovider", "-c", os.devnull, "--rootdir", str(tmp_path),
                              str(tmp_path / "test_sample.py")],
                             capture_output=True, text=True, timeout=300, env=env)
-    assert "1 failed, 1 passed" in result.stdout, result.stdout + result.stderr
+    assert "1 failed, 1 passed, 1 skipped" in result.stdout, result.stdout + result.stderr
     failed = summarize.test_failures(failure_log.read_text())
     assert [(f["test"].split("::")[-1], f["phase"]) for f in failed] == [("test_fails", "call")]
     assert "AssertionError: arithmetic" in failed[0]["error"]
+    finished = [line.split("::")[-1] for line in finished_log.read_text().splitlines()]
+    assert finished == ["test_fails", "test_passes", "test_skipped"]
