@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from llm_kernels.backends import interpreting
+from ._host import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -602,7 +603,7 @@ _TUNE_KEYS = ["D", "CAUSAL", "HAS_MASK"]
 
 def block_d(d: int) -> int:
     """The head dim padded to a power of 2 (at least 16, the smallest tl.dot dim)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def launches(kernel: str, d: int, dtype: torch.dtype, masked: bool = False) -> list[Launch]:
@@ -712,15 +713,15 @@ def split_plan(batch: int, kv_heads: int, group: int, lq: int, lk: int,
     if lq > DECODE_MAX_LQ:
         return None
     rows = group * lq
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    row_tiles = triton.cdiv(rows, block_m)
+    block_m = min(64, max(16, next_power_of_2(rows)))
+    row_tiles = cdiv(rows, block_m)
     programs = batch * kv_heads * row_tiles
-    wanted = triton.cdiv(DECODE_PROGRAMS_PER_SM * sm_count, programs)
-    splits = min(wanted, triton.cdiv(lk, DECODE_MIN_KEYS_PER_SPLIT), DECODE_MAX_SPLITS)
+    wanted = cdiv(DECODE_PROGRAMS_PER_SM * sm_count, programs)
+    splits = min(wanted, cdiv(lk, DECODE_MIN_KEYS_PER_SPLIT), DECODE_MAX_SPLITS)
     if splits < 2:
         return None
-    keys_per_split = triton.cdiv(triton.cdiv(lk, splits), DECODE_KEY_CHUNK) * DECODE_KEY_CHUNK
-    return SplitPlan(block_m, row_tiles, triton.cdiv(lk, keys_per_split), keys_per_split)
+    keys_per_split = cdiv(cdiv(lk, splits), DECODE_KEY_CHUNK) * DECODE_KEY_CHUNK
+    return SplitPlan(block_m, row_tiles, cdiv(lk, keys_per_split), keys_per_split)
 
 
 def _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan: SplitPlan):
@@ -740,7 +741,7 @@ def _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, pla
             launches("split", d, q.dtype), args, constexprs, tune_block_m=False)
     _attn_fwd_combine_kernel[(n_rows,)](
         part_o, part_m, part_l, out, lse, n_rows, plan.num_splits, D=d,
-        BLOCK_D=common["BLOCK_D"], BLOCK_S=triton.next_power_of_2(plan.num_splits),
+        BLOCK_D=common["BLOCK_D"], BLOCK_S=next_power_of_2(plan.num_splits),
         CHUNK_S=_COMBINE_CHUNK, UPCAST=common["UPCAST"], num_warps=4)
 
 
@@ -762,7 +763,7 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
     mask_ptr, *mask_strides = _mask_args(mask, q)
     args = (q, k, v, mask_ptr, out, lse, *_strides3(q), *_strides3(k), *_strides3(v),
             *mask_strides, h, h // hkv, lq, lk, causal_offset, qk_scale)
-    _launch(_attn_fwd_kernel, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h),
+    _launch(_attn_fwd_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
             launches("fwd", d, q.dtype, masked=mask is not None), args, common)
     return out, lse
 
@@ -776,7 +777,7 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset,
     common = _common(q, causal, mask)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     delta = torch.empty((b, h, lq), dtype=acc_dtype, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(lq, _DELTA_BLOCK_M), b * h)](
+    _attn_bwd_delta_kernel[(cdiv(lq, _DELTA_BLOCK_M), b * h)](
         out, grad_out, delta, *_strides3(out), *_strides3(grad_out), h, lq, D=d,
         BLOCK_D=common["BLOCK_D"], ACC_DTYPE=common["ACC_DTYPE"], BLOCK_M=_DELTA_BLOCK_M,
         num_warps=4)
@@ -787,9 +788,9 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset,
     inputs = (q, k, v, mask_ptr, grad_out, lse, delta)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *mask_strides, *_strides3(grad_out),
                h, h // hkv, lq, lk, causal_offset, float(scale) * LOG2E, float(scale))
-    _launch(_attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv),
+    _launch(_attn_bwd_dkdv_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * hkv),
             launches("dkdv", d, q.dtype), (*inputs, dk, dv, *strides), common)
-    _launch(_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * h),
+    _launch(_attn_bwd_dq_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
             launches("dq", d, q.dtype), (*inputs, dq, *strides), common)
     return dq, dk, dv
 

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from llm_kernels.backends import interpreting
 from llm_kernels.kernels._rounding import to_dtype
+from ._host import cdiv
 
 # Elements of a row handled per step: 16 per thread at 8 warps (two 16-byte bf16 vectors).
 BLOCK_V = 4096
@@ -95,7 +96,7 @@ def _backward_into(dlogits, grad_loss, logits, target, lse, ignore_index):
     """Launch the backward writing into dlogits (N, V), contiguous, possibly logits itself."""
     n, v = logits.shape
     with _device(logits):
-        _cross_entropy_bwd_kernel[(n, triton.cdiv(v, BLOCK_V))](
+        _cross_entropy_bwd_kernel[(n, cdiv(v, BLOCK_V))](
             grad_loss.float().contiguous(), logits, target.contiguous(), lse, dlogits, v,
             ignore_index, BLOCK=BLOCK_V, INTERPRET=interpreting(), num_warps=NUM_WARPS)
 

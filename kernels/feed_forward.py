@@ -26,6 +26,7 @@ import triton.language as tl
 from llm_kernels.backends import interpreting
 
 from ._rounding import to_dtype
+from ._host import cdiv
 
 # Activation codes: a run-time kernel argument (one compiled kernel serves every activation;
 # the branch is uniform across the program).
@@ -308,7 +309,7 @@ def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, au
     bias = bias.contiguous() if bias is not None else None
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
     def or_out(t):
         return out if t is None else t

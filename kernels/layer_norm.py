@@ -24,6 +24,7 @@ import triton.language as tl
 
 from llm_kernels.backends import interpreting
 from llm_kernels.kernels._rounding import to_dtype
+from ._host import next_power_of_2
 
 # Longest row kept in registers; longer rows loop over chunks of this many elements.
 MAX_BLOCK = 8192
@@ -243,8 +244,8 @@ def _layer_norm_bwd_kernel(DY, DH, Hs, W, MEAN, RSTD, DX, PARTIAL_W, PARTIAL_B, 
 
 def _config(c: int) -> tuple[int, bool, int]:
     """(block, single, num_warps) of the forward for rows of ``c`` elements."""
-    single = triton.next_power_of_2(c) <= MAX_BLOCK
-    block = triton.next_power_of_2(c) if single else MAX_BLOCK
+    single = next_power_of_2(c) <= MAX_BLOCK
+    block = next_power_of_2(c) if single else MAX_BLOCK
     # 16-byte accesses need >= 8 (16-bit) elements per thread; 512 per warp keeps registers low.
     return block, single, min(max(block // 512, 1), 16)
 

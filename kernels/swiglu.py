@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .feed_forward import (EPI_SWIGLU_GRAD, _store_tile, _tile_position,
                            bf16_interpreted, matmul, prune_configs, tile_configs)
+from ._host import cdiv
 
 
 GATE_UP_TILES = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 128, 64, 4, 4)]
@@ -78,7 +79,7 @@ def _gate_up(x, w_gate, w_up):
         raise ValueError("w_gate and w_up must have the same strides")
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(d_ff, meta["BLOCK_N"]),)
+        return (cdiv(n, meta["BLOCK_M"]) * cdiv(d_ff, meta["BLOCK_N"]),)
 
     _gate_up_kernel[grid](x, bg, bu, gate, up, h, n, d_ff, d, x.stride(0), x.stride(1),
                           bg.stride(0), bg.stride(1), gate.stride(0), gate.stride(1),
