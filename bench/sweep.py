@@ -14,6 +14,9 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
   bandwidth, and the host time one call takes (the launcher alone, then ``lk.attention``).
 - ``attention_fwd``: the Triton forward (D 128, bf16, L 4096) with each launch setting of its
   table forced: TFLOP/s.
+- ``matmul_tma``: the Triton feed-forward block (tokens 8192, d 4096, d_ff 16384, bf16, gelu),
+  forward and forward+backward, its matmuls reading A and B by pointer (the default) and
+  through TMA descriptors (``$LLM_KERNELS_MATMUL_TMA=1``): TFLOP/s.
 
 On a CPU (the interpreter) the sweeps run tiny sizes: a smoke run, not a measurement.
 """
@@ -29,7 +32,7 @@ import torch
 
 from llm_kernels.bench import harness
 
-SWEEPS = ("layer_norm_bwd", "decode", "attention_fwd")
+SWEEPS = ("layer_norm_bwd", "decode", "attention_fwd", "matmul_tma")
 MAX_WARPS_PER_SM = 64
 
 
@@ -152,6 +155,45 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
                          f"{harness.tflops(flops, t.ms):.0f}"])
     return _table(f"attention forward (B {b}, H {h}, L {l}, D {d}, bf16): each launch setting "
                   "(* = the first, used without autotuning)", ["causal", "launch", "ms", "TFLOP/s"],
+                  rows)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """$name = value for the duration."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def matmul_tma(device: torch.device, timer, quick: bool) -> list[str]:
+    import llm_kernels as lk
+    from llm_kernels.bench.common import timed_step
+    from llm_kernels.kernels import feed_forward as ff
+    gpu = device.type == "cuda"
+    n, d, d_ff = (8192, 4096, 16384) if gpu else (64, 32, 64)
+    dtype = torch.bfloat16
+    x = torch.randn(n, d, device=device).to(dtype).requires_grad_()
+    w1 = (torch.randn(d_ff, d, device=device) / d ** 0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(d, d_ff, device=device) / d_ff ** 0.5).to(dtype).requires_grad_()
+    b1, b2 = (torch.zeros(m, device=device, dtype=dtype, requires_grad=True) for m in (d_ff, d))
+    inputs = (x, w1, b1, w2, b2)
+    block = lambda *t: lk.feed_forward(*t, activation="gelu", backend="triton")  # noqa: E731
+    rows = []
+    for mode in (("fwd",) if quick else ("fwd", "fwd+bwd")):
+        flops = 4 * n * d * d_ff * (3 if mode == "fwd+bwd" else 1)
+        for reads, switch in (("pointer*", "0"), ("tma", "1")):
+            with _env(ff.TMA_ENV, switch):
+                t = _timed(timed_step(block, inputs, mode), device, timer)
+            rows.append([mode, reads, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
+    return _table(f"feed-forward (tokens {n}, d {d}, d_ff {d_ff}, bf16, gelu), lk-triton: the "
+                  "matmuls' operand reads (* = the default)", ["mode", "reads", "ms", "TFLOP/s"],
                   rows)
 
 

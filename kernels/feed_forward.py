@@ -19,9 +19,12 @@ neighbouring programs reuse the same tiles from L2. Results are written in the i
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llm_kernels.backends import interpreting
 
@@ -35,6 +38,8 @@ ACT_GELU_TANH = tl.constexpr(2)
 ACT_RELU = tl.constexpr(3)
 ACT_SILU = tl.constexpr(4)
 ACTIVATION_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
+# "1": the 16-bit matmuls on Hopper and newer read A and B through TMA descriptors.
+TMA_ENV = "LLM_KERNELS_MATMUL_TMA"
 
 # Epilogue applied to the fp32 accumulator c (+ bias); E1, E2 are inputs read by it, AUX and
 # AUX2 extra outputs, all (M, N).
@@ -111,6 +116,20 @@ def _tile_position(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
+def _k_step(acc, sums, a, b, BF16_INTERPRETED: tl.constexpr, SUMS: tl.constexpr):
+    """One K step of a tile: acc += a @ b (fp32), and with SUMS the K-sums of a's rows
+    (SUMS_A) or b's columns (SUMS_B) added to sums in fp32."""
+    if SUMS == SUMS_A:
+        sums += tl.sum(a.to(tl.float32), axis=1)
+    elif SUMS == SUMS_B:
+        sums += tl.sum(b.to(tl.float32), axis=0)
+    if BF16_INTERPRETED:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype), sums
+
+
+@triton.jit
 def _accumulate(acc, sums, a_ptr, b_ptr, row0, col0, M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn, BF16_INTERPRETED: tl.constexpr,
                 SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -131,16 +150,29 @@ def _accumulate(acc, sums, a_ptr, b_ptr, row0, col0, M, N, K,
         k_ok = rk < K - k0
         a = tl.load(a_tile, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_tile, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if SUMS == SUMS_A:
-            sums += tl.sum(a.to(tl.float32), axis=1)
-        elif SUMS == SUMS_B:
-            sums += tl.sum(b.to(tl.float32), axis=0)
-        if BF16_INTERPRETED:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+        acc, sums = _k_step(acc, sums, a, b, BF16_INTERPRETED, SUMS)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
+    return acc, sums
+
+
+@triton.jit
+def _accumulate_tma(acc, sums, a_desc, b_desc, row0, col0, K, A_T: tl.constexpr,
+                    B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr, SUMS: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """_accumulate with the tiles read by TMA (rows and columns past the ends read as zeros).
+    a_desc describes A (M, K), or with A_T its transpose (K, M) (A a transposed view); b_desc
+    B (K, N), or with B_T its transpose (N, K)."""
+    for k0 in range(0, K, BLOCK_K):
+        if A_T:
+            a = tl.trans(a_desc.load([k0, row0]))                           # (BM, BK)
+        else:
+            a = a_desc.load([row0, k0])
+        if B_T:
+            b = tl.trans(b_desc.load([col0, k0]))                           # (BK, BN)
+        else:
+            b = b_desc.load([k0, col0])
+        acc, sums = _k_step(acc, sums, a, b, BF16_INTERPRETED, SUMS)
     return acc, sums
 
 
@@ -172,80 +204,43 @@ def _load_tile(ptr, row0, col0, M, N, stride_m, stride_n,
     return tl.load(ptr + offs, mask=mask, other=0.0)
 
 
-def tile_configs(tensor_core, fp32):
-    """Configs as (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): one when interpreting; on a GPU
-    the tensor-core ones (16-bit) and the BLOCK_K=32 ones (fp32, FMA), told apart by BLOCK_K."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_stages=s, num_warps=w) for m, n, k, s, w in tensor_core + fp32]
-
-
-# Problems under this many multiply-adds take the last (smallest) config without tuning.
-TUNE_MIN_MACS = 1 << 30
-# Accumulator elements per thread beyond which an epilogue spills (ptxas, sm_90): the plain
-# and activation epilogues fit 128, the gradient epilogues (extra input tiles) 64.
-MAX_ACC_PER_THREAD = {0: 128, 1: 128, 2: 64, 3: 64}
-
-
-def _acc_per_thread(config) -> int:
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
-
-
-def prune_configs(configs, named_args, **kwargs):
-    """fp32 takes its first BLOCK_K=32 config; 16-bit types the tensor-core configs whose
-    accumulator fits the epilogue's registers, all of them (autotuned) for large problems,
-    the last one for small problems."""
-    fp32 = named_args["a_ptr"].dtype == torch.float32
-    kept = [c for c in configs if (c.kwargs["BLOCK_K"] == 32) == fp32] or configs
-    if fp32:
-        return kept[:1]
-    limit = MAX_ACC_PER_THREAD[kwargs.get("EPILOGUE", 0)]
-    kept = [c for c in kept if _acc_per_thread(c) <= limit] or kept[-1:]
-    small = named_args["M"] * named_args["N"] * named_args["K"] < TUNE_MIN_MACS
-    return kept[-1:] if small else kept
-
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) of the 16-bit matmul's autotuning candidates.
-MATMUL_TILES = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
-                (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (64, 128, 64, 4, 4)]
-MATMUL_CONFIGS = tile_configs(tensor_core=MATMUL_TILES, fp32=[(64, 64, 32, 3, 4)])
-
-
-@triton.autotune(configs=MATMUL_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bk"],
-                 prune_configs_by={"early_config_prune": prune_configs})
-@triton.jit(do_not_specialize=["act"])
-def _matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr,
-                   e2_ptr, sums_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                   stride_cm, stride_cn, stride_em, stride_en, act,
-                   EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, SECOND_PAIR: tl.constexpr,
-                   SUMS: tl.constexpr, BF16_INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C (M, N) = epilogue(A @ B [+ A2 @ B2] + bias); SUMS_A / SUMS_B: also SUMS (M,) / (N,)
-    = the K-sums of A's rows / B's columns, written by the programs of the first tile column
-    / row (each value by one program, K in order: deterministic).
-
-    A, A2 (M, K) and B, B2 (K, N) share their strides; C is written through (stride_cm,
-    stride_cn), AUX/AUX2/E1/E2 (M, N) through (stride_em, stride_en). The epilogue inputs are
-    loaded before the K loop, so their latency hides behind it.
-    """
-    pid_m, pid_n = _tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    row0 = pid_m * BLOCK_M
-    col0 = pid_n * BLOCK_N
-    if EPILOGUE >= EPI_ACT_GRAD:  # EPI_ACT_GRAD and EPI_SWIGLU_GRAD read E1
+@triton.jit
+def _epilogue_inputs(e1_ptr, e2_ptr, row0, col0, M, N, stride_em, stride_en,
+                     EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The epilogue's input tiles (E1 for EPI_ACT_GRAD and EPI_SWIGLU_GRAD, E2 for the latter;
+    an unused one is a zero scalar), loaded before the K loop so their latency hides behind it."""
+    e1 = 0.0
+    e2 = 0.0
+    if EPILOGUE >= EPI_ACT_GRAD:
         e1 = _load_tile(e1_ptr, row0, col0, M, N, stride_em, stride_en, BLOCK_M, BLOCK_N)
     if EPILOGUE == EPI_SWIGLU_GRAD:
         e2 = _load_tile(e2_ptr, row0, col0, M, N, stride_em, stride_en, BLOCK_M, BLOCK_N)
+    return e1, e2
+
+
+@triton.jit
+def _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en, EPILOGUE: tl.constexpr,
+                SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    """This program's tile: (row0, col0), the epilogue's input tiles, a zero fp32 accumulator
+    and zero K-sums."""
+    pid_m, pid_n = _tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    e1, e2 = _epilogue_inputs(e1_ptr, e2_ptr, row0, col0, M, N, stride_em, stride_en, EPILOGUE,
+                              BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sums = tl.zeros((BLOCK_M if SUMS == SUMS_A else BLOCK_N,), dtype=tl.float32)
-    acc, sums = _accumulate(acc, sums, a_ptr, b_ptr, row0, col0, M, N, K,
-                            stride_am, stride_ak, stride_bk, stride_bn,
-                            BF16_INTERPRETED, SUMS, BLOCK_M, BLOCK_N, BLOCK_K)
-    if SECOND_PAIR:
-        acc, sums = _accumulate(acc, sums, a2_ptr, b2_ptr, row0, col0, M, N, K,
-                                stride_am, stride_ak, stride_bk, stride_bn,
-                                BF16_INTERPRETED, SUMS_NONE, BLOCK_M, BLOCK_N, BLOCK_K)
+    return row0, col0, e1, e2, acc, sums
+
+
+@triton.jit
+def _finish_tile(acc, sums, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, sums_ptr, row0, col0, M, N,
+                 stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SUMS: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Everything after the K loop of the [row0:, col0:] tile: the K-sums (by the first tile
+    column / row), the bias, the epilogue (e1, e2: its input tiles) and the stores."""
     if SUMS == SUMS_A:
         rows = row0 + tl.arange(0, BLOCK_M)
         tl.store(sums_ptr + rows, to_dtype(sums, sums_ptr.dtype.element_ty, BF16_INTERPRETED),
@@ -278,6 +273,111 @@ def _matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, aux_ptr, aux2_
         out = acc * up * sig * (1.0 + gate * (1.0 - sig))
     _store_tile(c_ptr, out, row0, col0, M, N, stride_cm, stride_cn, BF16_INTERPRETED,
                 BLOCK_M, BLOCK_N)
+
+
+def tile_configs(tensor_core, fp32):
+    """Configs as (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): one when interpreting; on a GPU
+    the tensor-core ones (16-bit) and the BLOCK_K=32 ones (fp32, FMA), told apart by BLOCK_K."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_stages=s, num_warps=w) for m, n, k, s, w in tensor_core + fp32]
+
+
+# Problems under this many multiply-adds take the last (smallest) config without tuning.
+TUNE_MIN_MACS = 1 << 30
+# Accumulator elements per thread beyond which an epilogue spills (ptxas, sm_90): the plain
+# and activation epilogues fit 128, the gradient epilogues (extra input tiles) 64.
+MAX_ACC_PER_THREAD = {0: 128, 1: 128, 2: 64, 3: 64}
+
+
+def _acc_per_thread(config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """fp32 takes its first BLOCK_K=32 config; 16-bit types the tensor-core configs whose
+    accumulator fits the epilogue's registers, all of them (autotuned) for large problems,
+    the last one for small problems."""
+    a = named_args["a_ptr"] if "a_ptr" in named_args else named_args["a_desc"].base
+    fp32 = a.dtype == torch.float32
+    kept = [c for c in configs if (c.kwargs["BLOCK_K"] == 32) == fp32] or configs
+    if fp32:
+        return kept[:1]
+    limit = MAX_ACC_PER_THREAD[kwargs.get("EPILOGUE", 0)]
+    kept = [c for c in kept if _acc_per_thread(c) <= limit] or kept[-1:]
+    small = named_args["M"] * named_args["N"] * named_args["K"] < TUNE_MIN_MACS
+    return kept[-1:] if small else kept
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) of the 16-bit matmul's autotuning candidates.
+MATMUL_TILES = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+                (128, 128, 64, 4, 8), (128, 128, 64, 3, 4), (64, 128, 64, 4, 4)]
+MATMUL_CONFIGS = tile_configs(tensor_core=MATMUL_TILES, fp32=[(64, 64, 32, 3, 4)])
+
+
+@triton.autotune(configs=MATMUL_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bk"],
+                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.jit(do_not_specialize=["act"])
+def _matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr,
+                   e2_ptr, sums_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cn, stride_em, stride_en, act,
+                   EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, SECOND_PAIR: tl.constexpr,
+                   SUMS: tl.constexpr, BF16_INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C (M, N) = epilogue(A @ B [+ A2 @ B2] + bias); SUMS_A / SUMS_B: also SUMS (M,) / (N,)
+    = the K-sums of A's rows / B's columns, written by the programs of the first tile column
+    / row (each value by one program, K in order: deterministic).
+
+    A, A2 (M, K) and B, B2 (K, N) share their strides; C is written through (stride_cm,
+    stride_cn), AUX/AUX2/E1/E2 (M, N) through (stride_em, stride_en). The epilogue inputs are
+    loaded before the K loop, so their latency hides behind it.
+    """
+    row0, col0, e1, e2, acc, sums = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
+                                                EPILOGUE, SUMS, BLOCK_M, BLOCK_N, GROUP_M)
+    acc, sums = _accumulate(acc, sums, a_ptr, b_ptr, row0, col0, M, N, K,
+                            stride_am, stride_ak, stride_bk, stride_bn,
+                            BF16_INTERPRETED, SUMS, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SECOND_PAIR:
+        acc, sums = _accumulate(acc, sums, a2_ptr, b2_ptr, row0, col0, M, N, K,
+                                stride_am, stride_ak, stride_bk, stride_bn,
+                                BF16_INTERPRETED, SUMS_NONE, BLOCK_M, BLOCK_N, BLOCK_K)
+    _finish_tile(acc, sums, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, sums_ptr, row0, col0, M, N,
+                 stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE, HAS_BIAS, SUMS,
+                 BF16_INTERPRETED, BLOCK_M, BLOCK_N)
+
+
+def _set_tma_blocks(nargs):
+    """Config pre-hook: the descriptors' tile shapes for this config's blocks."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+
+
+TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                             pre_hook=_set_tma_blocks)
+               for c in tile_configs(tensor_core=MATMUL_TILES, fp32=[])]
+
+
+@triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K", "A_T", "B_T"],
+                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.jit(do_not_specialize=["act"])
+def _matmul_tma_kernel(a_desc, b_desc, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr, e2_ptr,
+                       sums_ptr, M, N, K, stride_cm, stride_cn, stride_em, stride_en, act,
+                       EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, SUMS: tl.constexpr,
+                       A_T: tl.constexpr, B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    """_matmul_kernel (without the second pair) with A and B read through TMA descriptors
+    (16-bit operands, Hopper and newer): the same tiles, K order, sums and epilogue."""
+    row0, col0, e1, e2, acc, sums = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
+                                                EPILOGUE, SUMS, BLOCK_M, BLOCK_N, GROUP_M)
+    acc, sums = _accumulate_tma(acc, sums, a_desc, b_desc, row0, col0, K, A_T, B_T,
+                                BF16_INTERPRETED, SUMS, BLOCK_K)
+    _finish_tile(acc, sums, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, sums_ptr, row0, col0, M, N,
+                 stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE, HAS_BIAS, SUMS,
+                 BF16_INTERPRETED, BLOCK_M, BLOCK_N)
 
 
 def bf16_interpreted(dtype: torch.dtype) -> bool:
@@ -314,16 +414,62 @@ def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, au
     def or_out(t):
         return out if t is None else t
 
+    act = 0 if activation is None else ACTIVATION_CODES[activation]
+    sums_code = (SUMS_A if row_sums is not None else SUMS_B if col_sums is not None
+                 else SUMS_NONE).value
+    if a2 is None and use_tma(a, b):
+        a_desc, a_t = _descriptor(a)
+        b_desc, b_t = _descriptor(b)
+        _matmul_tma_kernel[grid](
+            a_desc, b_desc, or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1), or_out(e2),
+            or_out(sums), m, n, k, out.stride(0), out.stride(1), extra.stride(0),
+            extra.stride(1), act, EPILOGUE=epilogue, HAS_BIAS=bias is not None, SUMS=sums_code,
+            A_T=a_t, B_T=b_t, BF16_INTERPRETED=bf16_interpreted(a.dtype))
+        return out
     _matmul_kernel[grid](
         a, b, or_out(a2), or_out(b2), or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1),
         or_out(e2), or_out(sums), m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), extra.stride(0), extra.stride(1),
-        0 if activation is None else ACTIVATION_CODES[activation],
+        out.stride(0), out.stride(1), extra.stride(0), extra.stride(1), act,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, SECOND_PAIR=b2 is not None,
-        SUMS=(SUMS_A if row_sums is not None else SUMS_B if col_sums is not None
-              else SUMS_NONE).value,
-        BF16_INTERPRETED=bf16_interpreted(a.dtype))
+        SUMS=sums_code, BF16_INTERPRETED=bf16_interpreted(a.dtype))
     return out
+
+
+def use_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the product a @ b reads its operands through TMA descriptors: only when
+    $LLM_KERNELS_MATMUL_TMA is 1 (off by default until timed against the pointer loads), for
+    16-bit operands on a Hopper or newer GPU (or the interpreter), each a row-major matrix or a
+    transposed one whose rows start on 16-byte boundaries, as TMA requires."""
+    if os.environ.get(TMA_ENV, "0") != "1" or a.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return tma_device(a) and all(_tma_layout(t) is not None for t in (a, b))
+
+
+def tma_device(t: torch.Tensor) -> bool:
+    """Whether t's device reads through TMA: a Hopper or newer GPU, or the interpreter."""
+    return interpreting() or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def _tma_layout(t: torch.Tensor):
+    """(matrix, transposed) for a 2D view that TMA can read: the row-major matrix behind t
+    (t itself, or t.T when t is a transposed view), or None."""
+    if t.stride(1) == 1:
+        matrix, transposed = t, False
+    elif t.stride(0) == 1:
+        matrix, transposed = t.t(), True
+    else:
+        return None
+    row_bytes = matrix.stride(0) * matrix.element_size()
+    if matrix.data_ptr() % 16 or row_bytes % 16 or matrix.shape[1] * matrix.element_size() < 16:
+        return None
+    return matrix, transposed
+
+
+def _descriptor(t: torch.Tensor):
+    """(descriptor, transposed): a TMA descriptor of the row-major matrix behind t; its tile
+    shape is set per config by _set_tma_blocks."""
+    matrix, transposed = _tma_layout(t)
+    return TensorDescriptor.from_tensor(matrix, [16, 16]), transposed
 
 
 def _no_bias(x: torch.Tensor) -> torch.Tensor:

@@ -198,11 +198,24 @@ def feed_forward_cases(dtypes, quick: bool):
         out, gate, up = swiglu.swiglu_forward(x, wg, wu, wd)
         swiglu.swiglu_backward(torch.randn_like(out), x, wg, wu, wd, gate, up)
 
+    def ffn_tma(dtype):
+        # The matmuls reading A and B through TMA, as on a Hopper GPU (the tensors here are on
+        # the CPU).
+        os.environ[feed_forward.TMA_ENV] = "1"
+        tma_device, feed_forward.tma_device = feed_forward.tma_device, lambda t: True
+        try:
+            ffn(dtype, True)
+        finally:
+            del os.environ[feed_forward.TMA_ENV]
+            feed_forward.tma_device = tma_device
+
     cases = []
     for dtype in dtypes:
         for bias in (True, False):
             cases.append((f"feed_forward {dtype} bias={bias}",
                           lambda dtype=dtype, bias=bias: ffn(dtype, bias)))
+        if dtype != torch.float32:
+            cases.append((f"feed_forward tma {dtype}", lambda dtype=dtype: ffn_tma(dtype)))
         cases.append((f"swiglu {dtype}", lambda dtype=dtype: glu(dtype)))
     return cases
 

@@ -225,3 +225,59 @@ def test_matmul_sums_of_its_operands(which, device):
     with pytest.raises(ValueError, match="one of row_sums and col_sums"):
         ff_kernels.matmul(a, b, out, row_sums=torch.empty(70, device=device),
                           col_sums=torch.empty(66, device=device))
+
+
+# ---- the matmul reading its operands through TMA descriptors ($LLM_KERNELS_MATMUL_TMA=1) ----
+
+class _PointerKernelCalled:
+    """Stands in for the pointer-load matmul kernel where the TMA one must run instead."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the pointer-load matmul ran where the TMA one should have")
+
+
+@pytest.fixture
+def tma_only(monkeypatch):
+    """TMA reads switched on, and the pointer-load kernel made to fail if it is launched."""
+    monkeypatch.setenv(ff_kernels.TMA_ENV, "1")
+    monkeypatch.setattr(ff_kernels, "_matmul_kernel", _PointerKernelCalled())
+
+
+def test_tma_reads_only_where_tma_can_read(monkeypatch, device):
+    """use_tma: off unless switched on; 16-bit operands, each row-major or transposed with rows
+    on 16-byte boundaries (on a GPU, Hopper or newer)."""
+    a = torch.randn(37, 72, device=device).to(torch.bfloat16)
+    b = torch.randn(104, 72, device=device).to(torch.bfloat16).t()      # (72, 104) transposed
+    assert not ff_kernels.use_tma(a, b)
+    monkeypatch.setenv(ff_kernels.TMA_ENV, "1")
+    hopper = device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+    assert ff_kernels.use_tma(a, b) == hopper
+    a_t = torch.randn(72, 40, device=device).to(torch.bfloat16).t()     # (40, 72) transposed
+    assert ff_kernels.use_tma(a_t, b) == hopper
+    assert not ff_kernels.use_tma(a.t().contiguous().t(), b)             # rows of 37: 74 bytes
+    assert not ff_kernels.use_tma(a.float(), b.float())                  # fp32: FMA configs
+    assert not ff_kernels.use_tma(a[:, 1:], b[1:])                       # rows off 16 bytes
+    assert not ff_kernels.use_tma(a[::2, ::2], b[::2])                   # no unit stride
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_feed_forward_through_tma(activation, dtype, device, tma_only):
+    """Forward and backward with every matmul reading A and B by TMA, every operand layout
+    (x @ w1.T, dpre @ w1, dpre.T @ x, h.T @ grad_out) at sizes with tails in M, N and K
+    (TMA reads zeros past the ends) and the bias sums, against the fp64 reference."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    _check_ff(_ff_inputs((37, 72), 104, 40, dtype, device), activation, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(len(ff_kernels.MATMUL_TILES)))
+def test_every_tma_matmul_config_cuda(index, monkeypatch, tma_only):
+    """Each TMA matmul config alone (the autotuner may pick any), the feed-forward forward and
+    backward at odd sizes whose rows are 16-byte aligned, against the fp64 reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    _only_config(monkeypatch, ff_kernels._matmul_tma_kernel, ff_kernels.MATMUL_TILES, index)
+    dtype = torch.bfloat16
+    _check_ff(_ff_inputs((1000, 520), 1544, 504, dtype, "cuda"), "gelu", dtype)

@@ -19,7 +19,10 @@ def test_every_sweep_prints_its_table():
     out = _run("--quick")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     titles = [line for line in out.stdout.splitlines() if line.startswith("== ")]
-    assert [t.split()[1] for t in titles] == ["layer_norm", "decode", "attention"]
+    assert [t.split()[1] for t in titles] == ["layer_norm", "decode", "attention",
+                                              "feed-forward"]
+    tma_rows = out.stdout.split("== feed-forward")[1].splitlines()[2:]
+    assert [row.split()[:2] for row in tma_rows] == [["fwd", "pointer*"], ["fwd", "tma"]]
     assert "failed" not in out.stdout
     rows = out.stdout.split("== decode")[0].splitlines()[2:]
     assert any(row.split()[1] == "auto" for row in rows) and len(rows) >= 3
