@@ -13,7 +13,8 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
   plan aims for and the KV length: ms, the ratio to reading the KV cache once at the copy
   bandwidth, and the host time one call takes (the launcher alone, then ``lk.attention``).
 - ``attention_fwd``: the Triton forward (D 128, bf16, L 4096) with each launch setting of its
-  table forced: TFLOP/s.
+  table forced, reading Q, K, V by pointer (the default) and through TMA descriptors
+  (``$LLM_KERNELS_ATTENTION_TMA=1``): TFLOP/s.
 - ``matmul_tma``: the Triton feed-forward block (tokens 8192, d 4096, d_ff 16384, bf16, gelu),
   forward and forward+backward, its matmuls reading A and B by pointer (the default) and
   through TMA descriptors (``$LLM_KERNELS_MATMUL_TMA=1``): TFLOP/s.
@@ -143,19 +144,23 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
     rows = []
     for causal in ((False,) if quick else (False, True)):
         flops = attention_flops(b, h, l, l, d, causal=causal, mode="fwd")
+
+        def run(causal=causal):
+            return attn.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
         for i, launch in enumerate(candidates if gpu else candidates[:1]):
-            run = lambda: attn.attention_forward(q, k, v, None, causal, 0, d ** -0.5)  # noqa: E731
-            with _patched(attn, "launches", lambda *a, launch=launch, **kw: [launch]):
-                try:
-                    t = _timed(run, device, timer)
-                except Exception as exc:  # e.g. out of shared memory
-                    rows.append([str(causal), str(launch), "-", type(exc).__name__])
-                    continue
-            rows.append([str(causal), str(launch) + ("*" if i == 0 else ""), f"{t.ms:.3f}",
-                         f"{harness.tflops(flops, t.ms):.0f}"])
+            for reads, switch in (("pointer", "0"), ("tma", "1")):
+                with _patched(attn, "launches", lambda *a, launch=launch, **kw: [launch]), \
+                        _env(attn.TMA_ENV, switch):
+                    try:
+                        t = _timed(run, device, timer)
+                    except Exception as exc:  # e.g. out of shared memory
+                        rows.append([str(causal), str(launch), reads, "-", type(exc).__name__])
+                        continue
+                rows.append([str(causal), str(launch) + ("*" if i == 0 else ""), reads,
+                             f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
     return _table(f"attention forward (B {b}, H {h}, L {l}, D {d}, bf16): each launch setting "
-                  "(* = the first, used without autotuning)", ["causal", "launch", "ms", "TFLOP/s"],
-                  rows)
+                  "(* = the first, used without autotuning), Q/K/V read by pointer (the "
+                  "default) and by TMA", ["causal", "launch", "reads", "ms", "TFLOP/s"], rows)
 
 
 @contextlib.contextmanager

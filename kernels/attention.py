@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llm_kernels.backends import interpreting
 from ._host import cdiv, next_power_of_2
@@ -53,6 +54,8 @@ _MASK_FLOOR2 = tl.constexpr(-65536.0)
 # Set to "0" to launch the table's config without autotuning (GPU only; the interpreter never
 # autotunes).
 AUTOTUNE_ENV = "LLM_KERNELS_AUTOTUNE"
+# "1": the dense forward reads Q, K and V through TMA descriptors (16-bit, Hopper and newer).
+TMA_ENV = "LLM_KERNELS_ATTENTION_TMA"
 # Flash-decoding applies to at most this many queries per head...
 DECODE_MAX_LQ = 16
 # ...and splits the keys in chunks of a multiple of this many (a multiple of every BLOCK_N).
@@ -106,6 +109,23 @@ def _load_rows(ptrs, rows_ok, D: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS
             x = tl.load(ptrs)
         else:
             x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _load_tile(base, desc, b, hd, row0, stride_row, rows_ok, D: tl.constexpr,
+               BLOCK_D: tl.constexpr, ROWS: tl.constexpr, CHECK_ROWS: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows [row0, row0 + ROWS) of one (batch, head) of a (B, heads, L, D) tensor as a
+    (ROWS, BLOCK_D) tile: with TMA through its 4-D descriptor ``desc`` at (b, hd) (rows past L
+    and the head-dim padding read as zeros), else by pointers from ``base`` (that head's row
+    0), as _load_rows."""
+    if TMA:
+        x = desc.load([b.to(tl.int32), hd.to(tl.int32), row0, 0]).reshape(ROWS, BLOCK_D)
+    else:
+        offs_r = row0 + tl.arange(0, ROWS)
+        x = _load_rows(base + offs_r[:, None] * stride_row + tl.arange(0, BLOCK_D)[None, :],
+                       rows_ok, D, BLOCK_D, CHECK_ROWS)
     return x
 
 
@@ -173,24 +193,25 @@ def _load_bias(ptrs, cols_ok, BOUNDARY: tl.constexpr):
 
 
 @triton.jit
-def _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows, start, end,
-                  Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
+def _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, KD, VD, b, hk, mask_rows, start,
+                  end, Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                  HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  TMA: tl.constexpr):
     """Online softmax over the key tiles [start, end): returns the updated (acc, m2, l).
 
-    q (BLOCK_M, BLOCK_D); offs_m the query index of each row; mask_rows (BLOCK_M, 1) pointers to
-    the rows of the additive mask (rows past the end point at the last row). BOUNDARY tiles mask
-    the key tail and, if CAUSAL, j > i + offset.
+    q (BLOCK_M, BLOCK_D); offs_m the query index of each row; K/V tiles read by pointers from
+    k_base/v_base (the head's row 0) or with TMA through the descriptors KD/VD at (b, hk);
+    mask_rows (BLOCK_M, 1) pointers to the rows of the additive mask (rows past the end point
+    at the last row). BOUNDARY tiles mask the key tail and, if CAUSAL, j > i + offset.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
         cols_ok = offs_n < Lk
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], cols_ok, D,
-                       BLOCK_D, BOUNDARY)                                   # (BLOCK_N, BLOCK_D)
+        k = _load_tile(k_base, KD, b, hk, n0, stride_kn, cols_ok, D, BLOCK_D, BLOCK_N, BOUNDARY,
+                       TMA)                                                 # (BLOCK_N, BLOCK_D)
         s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), acc.dtype), UPCAST, PRECISION)
         s = s * qk_scale                                                    # (BLOCK_M, BLOCK_N)
         if HAS_MASK:
@@ -206,8 +227,8 @@ def _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows, start, en
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], cols_ok, D,
-                       BLOCK_D, BOUNDARY)                                   # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, VD, b, hk, n0, stride_vn, cols_ok, D, BLOCK_D, BLOCK_N, BOUNDARY,
+                       TMA)                                                 # (BLOCK_N, BLOCK_D)
         acc = _mma(_to(p, v.dtype, UPCAST), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -231,8 +252,11 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
                      H, GROUP, Lq, Lk, causal_offset, qk_scale,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out, lse of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H)."""
+                     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     TMA: tl.constexpr = False):
+    """out, lse of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H).
+    With TMA, Q, K and V are 4-D TMA descriptors of those tensors (tiles of [1, 1, BLOCK_M or
+    BLOCK_N, BLOCK_D]) instead of pointers; the strides then go unused."""
     pid_m = _query_tile(CAUSAL)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -242,23 +266,27 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < Lq
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                   + offs_d[None, :], rows_ok, D, BLOCK_D, True)            # (BLOCK_M, BLOCK_D)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    if TMA:
+        q_base, k_base, v_base = Q, K, V
+    else:
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+    q = _load_tile(q_base, Q, b, h, m0, stride_qm, rows_ok, D, BLOCK_D, BLOCK_M, True,
+                   TMA)                                                     # (BLOCK_M, BLOCK_D)
     mask_rows = Mask + b * stride_mb + h * stride_mh + _clamp(offs_m, Lq)[:, None] * stride_mm
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     full_end, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows,
-                                  0, full_end, Lk, stride_kn, stride_vn, stride_mn,
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, K, V, b, hk,
+                                  mask_rows, 0, full_end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
-                                  False, HAS_MASK, UPCAST, PRECISION)
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows,
-                                  full_end, end, Lk, stride_kn, stride_vn, stride_mn,
+                                  False, HAS_MASK, UPCAST, PRECISION, TMA)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, K, V, b, hk,
+                                  mask_rows, full_end, end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
-                                  True, HAS_MASK, UPCAST, PRECISION)
+                                  True, HAS_MASK, UPCAST, PRECISION, TMA)
     out, lse = _finish_rows(acc, m_i, l_i)
     rows = pid_bh.to(tl.int64) * Lq + offs_m                                # (B, H, Lq) index
     _store_rows(Out + rows[:, None] * D + offs_d[None, :],
@@ -303,10 +331,10 @@ def _attn_fwd_split_kernel(Q, K, V, Mask, PartO, PartM, PartL,
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
-    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, mask_rows,
-                                  start, end, Lk, stride_kn, stride_vn, stride_mn,
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, K, V, b, hk,
+                                  mask_rows, start, end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
-                                  True, HAS_MASK, UPCAST, PRECISION)
+                                  True, HAS_MASK, UPCAST, PRECISION, False)
     rows = pid_s * n_rows + (b * H + h) * Lq + offs_m                       # (S, B, H, Lq) index
     _store_rows(PartO + rows[:, None] * D + offs_d[None, :], acc, rows_ok, D, BLOCK_D)
     tl.store(PartM + rows, m_i, mask=rows_ok)
@@ -625,10 +653,20 @@ def _autotune_enabled() -> bool:
 _TUNERS: list = []  # every autotuner _tuned has made, for tuned_kernels()
 
 
+def _set_tma_blocks(nargs: dict) -> None:
+    """Launch pre-hook of the TMA forward: the Q, K, V descriptors' tiles for this launch's
+    BLOCK_M, BLOCK_N and BLOCK_D."""
+    bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
+    nargs["Q"].block_shape = [1, 1, bm, bd]
+    nargs["K"].block_shape = [1, 1, bn, bd]
+    nargs["V"].block_shape = [1, 1, bn, bd]
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, candidates: tuple[Launch, ...], tune_block_m: bool):
+def _tuned(kernel, candidates: tuple[Launch, ...], tune_block_m: bool, tma: bool = False):
     configs = [triton.Config(c.meta() if tune_block_m else {"BLOCK_N": c.block_n},
-                             num_warps=c.num_warps, num_stages=c.num_stages) for c in candidates]
+                             num_warps=c.num_warps, num_stages=c.num_stages,
+                             pre_hook=_set_tma_blocks if tma else None) for c in candidates]
     keys = _TUNE_KEYS + ([] if tune_block_m else ["BLOCK_M"])
     tuner = triton.autotune(configs=configs, key=keys)(kernel)
     _TUNERS.append(tuner)
@@ -641,13 +679,19 @@ def tuned_kernels() -> list:
 
 
 def _launch(kernel, grid: Callable[[dict], tuple], candidates: list[Launch], args: tuple,
-            constexprs: dict, tune_block_m: bool = True) -> None:
-    """Launch ``kernel``: autotuned over ``candidates`` on a GPU, else with the first one."""
+            constexprs: dict, tune_block_m: bool = True,
+            descriptors: Optional[dict] = None) -> None:
+    """Launch ``kernel``: autotuned over ``candidates`` on a GPU, else with the first one.
+    ``descriptors`` ({"Q", "K", "V": TensorDescriptor}, the TMA forward): their tiles are set
+    for the launch's blocks."""
+    tma = descriptors is not None
     if _autotune_enabled() and len(candidates) > 1:
-        _tuned(kernel, tuple(candidates), tune_block_m)[grid](*args, **constexprs)
+        _tuned(kernel, tuple(candidates), tune_block_m, tma)[grid](*args, **constexprs)
         return
     launch = candidates[0]
     meta = launch.meta() if tune_block_m else {"BLOCK_N": launch.block_n}
+    if tma:
+        _set_tma_blocks({**descriptors, **constexprs, **meta})
     kernel[grid({**constexprs, **meta})](*args, **constexprs, **meta,
                                          num_warps=launch.num_warps,
                                          num_stages=launch.num_stages)
@@ -761,11 +805,40 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
         _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan)
         return out, lse
     mask_ptr, *mask_strides = _mask_args(mask, q)
-    args = (q, k, v, mask_ptr, out, lse, *_strides3(q), *_strides3(k), *_strides3(v),
+    descriptors = None
+    if use_tma(q, k, v):
+        descriptors = {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
+                       for name, t in (("Q", q), ("K", k), ("V", v))}
+        common = {**common, "TMA": True}
+    qkv = (q, k, v) if descriptors is None else tuple(descriptors.values())
+    args = (*qkv, mask_ptr, out, lse, *_strides3(q), *_strides3(k), *_strides3(v),
             *mask_strides, h, h // hkv, lq, lk, causal_offset, qk_scale)
     _launch(_attn_fwd_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
-            launches("fwd", d, q.dtype, masked=mask is not None), args, common)
+            launches("fwd", d, q.dtype, masked=mask is not None), args, common,
+            descriptors=descriptors)
     return out, lse
+
+
+def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the dense forward reads Q, K and V through TMA descriptors: only when
+    $LLM_KERNELS_ATTENTION_TMA is 1 (off by default until timed against the pointer loads),
+    for 16-bit inputs on a Hopper or newer GPU (or the interpreter) that TMA can address."""
+    if os.environ.get(TMA_ENV, "0") != "1" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return tma_device(q) and all(_tma_readable(t) for t in (q, k, v))
+
+
+def tma_device(t: torch.Tensor) -> bool:
+    """Whether t's device reads through TMA: a Hopper or newer GPU, or the interpreter."""
+    return interpreting() or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def _tma_readable(t: torch.Tensor) -> bool:
+    """A (B, heads, L, D) tensor a TMA descriptor can describe: contiguous last dim of at least
+    16 bytes, start and every other stride positive multiples of 16 bytes."""
+    e = t.element_size()
+    return (t.stride(3) == 1 and t.shape[3] * e >= 16 and t.data_ptr() % 16 == 0
+            and all(t.stride(i) > 0 and t.stride(i) * e % 16 == 0 for i in range(3)))
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset, scale):
@@ -796,4 +869,4 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset,
 
 
 __all__ = ["attention_forward", "attention_backward", "split_plan", "launches", "block_d",
-           "Launch", "SplitPlan"]
+           "use_tma", "Launch", "SplitPlan"]

@@ -133,7 +133,25 @@ def attention_cases(dtypes, quick: bool):
                           lambda d=d, dtype=dtype: run(1, 2, 2, 97, 130, d, dtype, False, True)))
         cases.append((f"attention decode {dtype}",
                       lambda dtype=dtype: run(2, 8, 2, 1, 4096, 128, dtype, True, False)))
+        if dtype != torch.float32:  # the forward reading Q, K, V through TMA
+            for d in (64, 128):
+                for causal in (False, True):
+                    cases.append((f"attention tma d={d} {dtype} causal={causal}",
+                                  lambda d=d, dtype=dtype, c=causal: as_hopper(
+                                      k, lambda: run(1, 4, 2, 256, 256, d, dtype, c, False))))
     return cases
+
+
+def as_hopper(module, thunk) -> None:
+    """thunk() with module's opt-in TMA reads switched on ($<module>.TMA_ENV) and its TMA device
+    check answering yes for the CPU tensors here, as on a Hopper GPU."""
+    os.environ[module.TMA_ENV] = "1"
+    tma_device, module.tma_device = module.tma_device, lambda t: True
+    try:
+        thunk()
+    finally:
+        del os.environ[module.TMA_ENV]
+        module.tma_device = tma_device
 
 
 def row_cases(dtypes, quick: bool):
@@ -198,16 +216,8 @@ def feed_forward_cases(dtypes, quick: bool):
         out, gate, up = swiglu.swiglu_forward(x, wg, wu, wd)
         swiglu.swiglu_backward(torch.randn_like(out), x, wg, wu, wd, gate, up)
 
-    def ffn_tma(dtype):
-        # The matmuls reading A and B through TMA, as on a Hopper GPU (the tensors here are on
-        # the CPU).
-        os.environ[feed_forward.TMA_ENV] = "1"
-        tma_device, feed_forward.tma_device = feed_forward.tma_device, lambda t: True
-        try:
-            ffn(dtype, True)
-        finally:
-            del os.environ[feed_forward.TMA_ENV]
-            feed_forward.tma_device = tma_device
+    def ffn_tma(dtype):  # the matmuls reading A and B through TMA
+        as_hopper(feed_forward, lambda: ffn(dtype, True))
 
     cases = []
     for dtype in dtypes:
