@@ -336,7 +336,7 @@ case "$MODE" in
   bench)
     cuda_leftover 60 300
     bench_step 150 170
-    sweep_step 85 120
+    sweep_step 110 120
     rest_core 60 90
     sanitize_steps 50 45 40 35 "$SANITIZE_LITE"
     verify_step 60 5

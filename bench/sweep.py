@@ -15,6 +15,8 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
 - ``attention_fwd``: the Triton forward (D 128, bf16, L 4096) with each launch setting of its
   table forced, reading Q, K, V by pointer (the default) and through TMA descriptors
   (``$LLM_KERNELS_ATTENTION_TMA=1``): TFLOP/s.
+- ``attention_bwd``: the Triton backward (D 128, bf16, L 4096, autotuned), reading Q, K, V and
+  dO by pointer (the default) and through TMA descriptors: TFLOP/s.
 - ``matmul_tma``: the Triton feed-forward block (tokens 8192, d 4096, d_ff 16384, bf16, gelu),
   forward and forward+backward, its matmuls reading A and B by pointer (the default) and
   through TMA descriptors (``$LLM_KERNELS_MATMUL_TMA=1``): TFLOP/s.
@@ -33,7 +35,7 @@ import torch
 
 from llm_kernels.bench import harness
 
-SWEEPS = ("layer_norm_bwd", "decode", "attention_fwd", "matmul_tma")
+SWEEPS = ("layer_norm_bwd", "decode", "attention_fwd", "attention_bwd", "matmul_tma")
 MAX_WARPS_PER_SM = 64
 
 
@@ -200,6 +202,29 @@ def matmul_tma(device: torch.device, timer, quick: bool) -> list[str]:
     return _table(f"feed-forward (tokens {n}, d {d}, d_ff {d_ff}, bf16, gelu), lk-triton: the "
                   "matmuls' operand reads (* = the default)", ["mode", "reads", "ms", "TFLOP/s"],
                   rows)
+
+
+def attention_bwd(device: torch.device, timer, quick: bool) -> list[str]:
+    from llm_kernels.bench.harness import attention_flops
+    from llm_kernels.kernels import attention as attn
+    gpu = device.type == "cuda"
+    b, h, l, d = (4, 16, 4096, 128) if gpu else (1, 2, 64, 16)
+    q, k, v, grad = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
+                     for _ in range(4))
+    rows = []
+    for causal in ((False,) if quick else (False, True)):
+        out, lse = attn.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
+        flops = attention_flops(b, h, l, l, d, causal=causal, mode="bwd")
+
+        def run(causal=causal, out=out, lse=lse):
+            return attn.attention_backward(grad, q, k, v, out, lse, None, causal, 0, d ** -0.5)
+        for reads, switch in (("pointer*", "0"), ("tma", "1")):
+            with _env(attn.TMA_ENV, switch):
+                t = _timed(run, device, timer)
+            rows.append([str(causal), reads, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
+    return _table(f"attention backward (B {b}, H {h}, L {l}, D {d}, bf16), autotuned: Q, K, V, "
+                  "dO read by pointer (* = the default) and by TMA",
+                  ["causal", "reads", "ms", "TFLOP/s"], rows)
 
 
 def _copy_gbps(device: torch.device, timer) -> float:

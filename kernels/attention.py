@@ -130,6 +130,22 @@ def _load_tile(base, desc, b, hd, row0, stride_row, rows_ok, D: tl.constexpr,
 
 
 @triton.jit
+def _load_pair(X, Y, b, hd, row0, stride_xb, stride_xh, stride_xr, stride_yb, stride_yh,
+               stride_yr, rows_ok, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows [row0, row0 + ROWS) of head (b, hd) of two (B, heads, L, D) tensors (pointers, or
+    with TMA their descriptors), each as a (ROWS, BLOCK_D) tile by _load_tile."""
+    if TMA:
+        x_head, y_head = X, Y
+    else:
+        x_head = X + b * stride_xb + hd * stride_xh
+        y_head = Y + b * stride_yb + hd * stride_yh
+    x = _load_tile(x_head, X, b, hd, row0, stride_xr, rows_ok, D, BLOCK_D, ROWS, True, TMA)
+    y = _load_tile(y_head, Y, b, hd, row0, stride_yr, rows_ok, D, BLOCK_D, ROWS, True, TMA)
+    return x, y
+
+
+@triton.jit
 def _store_rows(ptrs, x, rows_ok, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store a (rows, BLOCK_D) tile, skipping rows with rows_ok False and the head-dim padding."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -407,13 +423,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                           HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
                           PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          TMA: tl.constexpr = False):
     """dk, dv of one key tile of one (batch, kv head), summed over the GROUP query heads that
     share it: grid (cdiv(Lk, BLOCK_N), B * Hkv).
 
     One flat loop over (query head of the group, query tile that sees the key tile), computed
     transposed: P^T = exp2(S2^T - lse2) is (BLOCK_N, BLOCK_M). A single code path for every tile
     (rows past Lq and, if CAUSAL, pairs j > i + offset masked) keeps the register use low.
+    With TMA, Q, K, V and dO are 4-D TMA descriptors (see _attn_fwd_kernel).
     """
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -425,10 +443,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cols_ok = offs_n < Lk
-    k = _load_rows(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn
-                   + offs_d[None, :], cols_ok, D, BLOCK_D, True)            # (BLOCK_N, BLOCK_D)
-    v = _load_rows(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn
-                   + offs_d[None, :], cols_ok, D, BLOCK_D, True)
+    k, v = _load_pair(K, V, b, hk, n0, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                      stride_vn, cols_ok, D, BLOCK_D, BLOCK_N, TMA)       # (BLOCK_N, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
     start = 0
@@ -437,13 +453,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
     n_tiles = tl.cdiv(tl.maximum(Lq - start, 0), BLOCK_M)
     for it in tl.range(0, GROUP * n_tiles):
         g = it // n_tiles
-        offs_m = start + (it - g * n_tiles) * BLOCK_M + offs_m0
+        m_start = start + (it - g * n_tiles) * BLOCK_M
+        offs_m = m_start + offs_m0
         h = hk * GROUP + g
         rows_ok = offs_m < Lq
-        q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                       + offs_d[None, :], rows_ok, D, BLOCK_D, True)        # (BLOCK_M, BLOCK_D)
-        do = _load_rows(dO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                        + offs_d[None, :], rows_ok, D, BLOCK_D, True)
+        q, do = _load_pair(Q, dO, b, h, m_start, stride_qb, stride_qh, stride_qm, stride_dob,
+                           stride_doh, stride_dom, rows_ok, D, BLOCK_D, BLOCK_M,
+                           TMA)                                             # (BLOCK_M, BLOCK_D)
         rows = (b * H + h) * Lq + offs_m
         lse = tl.load(Lse + rows, mask=rows_ok, other=float("inf"))      # p = 0 past Lq
         delta = tl.load(Delta + rows, mask=rows_ok, other=0.0)
@@ -467,21 +483,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
 
 
 @triton.jit
-def _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, mask_rows, start, end,
-                 Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
+def _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, KD, VD, b, hk, mask_rows,
+                 start, end, Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
-                 HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """dq += dS k over the key tiles [start, end), P = exp2(S2 - lse2) recomputed per tile."""
+                 HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 TMA: tl.constexpr):
+    """dq += dS k over the key tiles [start, end), P = exp2(S2 - lse2) recomputed per tile;
+    K/V tiles read as in _fwd_key_loop."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + offs_n0
         cols_ok = offs_n < Lk
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], cols_ok, D,
-                       BLOCK_D, BOUNDARY)                                   # (BLOCK_N, BLOCK_D)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], cols_ok, D,
-                       BLOCK_D, BOUNDARY)
+        k = _load_tile(k_base, KD, b, hk, n0, stride_kn, cols_ok, D, BLOCK_D, BLOCK_N, BOUNDARY,
+                       TMA)                                                 # (BLOCK_N, BLOCK_D)
+        v = _load_tile(v_base, VD, b, hk, n0, stride_vn, cols_ok, D, BLOCK_D, BLOCK_N, BOUNDARY,
+                       TMA)
         s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dq.dtype), UPCAST, PRECISION)
         s = s * qk_scale                                                    # (BLOCK_M, BLOCK_N)
         if HAS_MASK:
@@ -508,8 +525,10 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
                         H, GROUP, Lq, Lk, causal_offset, qk_scale, scale,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H)."""
+                        ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        TMA: tl.constexpr = False):
+    """dq of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H). With TMA,
+    Q, K, V and dO are 4-D TMA descriptors (see _attn_fwd_kernel)."""
     pid_m = _query_tile(CAUSAL)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -519,25 +538,27 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < Lq
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                   + offs_d[None, :], rows_ok, D, BLOCK_D, True)            # (BLOCK_M, BLOCK_D)
-    do = _load_rows(dO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :], rows_ok, D, BLOCK_D, True)
+    q, do = _load_pair(Q, dO, b, h, m0, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
+                       stride_dom, rows_ok, D, BLOCK_D, BLOCK_M, TMA)     # (BLOCK_M, BLOCK_D)
+    if TMA:
+        k_base, v_base = K, V
+    else:
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
     rows = pid_bh.to(tl.int64) * Lq + offs_m
     lse2 = tl.load(Lse + rows, mask=rows_ok, other=float("inf")) * _LOG2E
     delta = tl.load(Delta + rows, mask=rows_ok, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
     mask_rows = Mask + b * stride_mb + h * stride_mh + _clamp(offs_m, Lq)[:, None] * stride_mm
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     full_end, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, mask_rows,
+    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, K, V, b, hk, mask_rows,
                       0, full_end, Lk, stride_kn, stride_vn, stride_mn, causal_offset, qk_scale,
-                      D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, False, HAS_MASK, UPCAST, PRECISION)
-    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, mask_rows,
+                      D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, False, HAS_MASK, UPCAST, PRECISION,
+                      TMA)
+    dq = _dq_key_loop(dq, q, do, lse2, delta, offs_m, k_base, v_base, K, V, b, hk, mask_rows,
                       full_end, end, Lk, stride_kn, stride_vn, stride_mn, causal_offset,
                       qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL, True, HAS_MASK, UPCAST,
-                      PRECISION)
+                      PRECISION, TMA)
     _store_rows(dQ + rows[:, None] * D + offs_d[None, :],
                 _to(dq * scale, dQ.dtype.element_ty, UPCAST), rows_ok, D, BLOCK_D)
 
@@ -654,12 +675,12 @@ _TUNERS: list = []  # every autotuner _tuned has made, for tuned_kernels()
 
 
 def _set_tma_blocks(nargs: dict) -> None:
-    """Launch pre-hook of the TMA forward: the Q, K, V descriptors' tiles for this launch's
-    BLOCK_M, BLOCK_N and BLOCK_D."""
+    """Launch pre-hook of the TMA kernels: the descriptors' tiles for this launch's blocks,
+    BLOCK_M rows of Q (and dO), BLOCK_N rows of K and V, BLOCK_D wide."""
     bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
-    nargs["Q"].block_shape = [1, 1, bm, bd]
-    nargs["K"].block_shape = [1, 1, bn, bd]
-    nargs["V"].block_shape = [1, 1, bn, bd]
+    for name, rows in (("Q", bm), ("dO", bm), ("K", bn), ("V", bn)):
+        if isinstance(nargs.get(name), TensorDescriptor):
+            nargs[name].block_shape = [1, 1, rows, bd]
 
 
 @functools.lru_cache(maxsize=None)
@@ -805,10 +826,8 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
         _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan)
         return out, lse
     mask_ptr, *mask_strides = _mask_args(mask, q)
-    descriptors = None
-    if use_tma(q, k, v):
-        descriptors = {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
-                       for name, t in (("Q", q), ("K", k), ("V", v))}
+    descriptors = _descriptors(Q=q, K=k, V=v) if use_tma(q, k, v) else None
+    if descriptors is not None:
         common = {**common, "TMA": True}
     qkv = (q, k, v) if descriptors is None else tuple(descriptors.values())
     args = (*qkv, mask_ptr, out, lse, *_strides3(q), *_strides3(k), *_strides3(v),
@@ -819,13 +838,21 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
     return out, lse
 
 
-def use_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the dense forward reads Q, K and V through TMA descriptors: only when
-    $LLM_KERNELS_ATTENTION_TMA is 1 (off by default until timed against the pointer loads),
-    for 16-bit inputs on a Hopper or newer GPU (or the interpreter) that TMA can address."""
-    if os.environ.get(TMA_ENV, "0") != "1" or q.dtype not in (torch.float16, torch.bfloat16):
+def use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the dense forward and the backward read their (B, heads, L, D) operands (q, k,
+    v, and grad_out) through TMA descriptors: only when $LLM_KERNELS_ATTENTION_TMA is 1 (off
+    by default until timed against the pointer loads), for 16-bit tensors on a Hopper or newer
+    GPU (or the interpreter) that TMA can address."""
+    dtype = tensors[0].dtype
+    if os.environ.get(TMA_ENV, "0") != "1" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    return tma_device(q) and all(_tma_readable(t) for t in (q, k, v))
+    return tma_device(tensors[0]) and all(_tma_readable(t) for t in tensors)
+
+
+def _descriptors(**tensors: torch.Tensor) -> dict:
+    """{name: 4-D TMA descriptor of the tensor}; the tiles are set per launch (_set_tma_blocks)."""
+    return {name: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, 16])
+            for name, t in tensors.items()}
 
 
 def tma_device(t: torch.Tensor) -> bool:
@@ -858,13 +885,19 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset,
     dk = torch.empty((b, hkv, lk, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, hkv, lk, d), dtype=v.dtype, device=q.device)
     mask_ptr, *mask_strides = _mask_args(mask, q)
-    inputs = (q, k, v, mask_ptr, grad_out, lse, delta)
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *mask_strides, *_strides3(grad_out),
                h, h // hkv, lq, lk, causal_offset, float(scale) * LOG2E, float(scale))
+    operands = {"Q": q, "K": k, "V": v, "dO": grad_out}
+    descriptors = _descriptors(**operands) if use_tma(*operands.values()) else None
+    if descriptors is not None:
+        common = {**common, "TMA": True}
+        operands = descriptors
+    inputs = (operands["Q"], operands["K"], operands["V"], mask_ptr, operands["dO"], lse, delta)
     _launch(_attn_bwd_dkdv_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * hkv),
-            launches("dkdv", d, q.dtype), (*inputs, dk, dv, *strides), common)
+            launches("dkdv", d, q.dtype), (*inputs, dk, dv, *strides), common,
+            descriptors=descriptors)
     _launch(_attn_bwd_dq_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
-            launches("dq", d, q.dtype), (*inputs, dq, *strides), common)
+            launches("dq", d, q.dtype), (*inputs, dq, *strides), common, descriptors=descriptors)
     return dq, dk, dv
 
 

@@ -381,12 +381,14 @@ def test_cuda_backward_deterministic(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The dense forward reading Q, K, V through TMA descriptors ($LLM_KERNELS_ATTENTION_TMA=1)
+# The dense forward and the backward reading Q, K, V (and dO) through TMA descriptors
+# ($LLM_KERNELS_ATTENTION_TMA=1)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def tma_forward(monkeypatch, device):
-    """TMA reads switched on and watched: the test fails unless every forward took them."""
+def tma_reads(monkeypatch, device):
+    """TMA reads switched on and watched: the test fails unless every forward and backward
+    took them."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         pytest.skip("TMA needs a Hopper or newer GPU")
     monkeypatch.setenv(kernels.TMA_ENV, "1")
@@ -415,14 +417,14 @@ def test_tma_reads_only_where_tma_can_read(monkeypatch, device):
     (2, 2, 2, 97, 97, 80, True, False), (1, 4, 2, 17, 45, 40, False, True),
     (2, 4, 1, 64, 33, 128, True, False), (1, 2, 2, 33, 70, 16, False, False)])
 def test_forward_through_tma(b, h, hkv, lq, lk_, d, causal, seq_major, dtype, device,
-                             tma_forward):
-    """Forward (and the pointer backward after it) with Q, K, V read by TMA: tails in L and
-    in the head dim read as zeros, GQA, causal, (B, L, H, D) views, against fp64."""
+                             tma_reads):
+    """Forward and backward with Q, K, V and dO read by TMA: tails in L and in the head dim
+    read as zeros, GQA, causal, (B, L, H, D) views, against fp64."""
     q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, device, seq_major=seq_major)
     check_attention(q, k, v, causal=causal)
 
 
-def test_forward_through_tma_with_a_mask(device, tma_forward):
+def test_forward_through_tma_with_a_mask(device, tma_reads):
     """The additive mask still read by pointers next to the TMA reads."""
     q, k, v = make_qkv(2, 2, 2, 30, 50, 64, torch.bfloat16, device)
     bias = torch.randn(2, 1, 30, 50, dtype=torch.bfloat16, device=device)
@@ -431,8 +433,8 @@ def test_forward_through_tma_with_a_mask(device, tma_forward):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_tma_forward_autotuned(causal, device, tma_forward):
-    """The TMA forward at a realistic size with autotuning on (each candidate's tiles set by
-    the launch pre-hook), bf16, against the fp64 reference."""
+def test_cuda_tma_reads_autotuned(causal, device, tma_reads):
+    """The TMA forward and backward at a realistic size with autotuning on (each candidate's
+    tiles set by the launch pre-hook), bf16, against the fp64 reference."""
     q, k, v = make_qkv(1, 8, 2, 2049, 2049, 128, torch.bfloat16, device)
     check_attention(q, k, v, causal=causal)

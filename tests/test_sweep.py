@@ -19,8 +19,10 @@ def test_every_sweep_prints_its_table():
     out = _run("--quick")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     titles = [line for line in out.stdout.splitlines() if line.startswith("== ")]
-    assert [t.split()[1] for t in titles] == ["layer_norm", "decode", "attention",
+    assert [t.split()[1] for t in titles] == ["layer_norm", "decode", "attention", "attention",
                                               "feed-forward"]
+    bwd_rows = out.stdout.split("== attention backward")[1].splitlines()[2:4]
+    assert [row.split()[:2] for row in bwd_rows] == [["False", "pointer*"], ["False", "tma"]]
     tma_rows = out.stdout.split("== feed-forward")[1].splitlines()[2:]
     assert [row.split()[:2] for row in tma_rows] == [["fwd", "pointer*"], ["fwd", "tma"]]
     assert "failed" not in out.stdout
