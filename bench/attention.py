@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from llm_kernels.bench.common import (Case, Options, check_importable, check_lk_available,
                                       default_dtype, lk_backend, pick_modes, quiet, randn,
-                                      timed_step)
+                                      timed_step, with_tma)
 from llm_kernels.bench.harness import Skip, attention_flops, element_size
 
 NAME = "attention"
@@ -117,6 +117,15 @@ def lk_provider(provider: str, case: Case, device: torch.device, opts: Options):
     return timed_step(forward, _inputs(case, device), case.mode)
 
 
+def lk_tma_provider(case: Case, device: torch.device, opts: Options):
+    """lk-triton with Q, K, V (and dO) read through TMA descriptors
+    ($LLM_KERNELS_ATTENTION_TMA=1, opt-in; Hopper and newer)."""
+    from llm_kernels.kernels import attention as kernels
+    if case.mode == "decode":
+        raise Skip("the decode (split-key) kernel reads by pointer only")
+    return with_tma(lk_provider("lk-triton", case, device, opts), kernels, device)
+
+
 def torch_provider(case: Case, device: torch.device, opts: Options):
     """The eager reference (``backend="torch"``): materializes the scores."""
     import llm_kernels as lk
@@ -180,6 +189,7 @@ def flash_attn_provider(case: Case, device: torch.device, opts: Options):
 PROVIDERS = {
     "lk-triton": functools.partial(lk_provider, "lk-triton"),
     "lk-cuda": functools.partial(lk_provider, "lk-cuda"),
+    "lk-triton-tma": lk_tma_provider,
     "torch": torch_provider,
     "sdpa-flash": functools.partial(sdpa_provider, "FLASH_ATTENTION"),
     "sdpa-efficient": functools.partial(sdpa_provider, "EFFICIENT_ATTENTION"),

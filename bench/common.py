@@ -8,6 +8,7 @@ ends up in the row), or raising :class:`Skip` with the reason.
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -121,6 +122,21 @@ def check_lk_available(provider: str, device: torch.device) -> None:
     ok, why = lk.available_backends()[backend]
     if not ok:
         raise Skip(why)
+
+
+def with_tma(fn: Callable[[], object], kernels, device: torch.device) -> Callable[[], object]:
+    """``fn`` run with the opt-in TMA reads of the Triton kernels module ``kernels`` switched on
+    ($<kernels.TMA_ENV>=1 around each call); Skip where the device has no TMA."""
+    if not kernels.tma_device(torch.empty(0, device=device)) or device.type != "cuda":
+        raise Skip("TMA needs a Hopper or newer GPU")
+
+    def run():
+        os.environ[kernels.TMA_ENV] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ[kernels.TMA_ENV]
+    return run
 
 
 def check_importable(module: str) -> None:

@@ -10,7 +10,8 @@ import functools
 import torch
 
 from llm_kernels.bench import rowwise
-from llm_kernels.bench.common import Case, Options, default_dtype, pick_modes, randn
+from llm_kernels.bench.common import (Case, Options, default_dtype, pick_modes, randn,
+                                      with_tma)
 from llm_kernels.bench.harness import gemm_flops
 from llm_kernels.reference import feed_forward_ref
 
@@ -55,9 +56,18 @@ def torch_feed_forward(x, w1, b1, w2, b2):
     return feed_forward_ref(x, w1, b1, w2, b2, activation=ACTIVATION)
 
 
+def lk_tma_provider(case: Case, device: torch.device, opts: Options):
+    """lk-triton with the matmuls reading A and B through TMA descriptors
+    ($LLM_KERNELS_MATMUL_TMA=1, opt-in; Hopper and newer)."""
+    from llm_kernels.kernels import feed_forward as kernels
+    step = rowwise.lk_provider(lk_feed_forward, make_inputs, "lk-triton", case, device, opts)
+    return with_tma(step, kernels, device)
+
+
 PROVIDERS = {
     "lk-triton": functools.partial(rowwise.lk_provider, lk_feed_forward, make_inputs,
                                    "lk-triton"),
+    "lk-triton-tma": lk_tma_provider,
     "lk-cuda": functools.partial(rowwise.lk_provider, lk_feed_forward, make_inputs, "lk-cuda"),
     "torch": functools.partial(rowwise.lk_provider, lk_feed_forward, make_inputs, "lk-torch"),
     "torch-compile": functools.partial(rowwise.compile_provider, torch_feed_forward,

@@ -156,7 +156,8 @@ def panels(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 # One distinct color per provider the benchmarks produce: tab10 for the first ten, the light
 # tab20 twin of its parent's color for a variant (in-place, torch SDPA), black for liger, the
-# remaining light tab20 colors for the CUDA-graph training steps.
+# remaining light tab20 colors for the CUDA-graph training steps, tab20b's dark blue for the
+# opt-in TMA reads.
 PROVIDER_COLORS = {
     "lk-triton": "#1f77b4", "lk-cuda": "#ff7f0e", "torch": "#2ca02c", "torch-native": "#d62728",
     "torch-compile": "#9467bd", "sdpa-flash": "#8c564b", "sdpa-efficient": "#e377c2",
@@ -164,6 +165,7 @@ PROVIDER_COLORS = {
     "lk-triton-inplace": "#aec7e8", "lk-cuda-inplace": "#ffbb78", "torch-sdpa": "#98df8a",
     "lk-auto": "#ff9896", "lk-triton-graph": "#9edae5", "lk-cuda-graph": "#c49c94",
     "lk-auto-graph": "#f7b6d2", "torch-graph": "#dbdb8d", "torch-sdpa-graph": "#c5b0d5",
+    "lk-triton-tma": "#393b79",
 }
 UNKNOWN_PROVIDER_COLOR = "#c7c7c7"
 

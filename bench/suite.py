@@ -2,11 +2,13 @@
 sized to the issues' performance targets, and the bit-for-bit determinism check.
 
 - attention forward and backward, bf16, D = 128, H = 16, B*L = 16k, L in {4k, 8k, 16k},
-  causal and not; a decode step B = 8, H = 32, Hkv = 8, Lk = 16k, issued from Python and
-  replayed from a CUDA graph (the kernels' device time);
+  causal and not (``lk-triton-tma``: lk-triton with the opt-in TMA reads); a decode step
+  B = 8, H = 32, Hkv = 8, Lk = 16k, issued from Python and replayed from a CUDA graph (the
+  kernels' device time);
 - layer norm forward+backward, hidden 4096 and 8192, 16k rows (the copy bandwidth is measured
   in the same run by the runner), and its forward and backward alone at 4096;
-- feed-forward forward and forward+backward at tokens 8192, d 4096, d_ff 16384;
+- feed-forward forward and forward+backward at tokens 8192, d 4096, d_ff 16384 (with
+  ``lk-triton-tma`` too);
 - cross-entropy forward+backward at N = 8192, V = 128k (peak memory), with the in-place
   backward too (``lk-triton-inplace``);
 - rms_norm, softmax and swiglu once each;
@@ -27,7 +29,7 @@ from llm_kernels.bench.runner import PlanItem
 
 DTYPE = torch.bfloat16
 ATTN_PROVIDERS = ["lk-triton", "lk-cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
-                  "sdpa-math", "torch", "flash-attn"]
+                  "sdpa-math", "torch", "flash-attn", "lk-triton-tma"]
 ROW_PROVIDERS = ["lk-triton", "lk-cuda", "torch", "liger"]
 LAST = "torch-compile"
 DETERMINISM_SHAPE = {"B": 2, "H": 16, "L": 4096, "D": 128}
@@ -59,7 +61,7 @@ def standard_plan() -> list[PlanItem]:
                              ["lk-triton", "lk-cuda", "torch"]))
     for mode in ("fwd", "fwd+bwd"):
         plan.append(PlanItem(feed_forward, feed_forward.ff_case(mode, 8192, 4096, 16384, DTYPE),
-                             ["lk-triton", "lk-cuda", "torch"]))
+                             ["lk-triton", "lk-cuda", "torch", "lk-triton-tma"]))
     plan.append(PlanItem(cross_entropy, _rows(cross_entropy, "fwd+bwd", 8192, 131072),
                          ROW_PROVIDERS + ["lk-triton-inplace", LAST]))
     plan.append(PlanItem(rms_norm, _rows(rms_norm, "fwd+bwd", 16384, 8192), list(ROW_PROVIDERS)))
