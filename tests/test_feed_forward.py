@@ -281,3 +281,23 @@ def test_every_tma_matmul_config_cuda(index, monkeypatch, tma_only):
     _only_config(monkeypatch, ff_kernels._matmul_tma_kernel, ff_kernels.MATMUL_TILES, index)
     dtype = torch.bfloat16
     _check_ff(_ff_inputs((1000, 520), 1544, 504, dtype, "cuda"), "gelu", dtype)
+
+
+def test_swiglu_with_tma_reads(monkeypatch, device):
+    """SwiGLU's plain matmuls (down projection, its gradients) read by TMA, the two-pair dx
+    product by pointers, forward and backward against the fp64 reference."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    monkeypatch.setenv(ff_kernels.TMA_ENV, "1")
+    dtype = torch.bfloat16
+    _check_swiglu(_swiglu_inputs((37, 72), 104, 40, dtype, device), dtype)
+
+
+@pytest.mark.cuda
+def test_feed_forward_tma_autotuned_cuda(tma_only):
+    """A size large enough for the TMA matmul to autotune over every config (each one's tiles
+    set by its pre-hook), forward and backward against the fp64 reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    dtype = torch.bfloat16
+    _check_ff(_ff_inputs((2048, 1024), 4096, 1024, dtype, "cuda"), "gelu", dtype)
