@@ -7,11 +7,12 @@ ends up in the row), or raising :class:`Skip` with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -124,18 +125,29 @@ def check_lk_available(provider: str, device: torch.device) -> None:
         raise Skip(why)
 
 
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    """$name = value for the duration, then its previous value (or none) again."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
 def with_tma(fn: Callable[[], object], kernels, device: torch.device) -> Callable[[], object]:
     """``fn`` run with the opt-in TMA reads of the Triton kernels module ``kernels`` switched on
     ($<kernels.TMA_ENV>=1 around each call); Skip where the device has no TMA."""
-    if not kernels.tma_device(torch.empty(0, device=device)) or device.type != "cuda":
+    if device.type != "cuda" or not kernels.tma_device(torch.empty(0, device=device)):
         raise Skip("TMA needs a Hopper or newer GPU")
 
     def run():
-        os.environ[kernels.TMA_ENV] = "1"
-        try:
+        with env_var(kernels.TMA_ENV, "1"):
             return fn()
-        finally:
-            del os.environ[kernels.TMA_ENV]
     return run
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from llm_kernels.bench import harness
+from llm_kernels.bench.common import env_var
 
 SWEEPS = ("layer_norm_bwd", "decode", "attention_fwd", "attention_bwd", "matmul_tma")
 MAX_WARPS_PER_SM = 64
@@ -152,7 +153,7 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
         for i, launch in enumerate(candidates if gpu else candidates[:1]):
             for reads, switch in (("pointer", "0"), ("tma", "1")):
                 with _patched(attn, "launches", lambda *a, launch=launch, **kw: [launch]), \
-                        _env(attn.TMA_ENV, switch):
+                        env_var(attn.TMA_ENV, switch):
                     try:
                         t = _timed(run, device, timer)
                     except Exception as exc:  # e.g. out of shared memory
@@ -163,20 +164,6 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
     return _table(f"attention forward (B {b}, H {h}, L {l}, D {d}, bf16): each launch setting "
                   "(* = the first, used without autotuning), Q/K/V read by pointer (the "
                   "default) and by TMA", ["causal", "launch", "reads", "ms", "TFLOP/s"], rows)
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """$name = value for the duration."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = saved
 
 
 def matmul_tma(device: torch.device, timer, quick: bool) -> list[str]:
@@ -196,7 +183,7 @@ def matmul_tma(device: torch.device, timer, quick: bool) -> list[str]:
     for mode in (("fwd",) if quick else ("fwd", "fwd+bwd")):
         flops = 4 * n * d * d_ff * (3 if mode == "fwd+bwd" else 1)
         for reads, switch in (("pointer*", "0"), ("tma", "1")):
-            with _env(ff.TMA_ENV, switch):
+            with env_var(ff.TMA_ENV, switch):
                 t = _timed(timed_step(block, inputs, mode), device, timer)
             rows.append([mode, reads, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
     return _table(f"feed-forward (tokens {n}, d {d}, d_ff {d_ff}, bf16, gelu), lk-triton: the "
@@ -219,7 +206,7 @@ def attention_bwd(device: torch.device, timer, quick: bool) -> list[str]:
         def run(causal=causal, out=out, lse=lse):
             return attn.attention_backward(grad, q, k, v, out, lse, None, causal, 0, d ** -0.5)
         for reads, switch in (("pointer*", "0"), ("tma", "1")):
-            with _env(attn.TMA_ENV, switch):
+            with env_var(attn.TMA_ENV, switch):
                 t = _timed(run, device, timer)
             rows.append([str(causal), reads, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
     return _table(f"attention backward (B {b}, H {h}, L {l}, D {d}, bf16), autotuned: Q, K, V, "

@@ -923,3 +923,14 @@ def test_conftest_writes_each_failure_to_the_failure_log(tmp_path):
     assert "AssertionError: arithmetic" in failed[0]["error"]
     finished = [line.split("::")[-1] for line in finished_log.read_text().splitlines()]
     assert finished == ["test_fails", "test_passes", "test_skipped"]
+
+
+def test_env_var_restores_what_was_there(monkeypatch):
+    """bench.common.env_var (the TMA providers' and the sweeps' switch) puts back the previous
+    value, or removes a variable that was not set."""
+    from llm_kernels.bench.common import env_var
+    monkeypatch.setenv("LK_TEST_SWITCH", "user")
+    monkeypatch.delenv("LK_TEST_UNSET", raising=False)
+    with env_var("LK_TEST_SWITCH", "1"), env_var("LK_TEST_UNSET", "1"):
+        assert os.environ["LK_TEST_SWITCH"] == os.environ["LK_TEST_UNSET"] == "1"
+    assert os.environ["LK_TEST_SWITCH"] == "user" and "LK_TEST_UNSET" not in os.environ
