@@ -99,6 +99,15 @@ def dispatch_lines(device: torch.device) -> list[str]:
     return lines
 
 
+def _tma_switches() -> str:
+    """The opt-in TMA reads of the Triton kernels (Hopper and newer), on or off."""
+    from llm_kernels.kernels import attention, feed_forward
+    states = [f"{what} {'on' if os.environ.get(module.TMA_ENV) == '1' else 'off'} "
+              f"(${module.TMA_ENV})"
+              for what, module in (("attention", attention), ("feed-forward", feed_forward))]
+    return "triton TMA reads: " + ", ".join(states)
+
+
 def _info(args) -> int:
     import llm_kernels as lk
     from llm_kernels.backends import default_backend, interpreting
@@ -108,6 +117,7 @@ def _info(args) -> int:
     try:
         import triton
         lines.append(f"triton {triton.__version__}" + (" (interpreter)" if interpreting() else ""))
+        lines.append(_tma_switches())
     except ImportError as exc:
         lines.append(f"triton: not importable ({exc})")
     if torch.cuda.is_available():

@@ -27,6 +27,15 @@ def test_info_lists_backends():
         assert word in proc.stdout
 
 
+def test_info_shows_the_tma_switches():
+    env = dict(os.environ, LLM_KERNELS_ATTENTION_TMA="1")
+    env.pop("LLM_KERNELS_MATMUL_TMA", None)
+    proc = _run("info", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert ("triton TMA reads: attention on ($LLM_KERNELS_ATTENTION_TMA), feed-forward off "
+            "($LLM_KERNELS_MATMUL_TMA)") in proc.stdout
+
+
 def test_verify_torch_and_kernels_pass(tmp_path):
     path = tmp_path / "verify.json"
     env = dict(os.environ)
