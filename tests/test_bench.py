@@ -802,7 +802,8 @@ def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
     assert "tests/test_bad_input.py" in begins["pytest-rest-core"].split()
     assert "--ignore tests/test_bad_input.py" in begins["pytest-rest"]
     for tool in ("memcheck", "racecheck"):
-        assert f"--tool {tool}" in begins[tool] and "-k tiny_shapes or " in begins[tool]
+        assert f"--tool {tool}" in begins[tool]
+        assert "-k test_cuda_attention and (tiny_shapes or " in begins[tool]
         assert steps[tool] == "status=ok"
     for step in ("pytest-rest-core", "pytest-rest", "verify", "sweep"):
         assert steps[step] == "status=ok", step
