@@ -10,9 +10,7 @@
 
 #include <cstdint>
 
-// Declares `name`, the block's dynamic shared memory as an array of `type` (16-byte aligned). A
-// macro: a function returning the pointer changes the code nvcc generates for the kernels.
-#define LK_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#include "cuda_launch.cuh"  // LK_DYNAMIC_SMEM
 
 namespace lk::attn {
 

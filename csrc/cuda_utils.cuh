@@ -33,12 +33,23 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// The VEC elements at p as they are stored (16-bit types: two to a register); p is VEC-aligned.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+// out[k] = float(pack.v[k]) for k < VEC.
+template <typename T, int VEC>
+__device__ __forceinline__ void unpack(const Pack<T, VEC>& pack, float (&out)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out[k] = to_float(pack.v[k]);
+}
+
 // out[k] = float(p[k]) for k < VEC; p is VEC-aligned.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) out[k] = to_float(pack.v[k]);
+  unpack<T, VEC>(load_pack<T, VEC>(p), out);
 }
 
 // p[k] = T(in[k]) for k < VEC; p is VEC-aligned.

@@ -3,9 +3,10 @@
 // Forward: (threads per row) x (rows per block) blocks; each thread keeps up to kCached values
 // of its row in registers (16-byte vector loads when the row allows them) and re-reads only
 // columns past that (C > threads * kCached). Statistics are two-pass in float32.
-// Backward, C <= 512 * kCached (256 * kCached without vector loads): a persistent kernel, one row at a time per block,
-// writes dx and keeps per-column dweight/dbias sums in registers, stored per block to a
-// (blocks, C) float32 workspace; a column kernel then sums the blocks in a fixed order.
+// Backward, C <= 512 * kCached (256 * kCached without vector loads): a persistent kernel, one
+// row at a time per block with the next row's loads in flight, writes dx and keeps per-column
+// dweight/dbias sums in shared memory, stored per block to a (blocks, C) float32 workspace; a
+// column kernel then sums the blocks in a fixed order.
 // Wider rows: a dx kernel plus a column-tiled kernel for the partial sums. No atomics anywhere,
 // so dweight/dbias are bitwise reproducible on a given GPU.
 #include "cuda_utils.cuh"
@@ -204,34 +205,121 @@ __device__ __forceinline__ float2 dx_coefficients(float2 partial, float2* smem, 
   return make_float2(s.x / cols, rms ? 0.0f : s.y / cols);
 }
 
-// Persistent: block b handles rows b, b + gridDim.x, ...; blockDim = (threads, 1) and
-// cols <= blockDim.x * kCached. Writes its dweight/dbias sums to partial_w/b[b * cols + col].
-template <typename T, int VEC>
-__global__ void __launch_bounds__(backward_threads(VEC), 1)
+// grad_y and h of one row as stored, the columns one thread of the fused backward owns: item i
+// is the VEC columns at i * step + first.
+template <typename T, int VEC, int ITEMS>
+struct RowSlice {
+  Pack<T, VEC> dy[ITEMS];
+  Pack<T, VEC> h[ITEMS];
+};
+
+// Loads this thread's slice of `row` (nothing past the last row).
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void load_slice(const BackwardParams<T>& p, int64_t row, int step,
+                                           int first, RowSlice<T, VEC, ITEMS>& s) {
+  if (row >= p.rows) return;
+  const int64_t base = row * p.cols;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int col = i * step + first;
+    if (col < p.cols) {
+      s.dy[i] = load_pack<T, VEC>(p.grad_y + base + col);
+      s.h[i] = load_pack<T, VEC>(p.h + base + col);
+    }
+  }
+}
+
+// grad_y and xhat = (h - mean) * rstd of item i of the slice.
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void slice_item(const RowSlice<T, VEC, ITEMS>& s, int i, float mean,
+                                           float rstd, float (&dy)[VEC], float (&xhat)[VEC]) {
+  unpack<T, VEC>(s.dy[i], dy);
+  unpack<T, VEC>(s.h[i], xhat);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) xhat[k] = (xhat[k] - mean) * rstd;
+}
+
+// sums[k] += a[k] for k < VEC, in shared memory (16-byte accesses when VEC allows).
+template <int VEC>
+__device__ __forceinline__ void add_to_shared(float* sums, const float (&a)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) {
+      float4* at = reinterpret_cast<float4*>(sums + k);
+      float4 v = *at;
+      v.x += a[k];
+      v.y += a[k + 1];
+      v.z += a[k + 2];
+      v.w += a[k + 3];
+      *at = v;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sums[k] += a[k];
+  }
+}
+
+// Dynamic shared memory of the fused backward: the dweight and dbias sums of every column a
+// block of `threads` covers, or none without parameter gradients.
+size_t fused_backward_smem(int threads, bool param_grads) {
+  return param_grads ? 2 * static_cast<size_t>(threads) * kCached * sizeof(float) : 0;
+}
+
+// Blocks of the fused backward an SM is compiled to hold: three of up to 256 threads with
+// 16-bit types (80 registers a thread, no spills on sm_90), else whatever one block allows.
+template <typename T, int MAX_THREADS>
+constexpr int fused_backward_min_blocks() {
+  return sizeof(T) == 2 && MAX_THREADS <= 256 ? 3 : 1;
+}
+
+// Persistent: block b handles rows b, b + gridDim.x, ...; blockDim = (threads <= MAX_THREADS, 1)
+// and cols <= blockDim.x * kCached. A thread holds its columns of grad_y and h as stored (16-bit
+// types two to a register) and loads the next row's before this row's reduction, so each block
+// has two rows in flight. With parameter gradients (partial_w != nullptr) the per-column
+// dweight/dbias sums stay in dynamic shared memory (fused_backward_smem; each thread adds to its
+// own columns only) and go to partial_w/b[b * cols + col] at the end.
+template <typename T, int VEC, int MAX_THREADS>
+__global__ void __launch_bounds__(MAX_THREADS, fused_backward_min_blocks<T, MAX_THREADS>())
     layer_norm_backward_fused_kernel(BackwardParams<T> p, bool rms, float* partial_w,
                                      float* partial_b) {
   constexpr int kItems = kCached / VEC;
   __shared__ float2 smem[32];
+  LK_DYNAMIC_SMEM(float, sums);
   const int cols = p.cols;
   const int step = blockDim.x * VEC;
   const int first = threadIdx.x * VEC;
-  float acc_w[kItems][VEC] = {}, acc_b[kItems][VEC] = {};
+  const bool param_grads = partial_w != nullptr;
+  float* const sum_w = sums;                  // (kItems * step,)
+  float* const sum_b = sums + kItems * step;  // (kItems * step,)
+  if (param_grads) {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * step + first;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        sum_w[col + k] = 0.0f;
+        sum_b[col + k] = 0.0f;
+      }
+    }
+  }
+  RowSlice<T, VEC, kItems> cur, next;
+  load_slice<T, VEC, kItems>(p, blockIdx.x, step, first, cur);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t base = row * cols;
     const float mean = p.mean != nullptr ? p.mean[row] : 0.0f;
     const float rstd = p.rstd[row];
-    float dy[kItems][VEC], xhat[kItems][VEC];
+    load_slice<T, VEC, kItems>(p, row + gridDim.x, step, first, next);
     float2 partial = make_float2(0.0f, 0.0f);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int col = i * step + first;
       if (col < cols) {
-        float g[VEC];
-        load_grad<T, VEC>(p, base, col, mean, rstd, dy[i], xhat[i]);
-        weighted<T, VEC>(p, col, dy[i], g);
+        float dy[VEC], xhat[VEC], g[VEC];
+        slice_item<T, VEC, kItems>(cur, i, mean, rstd, dy, xhat);
+        weighted<T, VEC>(p, col, dy, g);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          partial.x += g[k] * xhat[i][k];
+          partial.x += g[k] * xhat[k];
           partial.y += g[k];
         }
       }
@@ -241,24 +329,28 @@ __global__ void __launch_bounds__(backward_threads(VEC), 1)
     for (int i = 0; i < kItems; ++i) {
       const int col = i * step + first;
       if (col < cols) {
-        store_dx<T, VEC>(p, base, col, dy[i], xhat[i], c.x, c.y, rstd);
+        float dy[VEC], xhat[VEC], dy_xhat[VEC];
+        slice_item<T, VEC, kItems>(cur, i, mean, rstd, dy, xhat);
+        store_dx<T, VEC>(p, base, col, dy, xhat, c.x, c.y, rstd);
+        if (param_grads) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          acc_w[i][k] += dy[i][k] * xhat[i][k];
-          acc_b[i][k] += dy[i][k];
+          for (int k = 0; k < VEC; ++k) dy_xhat[k] = dy[k] * xhat[k];
+          add_to_shared<VEC>(sum_w + col, dy_xhat);
+          add_to_shared<VEC>(sum_b + col, dy);
         }
       }
     }
+    cur = next;
   }
-  if (partial_w == nullptr) return;
+  if (!param_grads) return;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int col = i * step + first;
     if (col < cols) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        partial_w[static_cast<int64_t>(blockIdx.x) * cols + col + k] = acc_w[i][k];
-        partial_b[static_cast<int64_t>(blockIdx.x) * cols + col + k] = acc_b[i][k];
+        partial_w[static_cast<int64_t>(blockIdx.x) * cols + col + k] = sum_w[col + k];
+        partial_b[static_cast<int64_t>(blockIdx.x) * cols + col + k] = sum_b[col + k];
       }
     }
   }
@@ -372,6 +464,8 @@ void launch_forward(const NormForwardArgs& a, cudaStream_t stream) {
                 a.rms);
 }
 
+bool param_grads(const NormBackwardArgs& a) { return a.dweight != nullptr || a.dbias != nullptr; }
+
 // How the backward splits its work; the workspace holds 2 * partials * cols floats.
 struct BackwardPlan {
   bool fused;
@@ -379,14 +473,25 @@ struct BackwardPlan {
   int64_t partials;  // rows of the dweight/dbias workspace: fused blocks or row chunks
 };
 
+// The fused backward compiled for blocks of up to `threads` threads (256 or backward_threads).
+template <typename T, int VEC>
+auto fused_backward_kernel(int threads) {
+  if constexpr (backward_threads(VEC) > 256) {
+    if (threads > 256) return layer_norm_backward_fused_kernel<T, VEC, backward_threads(VEC)>;
+  }
+  return layer_norm_backward_fused_kernel<T, VEC, 256>;
+}
+
 template <typename T, int VEC>
 BackwardPlan backward_plan(const NormBackwardArgs& a) {
   const int64_t capacity = static_cast<int64_t>(backward_threads(VEC)) * kCached;
   if (a.cols <= capacity) {
     const int threads = row_shape(a.cols, VEC, kCached / VEC, backward_threads(VEC), 0).threads;
+    const size_t smem = fused_backward_smem(threads, param_grads(a));
+    const auto kernel = fused_backward_kernel<T, VEC>(threads);
+    allow_dynamic_smem(kernel, smem);
     int per_sm = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, layer_norm_backward_fused_kernel<T, VEC>, threads, 0);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
     const int64_t blocks = static_cast<int64_t>(num_sms()) * (per_sm > 0 ? per_sm : 1);
     return {true, threads, blocks < a.rows ? blocks : a.rows};
   }
@@ -399,16 +504,18 @@ template <typename T, int VEC>
 void launch_backward(const NormBackwardArgs& a, cudaStream_t stream) {
   const BackwardPlan plan = backward_plan<T, VEC>(a);
   const BackwardParams<T> p = backward_params<T>(a);
-  const bool param_grads = a.dweight != nullptr || a.dbias != nullptr;
-  float* partial_w = param_grads ? a.workspace : nullptr;
-  float* partial_b = param_grads ? a.workspace + plan.partials * a.cols : nullptr;
+  const bool grads = param_grads(a);
+  float* partial_w = grads ? a.workspace : nullptr;
+  float* partial_b = grads ? a.workspace + plan.partials * a.cols : nullptr;
   if (plan.fused) {
-    launch_kernel(layer_norm_backward_fused_kernel<T, VEC>, static_cast<unsigned>(plan.partials),
-                  plan.threads, stream, p, a.rms, partial_w, partial_b);
+    launch_kernel_smem(fused_backward_kernel<T, VEC>(plan.threads),
+                       static_cast<unsigned>(plan.partials), plan.threads,
+                       fused_backward_smem(plan.threads, grads), stream, p, a.rms, partial_w,
+                       partial_b);
   } else {
     launch_kernel(layer_norm_backward_dx_kernel<T, VEC>, static_cast<unsigned>(a.rows),
                   kWideThreads, stream, p, a.rms);
-    if (param_grads) {
+    if (grads) {
       const dim3 grid(static_cast<unsigned>(ceil_div(a.cols, kColTile)),
                       static_cast<unsigned>(plan.partials));
       launch_kernel(layer_norm_param_partial_kernel<T>, grid, dim3(kColTile, kColLanes), stream,

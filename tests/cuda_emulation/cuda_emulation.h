@@ -10,8 +10,9 @@
 //   threads. Blocks of up to 3 dims with x-major thread ids; a warp is 32 consecutive thread
 //   ids; collectives need all 32 lanes (full masks). Static __shared__ variables are thread_local
 //   (one per OS thread, shared by the fibers of its block).
-// - Runtime calls of the row kernels: launch_kernel, a device of sm_count() SMs (settable) whose
-//   occupancy is 2048 threads or 32 blocks per SM, cudaGetLastError (always success).
+// - Runtime calls of the row kernels: launch_kernel(_smem), a device of sm_count() SMs (settable)
+//   whose occupancy is 2048 threads, 32 blocks or 164 KB of shared memory per SM (registers not
+//   modelled), allow_dynamic_smem (up to the launch limit), cudaGetLastError (always success).
 // - __shfl_xor_sync (float); ldmatrix.x4 (.trans) and mma.sync.m16n8k16 (fp16/bf16 inputs, fp32
 //   accumulators) with the fragment layouts of the PTX ISA; cp.async.cg 16 bytes (zero fill when
 //   !valid) in commit groups, landing at cp.async.wait_group 0 (the latest legal time) and reading
@@ -76,6 +77,10 @@ struct alignas(16) uint4 {
 
 struct alignas(8) float2 {
   float x, y;
+};
+
+struct alignas(16) float4 {
+  float x, y, z, w;
 };
 
 inline float2 make_float2(float x, float y) { return {x, y}; }
@@ -160,6 +165,8 @@ constexpr unsigned kMaxBlockZ = 64, kMaxGridX = 2147483647u, kMaxGridY = 65535;
 constexpr int kMaxThreadsPerSm = 2048, kMaxBlocksPerSm = 32;
 // sharedMemPerBlockOptin of sm_80, the smaller of the built archs (8.0, 9.0).
 constexpr size_t kMaxSmem = 166912;
+// Shared memory per SM (sm_80's 164 KB, the smaller of the built archs) and reserved per block.
+constexpr size_t kSmemPerSm = 167936, kSmemReservedPerBlock = 1024;
 constexpr size_t kStackBytes = 128 * 1024;
 constexpr int kKeptMessages = 20;
 
@@ -754,9 +761,12 @@ struct Launch {
   }
 };
 
-// The number of blocks of `threads` threads an SM of the emulated device runs at once.
-inline int blocks_per_sm(int threads) {
-  return threads <= 0 ? 0 : std::min(kMaxBlocksPerSm, kMaxThreadsPerSm / threads);
+// The number of blocks of `threads` threads and `smem` bytes of dynamic shared memory an SM of
+// the emulated device runs at once (registers are not modelled).
+inline int blocks_per_sm(int threads, size_t smem) {
+  if (threads <= 0) return 0;
+  const int by_smem = static_cast<int>(kSmemPerSm / (smem + kSmemReservedPerBlock));
+  return std::min({kMaxBlocksPerSm, kMaxThreadsPerSm / threads, by_smem});
 }
 
 }  // namespace cuda_emu
@@ -786,8 +796,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
 template <typename Kernel>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int threads,
                                                           size_t smem) {
-  if (smem != 0) cuda_emu::fatal("cudaOccupancyMaxActiveBlocksPerMultiprocessor: smem != 0");
-  *blocks = cuda_emu::blocks_per_sm(threads);
+  *blocks = cuda_emu::blocks_per_sm(threads, smem);
   return cudaSuccess;
 }
 
@@ -856,6 +865,19 @@ void launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, cudaStr
   const std::string name = cuda_emu::function_name(reinterpret_cast<const void*>(kernel));
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) cuda_emu::fatal(name + ": empty grid");
   cuda_emu::run_grid(name, grid, block, 0, [&] { kernel(args...); });
+}
+
+// Any amount up to the launch limit (kMaxSmem, checked at the launch) may be allowed.
+template <typename... KernelArgs>
+void allow_dynamic_smem(void (*)(KernelArgs...), size_t) {}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as launch_kernel.
+template <typename... KernelArgs, typename... Args>
+void launch_kernel_smem(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                        cudaStream_t, Args... args) {
+  const std::string name = cuda_emu::function_name(reinterpret_cast<const void*>(kernel));
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) cuda_emu::fatal(name + ": empty grid");
+  cuda_emu::run_grid(name, grid, block, smem, [&] { kernel(args...); });
 }
 
 }  // namespace lk
