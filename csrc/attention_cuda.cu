@@ -14,6 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "attention_checks.h"
 #include "attention_launch.cuh"
 #include "check.h"
@@ -55,6 +58,17 @@ Params make_params(const Sizes& s, const at::Tensor& q, const at::Tensor& k, con
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   return p;
+}
+
+// Query rows per warp of the tensor-core forward: $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS, 16
+// (the default) or 32, read at each call.
+int forward_warp_rows() {
+  const char* value = std::getenv("LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS");
+  if (value == nullptr || *value == '\0') return 16;
+  const std::string rows(value);
+  LK_CHECK(rows == "16" || rows == "32",
+           "LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS must be 16 or 32, got '", rows, "'");
+  return std::stoi(rows);
 }
 
 void check_grid(const char* op, const Sizes& s) {
@@ -134,6 +148,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     Params p = make_params(s, qa, ka, va, mask, causal, causal_offset, scale);
     p.out = out.data_ptr();
     p.lse = lse.data_ptr<float>();
+    p.warp_rows = forward_warp_rows();
     if (q.scalar_type() == at::kHalf) {
       launch_forward<__half>(p, CudaLaunch{});
     } else {

@@ -4,7 +4,8 @@
 //
 // Tensor-core path (fp16/bf16, sm_80+): FlashAttention-2 with mma.sync.m16n8k16 (fp32
 // accumulation), ldmatrix from padded shared memory tiles filled by cp.async. Each warp owns 16
-// rows of its block's tile; a row's softmax statistics live in the 4 lanes of a quad.
+// rows of its block's tile (the forward optionally 32: two m-tiles that share each K/V fragment);
+// a row's softmax statistics live in the 4 lanes of a quad.
 // SIMT path (float32, and the fallback of everything else): 4 threads per row, 32 rows per
 // block, tiles of 32 keys in shared memory.
 //
@@ -46,6 +47,7 @@ struct Params {
   bool causal;
   int64_t causal_offset;
   float scale, scale_log2;
+  int warp_rows;  // host only: query rows per warp of the tensor-core forward (16 or 32)
 };
 
 // Row i of query head h of batch b (likewise keys/values of kv head hk): strided tensors.
@@ -171,58 +173,89 @@ __device__ __forceinline__ void stage_fragment(T* tile, const float (&acc)[HD / 
   }
 }
 
-// The A fragments (16 x 16*KSTEPS as KSTEPS k-steps of 16) of 16 rows `a` of a shared tile.
-template <int KSTEPS, int HD, typename T>
-__device__ __forceinline__ void load_a_fragments(uint32_t (&af)[KSTEPS][4], const T* a) {
+// A warp's rows in MT m-tiles of 16: an mma operand or accumulator of m-tile mt is [mt]. The
+// *_mt helpers load each B fragment once for all MT m-tiles (MT = 2 halves the shared memory
+// read per mma); the others are their MT = 1 forms.
+template <int MT, int N>
+using Acc = float[MT][N][4];
+template <int MT>
+using AFrag = uint32_t[MT][4];
+
+template <int N>
+__device__ __forceinline__ Acc<1, N>& one_tile(float (&acc)[N][4]) {
+  return reinterpret_cast<Acc<1, N>&>(acc);
+}
+// The A fragments (KSTEPS k-steps of 16 columns) of the MT m-tiles of 16 rows from `a`, a
+// warp's rows of a shared tile: af[ks][mt].
+template <int MT, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void load_a_fragments_mt(uint32_t (&af)[KSTEPS][MT][4], const T* a) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int ks = 0; ks < KSTEPS; ++ks) {
-    ldmatrix_x4(af[ks], a + (lane % 16) * Tile<HD>::kLd + ks * 16 + (lane / 16) * 8);
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      ldmatrix_x4(af[ks][mt],
+                  a + (mt * 16 + lane % 16) * Tile<HD>::kLd + ks * 16 + (lane / 16) * 8);
+    }
   }
 }
 
-// acc (16 x 8*N) += A (16 x 16, k-step ks) times B^T over columns [16*ks, 16*ks + 16), where B
-// is N*8 rows of a shared tile `b` (row = output column).
-template <int N, int HD, typename T>
-__device__ __forceinline__ void mma_step_x_rows(float (&acc)[N][4], const uint32_t (&af)[4],
-                                                const T* b, int ks) {
+// The A fragments (16 x 16*KSTEPS as KSTEPS k-steps of 16) of 16 rows `a` of a shared tile.
+template <int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&af)[KSTEPS][4], const T* a) {
+  load_a_fragments_mt<1, KSTEPS, HD>(reinterpret_cast<uint32_t(&)[KSTEPS][1][4]>(af), a);
+}
+
+// acc[mt] (16 x 8*N) += A[mt] (16 x 16, k-step ks) times B^T over columns [16*ks, 16*ks + 16),
+// where B is N*8 rows of a shared tile `b` (row = output column).
+template <int MT, int N, int HD, typename T>
+__device__ __forceinline__ void mma_step_x_rows_mt(Acc<MT, N>& acc, const AFrag<MT>& af,
+                                                   const T* b, int ks) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int np = 0; np < N / 2; ++np) {
     uint32_t bf[4];
     ldmatrix_x4(bf, b + (np * 16 + lane % 8 + (lane / 16) * 8) * Tile<HD>::kLd + ks * 16 +
                         ((lane / 8) % 2) * 8);
-    Mma<T>::run(acc[2 * np], af, bf[0], bf[1]);
-    Mma<T>::run(acc[2 * np + 1], af, bf[2], bf[3]);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      Mma<T>::run(acc[mt][2 * np], af[mt], bf[0], bf[1]);
+      Mma<T>::run(acc[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+    }
   }
 }
 
-// acc (16 x 8*N) += A (16 x 16*KSTEPS, the warp's rows `a` of a shared tile) times B^T where B
-// is N*8 rows of a shared tile `b` (row = output column), over columns [0, 16*KSTEPS).
-template <int N, int KSTEPS, int HD, typename T>
-__device__ __forceinline__ void mma_rows_x_rows(float (&acc)[N][4], const T* a, const T* b) {
+// acc[mt] (16 x 8*N) += A[mt] (16 x 16*KSTEPS: m-tile mt of the warp's rows `a` of a shared
+// tile) times B^T, B as in mma_step_x_rows_mt, over columns [0, 16*KSTEPS).
+template <int MT, int N, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_rows_x_rows_mt(Acc<MT, N>& acc, const T* a, const T* b) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int ks = 0; ks < KSTEPS; ++ks) {
-    uint32_t af[4];
-    ldmatrix_x4(af, a + (lane % 16) * Tile<HD>::kLd + ks * 16 + (lane / 16) * 8);
-    mma_step_x_rows<N, HD>(acc, af, b, ks);
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      ldmatrix_x4(af[mt], a + (mt * 16 + lane % 16) * Tile<HD>::kLd + ks * 16 + (lane / 16) * 8);
+    }
+    mma_step_x_rows_mt<MT, N, HD>(acc, af, b, ks);
   }
 }
 
-// As mma_rows_x_rows with A held in registers (load_a_fragments).
-template <int N, int KSTEPS, int HD, typename T>
-__device__ __forceinline__ void mma_frags_x_rows(float (&acc)[N][4],
-                                                 const uint32_t (&af)[KSTEPS][4], const T* b) {
+// As mma_rows_x_rows_mt with A held in registers (load_a_fragments_mt).
+template <int MT, int N, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_frags_x_rows_mt(Acc<MT, N>& acc,
+                                                    const uint32_t (&af)[KSTEPS][MT][4],
+                                                    const T* b) {
 #pragma unroll
-  for (int ks = 0; ks < KSTEPS; ++ks) mma_step_x_rows<N, HD>(acc, af[ks], b, ks);
+  for (int ks = 0; ks < KSTEPS; ++ks) mma_step_x_rows_mt<MT, N, HD>(acc, af[ks], b, ks);
 }
 
-// acc (16 x HD) += A (16 x 16*KSTEPS, register fragments) times B (16*KSTEPS rows x HD of a
-// shared tile `b`, row-major).
-template <int KSTEPS, int HD, typename T>
-__device__ __forceinline__ void mma_regs_x_tile(float (&acc)[HD / 8][4],
-                                                const uint32_t (&a)[KSTEPS][4], const T* b) {
+// acc[mt] (16 x HD) += A[mt] (16 x 16*KSTEPS, register fragments a[mt][ks]) times B (16*KSTEPS
+// rows x HD of a shared tile `b`, row-major).
+template <int MT, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_regs_x_tile_mt(Acc<MT, HD / 8>& acc,
+                                                   const uint32_t (&a)[MT][KSTEPS][4],
+                                                   const T* b) {
   constexpr int kLd = Tile<HD>::kLd;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -232,10 +265,37 @@ __device__ __forceinline__ void mma_regs_x_tile(float (&acc)[HD / 8][4],
       uint32_t bf[4];
       ldmatrix_x4_trans(bf, b + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + dp * 16 +
                                 (lane / 16) * 8);
-      Mma<T>::run(acc[2 * dp], a[ks], bf[0], bf[1]);
-      Mma<T>::run(acc[2 * dp + 1], a[ks], bf[2], bf[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        Mma<T>::run(acc[mt][2 * dp], a[mt][ks], bf[0], bf[1]);
+        Mma<T>::run(acc[mt][2 * dp + 1], a[mt][ks], bf[2], bf[3]);
+      }
     }
   }
+}
+
+// acc (16 x 8*N) += A (16 x 16*KSTEPS, the warp's rows `a` of a shared tile) times B^T where B
+// is N*8 rows of a shared tile `b` (row = output column), over columns [0, 16*KSTEPS).
+template <int N, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_rows_x_rows(float (&acc)[N][4], const T* a, const T* b) {
+  mma_rows_x_rows_mt<1, N, KSTEPS, HD>(one_tile(acc), a, b);
+}
+
+// As mma_rows_x_rows with A held in registers (load_a_fragments).
+template <int N, int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_frags_x_rows(float (&acc)[N][4],
+                                                 const uint32_t (&af)[KSTEPS][4], const T* b) {
+  mma_frags_x_rows_mt<1, N, KSTEPS, HD>(
+      one_tile(acc), reinterpret_cast<const uint32_t(&)[KSTEPS][1][4]>(af), b);
+}
+
+// acc (16 x HD) += A (16 x 16*KSTEPS, register fragments) times B (16*KSTEPS rows x HD of a
+// shared tile `b`, row-major).
+template <int KSTEPS, int HD, typename T>
+__device__ __forceinline__ void mma_regs_x_tile(float (&acc)[HD / 8][4],
+                                                const uint32_t (&a)[KSTEPS][4], const T* b) {
+  mma_regs_x_tile_mt<1, KSTEPS, HD>(one_tile(acc),
+                                    reinterpret_cast<const uint32_t(&)[1][KSTEPS][4]>(a), b);
 }
 
 // The A fragments (16 x 8N as N/2 k-steps of 16) of a 16 x 8N fp32 accumulator.
@@ -315,16 +375,18 @@ __device__ __forceinline__ void load_kv_stage(T* s_k, T* s_v, const QueryTile<T>
                                    p.head_dim);
 }
 
-// Grid (B * H, query tiles), remapped below; NW warps, BM = 16 * NW query rows x BN keys per
-// step. K and V are double-buffered (stage t % 2 holds key tile t): tile t + 1 loads while tile
-// t is computed, one __syncthreads per tile. Up to HD = 128 a warp keeps its Q rows as mma A
-// fragments in registers for the whole key loop (HD / 4 registers); at HD = 256 they would not
-// fit beside the 16 x 256 fp32 O fragment (128 registers), so that path re-reads them from
-// shared memory per key tile.
-template <typename T, int HD, int BN, int NW>
+// Grid (B * H, query tiles), remapped below; NW warps of 16 * MT query rows each, BM = 16 * MT *
+// NW rows x BN keys per step (MT = 2: each K, V fragment read from shared memory feeds two
+// m-tiles). K and V are double-buffered (stage t % 2 holds key tile t): tile t + 1 loads while
+// tile t is computed, one __syncthreads per tile. When MT * HD <= 128 a warp keeps its Q rows as
+// mma A fragments in registers for the whole key loop (MT * HD / 4 registers); beyond that they
+// would not fit beside the fp32 O fragments (MT * HD / 2 registers), so those paths re-read them
+// from shared memory per key tile.
+template <typename T, int HD, int BN, int NW, int MT>
 __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) {
-  constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
-  constexpr bool kQInRegs = HD <= 128;
+  constexpr int kWarpRows = 16 * MT, BM = kWarpRows * NW, kThreads = NW * 32;
+  constexpr int kLd = Tile<HD>::kLd, NT = BN / 8;
+  constexpr bool kQInRegs = MT * HD <= 128;
   LK_DYNAMIC_SMEM(unsigned char, smem);
   T* s_q = reinterpret_cast<T*>(smem);  // BM x HD
   T* s_k = s_q + BM * kLd;              // 2 stages x BN x HD
@@ -341,13 +403,18 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
   cp_async_wait_all();
   __syncthreads();  // Q and key tile 0 are in
 
-  const T* q_warp = s_q + warp * 16 * kLd;
-  uint32_t qf[kQInRegs ? HD / 16 : 1][4];
-  if constexpr (kQInRegs) load_a_fragments<HD / 16, HD>(qf, q_warp);
-  float o[HD / 8][4];
-  zero(o);
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  const int row_base = m0 + warp * 16;
+  const T* q_warp = s_q + warp * kWarpRows * kLd;
+  uint32_t qf[kQInRegs ? HD / 16 : 1][MT][4];
+  if constexpr (kQInRegs) load_a_fragments_mt<MT, HD / 16, HD>(qf, q_warp);
+  float o[MT][HD / 8][4];
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    zero(o[mt]);
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+  }
+  const int row_base = m0 + warp * kWarpRows;
 
   for (int t = 0; t < n_tiles; ++t) {
     const int n0 = t * BN;
@@ -356,83 +423,99 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
     if (t + 1 < n_tiles) load_kv(t + 1);  // into the stage every warp finished at tile t - 1
     cp_async_commit();
 
-    float s[NT][4];
-    zero(s);
+    float s[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
     if constexpr (kQInRegs) {
-      mma_frags_x_rows<NT, HD / 16, HD>(s, qf, k_tile);
+      mma_frags_x_rows_mt<MT, NT, HD / 16, HD>(s, qf, k_tile);
     } else {
-      mma_rows_x_rows<NT, HD / 16, HD>(s, q_warp, k_tile);
+      mma_rows_x_rows_mt<MT, NT, HD / 16, HD>(s, q_warp, k_tile);
     }
 
     const bool need_mask = p.mask != nullptr || n0 + BN > p.k_len ||
                            (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
-    if (need_mask) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
+      if (need_mask) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[nt][e] = masked_score(p, s[nt][e], b, h, row_base + frag_row(e), n0 + frag_col(nt, e));
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[mt][nt][e] = masked_score(p, s[mt][nt][e], b, h, row_base + mt * 16 + frag_row(e),
+                                        n0 + frag_col(nt, e));
+          }
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] *= p.scale_log2;
         }
       }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= p.scale_log2;
-      }
-    }
 
-    // Online softmax: rescale the running sums and O by 2^(old max - new max).
+      // Online softmax: rescale the running sums and O by 2^(old max - new max).
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float m = row_max[half];
+      for (int half = 0; half < 2; ++half) {
+        float m = row_max[mt][half];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
-      m = quad_max(m);
-      const float shift = m == -INFINITY ? 0.0f : m;
-      const float alpha = exp2f(row_max[half] - shift);
-      row_max[half] = m;
-      float sum = 0.0f;
+        for (int nt = 0; nt < NT; ++nt) {
+          m = fmaxf(m, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+        }
+        m = quad_max(m);
+        const float shift = m == -INFINITY ? 0.0f : m;
+        const float alpha = exp2f(row_max[mt][half] - shift);
+        row_max[mt][half] = m;
+        float sum = 0.0f;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - shift);
-          sum += s[nt][e];
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            s[mt][nt][e] = exp2f(s[mt][nt][e] - shift);
+            sum += s[mt][nt][e];
+          }
+        }
+        // This lane's share; summed over the quad at the end.
+        row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; ++dt) {
+          o[mt][dt][2 * half] *= alpha;
+          o[mt][dt][2 * half + 1] *= alpha;
         }
       }
-      row_sum[half] = row_sum[half] * alpha + sum;  // this lane's share; summed over the quad
-#pragma unroll
-      for (int dt = 0; dt < HD / 8; ++dt) {
-        o[dt][2 * half] *= alpha;
-        o[dt][2 * half + 1] *= alpha;
-      }
     }
-    uint32_t pa[NT / 2][4];
-    to_a_fragments<NT, T>(pa, s);
-    mma_regs_x_tile<NT / 2, HD>(o, pa, v_tile);
+    uint32_t pa[MT][NT / 2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) to_a_fragments<NT, T>(pa[mt], s[mt]);
+    mma_regs_x_tile_mt<MT, NT / 2, HD>(o, pa, v_tile);
 
     cp_async_wait_all();
     __syncthreads();  // key tile t + 1 is in; every warp is done with stage t % 2
   }
 
-  float inv[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float sum = quad_sum(row_sum[half]);
-    inv[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
-    const int i = row_base + frag_row(2 * half);
-    if (threadIdx.x % 4 == 0 && i < p.q_len) {
-      p.lse[static_cast<int64_t>(bh) * p.q_len + i] = lse_of(row_max[half], sum);
-    }
-  }
   // Every cp.async has landed (waited before the last __syncthreads); the warp's Q rows are read
-  // by it alone.
-  T* stage = s_q + warp * 16 * kLd;
-  stage_fragment<HD>(stage, o, inv);
-  __syncwarp();
+  // by it alone: it stages its O rows there.
+  T* stage = s_q + warp * kWarpRows * kLd;
   T* out = head_row(static_cast<T*>(p.out), bh, p.q_len, row_base, d);
-  store_warp_rows<HD>(stage, out, min(16, p.q_len - row_base), d);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float sum = quad_sum(row_sum[mt][half]);
+      inv[half] = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const int i = row_base + mt * 16 + frag_row(2 * half);
+      if (threadIdx.x % 4 == 0 && i < p.q_len) {
+        p.lse[static_cast<int64_t>(bh) * p.q_len + i] = lse_of(row_max[mt][half], sum);
+      }
+    }
+    stage_fragment<HD>(stage + mt * 16 * kLd, o[mt], inv);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    store_warp_rows<HD>(stage + mt * 16 * kLd, out + mt * 16 * d,
+                        min(16, p.q_len - row_base - mt * 16), d);
+  }
 }
 
 // ================================ tensor-core backward =======================================

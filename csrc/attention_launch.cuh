@@ -28,25 +28,28 @@ inline int tiles(int length, int block) { return (length + block - 1) / block; }
 
 // ---- tensor cores (T = __half or __nv_bfloat16) ----
 
-template <typename T, int HD, int BN, int NW, typename Launch>
+template <typename T, int HD, int BN, int NW, int MT, typename Launch>
 void forward_tc(const Params& p, const Launch& launch) {
-  constexpr int BM = 16 * NW;
+  constexpr int BM = 16 * MT * NW;
   // The Q tile, then two stages of K and V tiles.
   const size_t smem = static_cast<size_t>(BM + 4 * BN) * Tile<HD>::kLd * sizeof(T);
-  launch(attention_forward_tc<T, HD, BN, NW>, dim3(p.batch * p.heads, tiles(p.q_len, BM)),
+  launch(attention_forward_tc<T, HD, BN, NW, MT>, dim3(p.batch * p.heads, tiles(p.q_len, BM)),
          NW * 32, smem, p);
 }
 
-// sm_90 registers / shared memory per block (occupancy): HD 64: 148 / 45 KB (3 blocks of 4 warps
-// per SM); HD 128: 213 / 102 KB (1 block of 8 warps); HD 256: 244 / 99 KB (2 blocks of 4 warps).
+// sm_90 registers / shared memory per block (occupancy). p.warp_rows 16: HD 64: 148 / 45 KB
+// (3 blocks of 4 warps per SM); HD 128: 213 / 102 KB (1 block of 8 warps). p.warp_rows 32 (two
+// m-tiles per warp, half the K/V shared memory reads per mma): HD 64: 209 / 37 KB; HD 128:
+// 249 / 70 KB (2 blocks of 4 warps each; BN 64 would spill). HD 256: 242 / 99 KB (2 blocks).
 template <typename T, typename Launch>
 void forward_tc_dispatch(const Params& p, const Launch& launch) {
+  const bool two_tiles = p.warp_rows == 32;
   if (p.head_dim <= 64) {
-    forward_tc<T, 64, 64, 4>(p, launch);
+    two_tiles ? forward_tc<T, 64, 32, 4, 2>(p, launch) : forward_tc<T, 64, 64, 4, 1>(p, launch);
   } else if (p.head_dim <= 128) {
-    forward_tc<T, 128, 64, 8>(p, launch);
+    two_tiles ? forward_tc<T, 128, 32, 4, 2>(p, launch) : forward_tc<T, 128, 64, 8, 1>(p, launch);
   } else {
-    forward_tc<T, 256, 32, 4>(p, launch);
+    forward_tc<T, 256, 32, 4, 1>(p, launch);
   }
 }
 

@@ -108,6 +108,15 @@ def _tma_switches() -> str:
     return "triton TMA reads: " + ", ".join(states)
 
 
+def _cuda_attention_switch() -> str:
+    """The CUDA attention forward's query rows per warp (16 unless set)."""
+    from llm_kernels._ops import CUDA_ATTENTION_WARP_ROWS_ENV
+    rows = os.environ.get(CUDA_ATTENTION_WARP_ROWS_ENV) or "16"
+    what = f"{rows} query rows per warp" if rows in ("16", "32") else \
+        f"{rows!r} query rows per warp is invalid (16 or 32)"
+    return f"cuda attention forward: {what} (${CUDA_ATTENTION_WARP_ROWS_ENV})"
+
+
 def _info(args) -> int:
     import llm_kernels as lk
     from llm_kernels.backends import default_backend, interpreting
@@ -131,6 +140,8 @@ def _info(args) -> int:
         lines.append(f"extension llm_kernels._C: {built}"
                      + (f", CUDA kernels for {info.get('cuda_archs')}" if info.get("cuda") else "")
                      + (f" ({info['reason']})" if info.get("reason") else ""))
+        if info.get("cuda"):
+            lines.append(_cuda_attention_switch())
     lines.append(f"default backend: {default_backend()}")
     lines.append("backends:")
     for name, (ok, why) in lk.available_backends().items():

@@ -36,6 +36,17 @@ def test_info_shows_the_tma_switches():
             "($LLM_KERNELS_MATMUL_TMA)") in proc.stdout
 
 
+@pytest.mark.parametrize("value,shown", [("32", "32 query rows per warp"),
+                                          ("24", "'24' query rows per warp is invalid (16 or 32)")])
+def test_info_shows_the_cuda_attention_warp_rows(value, shown):
+    if not cli.build_info().get("cuda"):
+        pytest.skip("the extension was built without its CUDA kernels")
+    proc = _run("info", env=dict(os.environ, LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS=value))
+    assert proc.returncode == 0, proc.stderr
+    assert (f"cuda attention forward: {shown} ($LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS)"
+            in proc.stdout)
+
+
 def test_verify_torch_and_kernels_pass(tmp_path):
     path = tmp_path / "verify.json"
     env = dict(os.environ)

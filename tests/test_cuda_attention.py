@@ -14,6 +14,7 @@ import torch
 import attention_check
 import llm_kernels as lk
 from attention_check import make_qkv
+from llm_kernels._ops import CUDA_ATTENTION_WARP_ROWS_ENV
 from llm_kernels.backends import extension_status
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -213,6 +214,31 @@ def test_cuda_tensor_cores(b, h, hkv, lq, lk_, d, causal, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b,h,hkv,lq,lk_,d,causal", [
+    (2, 8, 8, 1024, 1024, 64, False),
+    (1, 4, 2, 4096, 4096, 128, True),
+    (2, 4, 4, 3001, 1999, 128, True),
+    (2, 4, 2, 777, 1031, 96, False),
+    (3, 4, 2, 1, 4097, 64, True),
+])
+def test_cuda_two_m_tiles_per_warp(monkeypatch, b, h, hkv, lq, lk_, d, causal, dtype):
+    """The tensor-core forward with 32 query rows per warp (opt-in)."""
+    monkeypatch.setenv(CUDA_ATTENTION_WARP_ROWS_ENV, "32")
+    q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, GPU)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.cuda
+def test_cuda_warp_rows_switch_is_checked(monkeypatch):
+    monkeypatch.setenv(CUDA_ATTENTION_WARP_ROWS_ENV, "24")
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, GPU)
+    with pytest.raises(RuntimeError, match="LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS must be 16 or "
+                                           "32, got '24'"):
+        lk.attention(q, k, v, backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("d", [40, 96, 160, 256])
 def test_cuda_padded_head_dims(d, dtype):
     """D padded to 64/128/256 in shared memory (the backward at D > 128 runs the SIMT path)."""
@@ -232,6 +258,18 @@ def test_cuda_float32(d, causal):
 def test_cuda_tiny_shapes(dtype):
     """Single rows and tails of every tile size, with GQA and causal."""
     for lq, lk_, d in ((1, 1, 64), (17, 17, 128), (97, 33, 40), (128, 129, 64)):
+        q, k, v = make_qkv(2, 4, 2, lq, lk_, d, dtype, GPU)
+        check_attention(q, k, v, causal=True)
+        check_attention(q, k, v, causal=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_tiny_shapes_two_m_tiles(monkeypatch, dtype):
+    """test_cuda_tiny_shapes with 32 query rows per warp in the tensor-core forward (small
+    enough for compute-sanitizer)."""
+    monkeypatch.setenv(CUDA_ATTENTION_WARP_ROWS_ENV, "32")
+    for lq, lk_, d in ((1, 1, 64), (17, 17, 128), (97, 33, 40), (130, 129, 64)):
         q, k, v = make_qkv(2, 4, 2, lq, lk_, d, dtype, GPU)
         check_attention(q, k, v, causal=True)
         check_attention(q, k, v, causal=False)

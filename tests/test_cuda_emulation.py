@@ -88,10 +88,12 @@ class Case:
     causal: bool = False
     seq_major: bool = False  # q, k, v: (B, L, H, D) tensors transposed to (B, H, L, D)
     mask: str = "none"  # "float": (B, 1, Lq, Lk) in q's dtype; "bool": (B, H, Lq, Lk)
+    warp_rows: int = 16  # query rows per warp of the tensor-core forward (16 or 32)
 
     def __str__(self):
         flags = [f for f, on in (("causal", self.causal), ("seq_major", self.seq_major),
-                                 (f"{self.mask}_mask", self.mask != "none")) if on]
+                                 (f"{self.mask}_mask", self.mask != "none"),
+                                 (f"rows{self.warp_rows}", self.warp_rows != 16)) if on]
         return "-".join([NAMES[self.dtype], f"B{self.b}H{self.h}Hkv{self.hkv}",
                          f"Lq{self.lq}Lk{self.lk}D{self.d}", *flags])
 
@@ -121,6 +123,10 @@ SHAPES = [  # (b, h, hkv, lq, lk, d, options)
 ]
 CASES = [Case(dtype, *shape, **options) for *shape, options in SHAPES for dtype in DTYPES]
 CASES += [Case(F16, 1, 2, 2, 19, 29, 20, causal=True)]  # D % 8 != 0: the 16-bit SIMT fallback
+# The tensor-core forward with two m-tiles per warp ($LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS=32):
+# query tiles of 128 rows, key tiles of 32, at every head dim it serves (D <= 128).
+CASES += [Case(dtype, *shape, **options, warp_rows=32) for *shape, options in SHAPES
+          for dtype in (F16, BF16) if shape[5] <= 128]
 
 
 def make_mask(case: Case, gen: torch.Generator):
@@ -172,7 +178,7 @@ def test_emulated_cuda_attention(driver, tmp_path, seed, case):
     grad_out = torch.randn(q.shape, generator=gen).to(case.dtype)
     grad_out[blind] = 0  # torch averages V in the -1e9 rows: leave them out of dk, dv
     got, faults = emulate(driver, tmp_path, q, k, v, attn_mask, grad_out, causal=case.causal,
-                          scale=scale)
+                          scale=scale, warp_rows=case.warp_rows)
     assert not faults, "the emulator reports:\n" + "\n".join(faults)
 
     kwargs = dict(causal=case.causal, scale=scale, attn_mask=attn_mask)

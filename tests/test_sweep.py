@@ -19,8 +19,13 @@ def test_every_sweep_prints_its_table():
     out = _run("--quick")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     titles = [line for line in out.stdout.splitlines() if line.startswith("== ")]
-    assert [t.split()[1] for t in titles] == ["layer_norm", "decode", "attention", "attention",
-                                              "feed-forward"]
+    assert [t.split()[1] for t in titles] == ["layer_norm", "CUDA", "decode", "attention",
+                                              "attention", "feed-forward"]
+    cuda_rows = out.stdout.split("== CUDA attention forward")[1].splitlines()[2:6]
+    assert [row.split()[:3] for row in cuda_rows] == [["128", "False", "16*"],
+                                                      ["128", "False", "32"],
+                                                      ["128", "True", "16*"],
+                                                      ["128", "True", "32"]]
     bwd_rows = out.stdout.split("== attention backward")[1].splitlines()[2:4]
     assert [row.split()[:2] for row in bwd_rows] == [["False", "pointer*"], ["False", "tma"]]
     tma_rows = out.stdout.split("== feed-forward")[1].splitlines()[2:]

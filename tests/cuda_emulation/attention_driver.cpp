@@ -8,7 +8,8 @@
 // kv_heads, q_len, k_len, head_dim, causal (0/1), causal_offset, scale, q_stride / k_stride /
 // v_stride (batch, head, row; in elements, the row stride of D being 1), mask_dtype (none, f32,
 // f16, bf16), mask_stride (4 values), and optionally skip_syncthreads N (fault injection: every
-// thread skips its N-th __syncthreads) and backward 0 (forward only).
+// thread skips its N-th __syncthreads), backward 0 (forward only) and warp_rows 16 / 32 (query
+// rows per warp of the tensor-core forward, $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS).
 // Inputs, raw: q.bin, k.bin, v.bin, mask.bin (each from its first element to its last at the
 // given strides), dout.bin ((B, H, Lq, D) contiguous).
 // Outputs, raw: out.bin, dq.bin ((B, H, Lq, D)), dk.bin, dv.bin ((B, Hkv, Lk, D)) in the dtype,
@@ -39,6 +40,7 @@ struct Case {
   double scale = 0.0;
   int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {}, mask_stride[4] = {};
   int skip_syncthreads = 0;
+  int warp_rows = 16;
 };
 
 using cuda_emu_driver::fail;
@@ -49,7 +51,8 @@ Case read_case(const std::string& path) {
   Case c;
   const std::map<std::string, int*> ints = {
       {"batch", &c.batch}, {"heads", &c.heads}, {"kv_heads", &c.kv_heads}, {"q_len", &c.q_len},
-      {"k_len", &c.k_len}, {"head_dim", &c.head_dim}, {"skip_syncthreads", &c.skip_syncthreads}};
+      {"k_len", &c.k_len}, {"head_dim", &c.head_dim}, {"skip_syncthreads", &c.skip_syncthreads},
+      {"warp_rows", &c.warp_rows}};
   const std::map<std::string, std::pair<int64_t*, int>> strides = {
       {"q_stride", {c.q_stride, 3}}, {"k_stride", {c.k_stride, 3}},
       {"v_stride", {c.v_stride, 3}}, {"mask_stride", {c.mask_stride, 4}}};
@@ -81,6 +84,7 @@ Case read_case(const std::string& path) {
       c.q_len <= 0 || c.k_len <= 0 || c.head_dim <= 0) {
     fail("case.txt: bad or missing sizes");
   }
+  if (c.warp_rows != 16 && c.warp_rows != 32) fail("case.txt: warp_rows must be 16 or 32");
   return c;
 }
 
@@ -199,6 +203,7 @@ Params make_params(const Case& c, const Inputs& in) {
   p.causal_offset = c.causal_offset;
   p.scale = static_cast<float>(c.scale);
   p.scale_log2 = static_cast<float>(c.scale * 1.4426950408889634);
+  p.warp_rows = c.warp_rows;
   return p;
 }
 
