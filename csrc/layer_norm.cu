@@ -19,8 +19,8 @@ constexpr int kCached = 16;             // float values of a row a thread keeps 
 constexpr int kForwardThreads = 512;    // max threads per row, forward
 constexpr int kBackwardThreads = 512;   // max threads per row, fused backward
 
-// Max threads per row of the fused backward: scalar loads need twice the address registers,
-// so VEC == 1 gets 256 threads (255 registers each) to keep everything in registers.
+// Max threads per row of the fused backward: scalar loads need more address registers, so
+// VEC == 1 gets 256 threads (up to 255 registers each) to keep everything in registers.
 constexpr int backward_threads(int vec) { return vec == 1 ? kBackwardThreads / 2 : kBackwardThreads; }
 constexpr int kWideThreads = 1024;      // threads per row, backward dx for wide rows
 constexpr int kColTile = 32;            // columns per block in the column kernels
