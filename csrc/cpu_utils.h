@@ -131,6 +131,20 @@ float* output_row(T* dst, std::vector<float>& buffer) {
   }
 }
 
+// Stores a zero byte into every 4 KB page of the output row dst[0, n) before a row loop
+// writes it; only for outputs that alias no input. A fresh allocation faults once per page on
+// its first write: a fault taken by this lone byte store costs less than one taken amid the
+// row loop's stream of vector stores (2048 x 4096 float32 layer norm forward, 8193 faults a
+// call, this 2-core machine: 0.89x -> 1.02x F.layer_norm). Nearly free when the pages are in.
+template <typename T>
+void touch_pages(T* dst, int64_t n) {
+  if (n <= 0) return;
+  volatile char* bytes = reinterpret_cast<volatile char*>(dst);
+  const int64_t size = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < size; i += 4096) bytes[i] = 0;
+  bytes[size - 1] = 0;
+}
+
 // A (C,) parameter as float32, or `fill` when absent.
 template <typename T>
 std::vector<float> param_as_float(const void* p, int64_t n, float fill) {

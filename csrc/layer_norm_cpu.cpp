@@ -30,6 +30,7 @@ void forward_rows(const NormForwardArgs& a, const float* w, const float* b, int6
     const float* v = row_as_float(static_cast<const T*>(a.x) + base, cols, xb);
     if (a.residual != nullptr) {  // h = T(x + residual), normalized as rounded
       T* h = static_cast<T*>(a.h) + base;
+      touch_pages(h, cols);
       float* sum = output_row(h, hb);
       add_floats(v, row_as_float(static_cast<const T*>(a.residual) + base, cols, rb), cols, sum);
       if constexpr (!std::is_same_v<T, float>) {
@@ -42,6 +43,7 @@ void forward_rows(const NormForwardArgs& a, const float* w, const float* b, int6
     const float mean = m.mean;
     const float rstd = 1.0f / std::sqrt(m.m2 / cols + a.eps);
     T* y = static_cast<T*>(a.y) + base;
+    touch_pages(y, cols);
     float* out = output_row(y, yb);
     normalize_affine(v, cols, mean, rstd, w, b, out);
     if constexpr (!std::is_same_v<T, float>) from_float(out, cols, y);
@@ -63,6 +65,7 @@ void backward_rows(const NormBackwardArgs& a, const float* w, int64_t begin, int
                           ? row_as_float(static_cast<const T*>(a.grad_h) + base, cols, ghb)
                           : nullptr;
     T* dx = static_cast<T*>(a.dx) + base;
+    touch_pages(dx, cols);
     float* out = output_row(dx, dxb);
     norm_backward_row(row_as_float(static_cast<const T*>(a.grad_y) + base, cols, dyb),
                       row_as_float(static_cast<const T*>(a.h) + base, cols, hb), w, gh, cols,

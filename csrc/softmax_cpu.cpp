@@ -20,6 +20,7 @@ void softmax_forward_cpu(const SoftmaxForwardArgs& a) {
       for (int64_t row = begin; row < end; ++row) {
         const float* x = row_as_float(static_cast<const T*>(a.x) + row * cols, cols, buffer);
         T* y = static_cast<T*>(a.y) + row * cols;
+        touch_pages(y, cols);
         float* out = output_row(y, buffer);
         const float max = max_of(x, cols);
         if (max == -INFINITY) {
@@ -44,6 +45,7 @@ void softmax_backward_cpu(const SoftmaxBackwardArgs& a) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * cols;
         T* dx = static_cast<T*>(a.dx) + base;
+        touch_pages(dx, cols);
         float* out = output_row(dx, dxb);
         // y was rounded to T: the row routine renormalizes it (p = y / sum(y)) so that
         // dx = p * (dy - sum(dy * p)) stays accurate on saturated rows; an all-zero row (all
