@@ -1,8 +1,9 @@
 // layer_norm / rms_norm forward and backward with the fused residual add (math in kernels.h).
 //
-// Forward: (threads per row) x (rows per block) blocks; each thread keeps up to kCached values
-// of its row in registers (16-byte vector loads when the row allows them) and re-reads only
-// columns past that (C > threads * kCached). Statistics are two-pass in float32.
+// Forward: persistent (threads per row) x (rows per block) blocks; each thread keeps up to
+// kCached values of its row in registers as stored (16-byte vector loads when the row allows
+// them), loads the next row's while it finishes this one, and re-reads only columns past that
+// (C > threads * kCached). Statistics are two-pass in float32.
 // Backward, C <= 512 * kCached (256 * kCached without vector loads): a persistent kernel, one
 // row at a time per block with the next row's loads in flight, writes dx and keeps per-column
 // dweight/dbias sums in shared memory, stored per block to a (blocks, C) float32 workspace; a
@@ -26,6 +27,14 @@ constexpr int kWideThreads = 1024;      // threads per row, backward dx for wide
 constexpr int kColTile = 32;            // columns per block in the column kernels
 constexpr int kColLanes = 8;            // row lanes per block in the partial-sum kernel
 constexpr int kSumLanes = 32;           // partial rows summed in parallel by column_sum_kernel
+
+// Blocks of a persistent kernel compiled for blocks of up to MAX_THREADS threads that an SM is
+// to hold: three of up to 256 threads with 16-bit types (80 registers a thread, no spills on
+// sm_90), else whatever one block allows.
+template <typename T, int MAX_THREADS>
+constexpr int min_blocks_per_sm() {
+  return sizeof(T) == 2 && MAX_THREADS <= 256 ? 3 : 1;
+}
 
 template <typename T>
 struct ForwardParams {
@@ -90,69 +99,134 @@ __device__ __forceinline__ void store_output(const ForwardParams<T>& p, int64_t 
   store_vec<T, VEC>(p.y + base + col, out);
 }
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kForwardThreads, 1)
+// Two tensors' values of one row as stored, the columns one thread owns: item i is the VEC
+// columns at i * step + first. The forward holds x (a) and the residual (b), the backward
+// grad_y (a) and h (b).
+template <typename T, int VEC, int ITEMS>
+struct SlicePair {
+  Pack<T, VEC> a[ITEMS];
+  Pack<T, VEC> b[ITEMS];
+};
+
+// Loads this thread's slice of `row` of the (rows, cols) tensors a and b (b skipped when null;
+// nothing past the last row).
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void load_pair(const T* a, const T* b, int64_t rows, int cols,
+                                          int64_t row, int step, int first,
+                                          SlicePair<T, VEC, ITEMS>& s) {
+  if (row >= rows) return;
+  const int64_t base = row * cols;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int col = i * step + first;
+    if (col < cols) {
+      s.a[i] = load_pack<T, VEC>(a + base + col);
+      if (b != nullptr) s.b[i] = load_pack<T, VEC>(b + base + col);
+    }
+  }
+}
+
+// h = x (+ residual, rounded to T) of item i of the slice.
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void input_item(const ForwardParams<T>& p,
+                                           const SlicePair<T, VEC, ITEMS>& s, int i,
+                                           float (&h)[VEC]) {
+  unpack<T, VEC>(s.a[i], h);
+  if (p.residual != nullptr) {
+    float r[VEC];
+    unpack<T, VEC>(s.b[i], r);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) h[k] = to_float(from_float<T>(h[k] + r[k]));
+  }
+}
+
+// Persistent: block b handles the row groups b, b + gridDim.x, ... (blockDim.y rows each);
+// each thread holds its first kItems * VEC columns of x and residual as stored and loads the
+// next group's while it reduces and writes this one, so each block has two row groups in
+// flight. Columns past that (C > threads * kCached) are read when needed. blockDim.x *
+// blockDim.y <= MAX_THREADS.
+template <typename T, int VEC, int MAX_THREADS>
+__global__ void __launch_bounds__(MAX_THREADS, min_blocks_per_sm<T, MAX_THREADS>())
     layer_norm_forward_kernel(ForwardParams<T> p, bool rms) {
   constexpr int kItems = kCached / VEC;
   __shared__ float smem[32];
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  const bool active = row < p.rows;  // inactive threads still join the reductions
   const int cols = p.cols;
-  const int64_t base = row * cols;
   const int step = blockDim.x * VEC;
   const int first = threadIdx.x * VEC;
   const int uncached = kItems * step + first;  // columns from here on are re-read
   // Columns past the cache are re-read from h when it was written, else from x.
   const T* reread = p.residual != nullptr ? p.h : p.x;
+  const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * blockDim.y;
+  SlicePair<T, VEC, kItems> cur, next;  // x and residual of this row and of the next
+  auto load = [&](int64_t row, SlicePair<T, VEC, kItems>& s) {
+    load_pair<T, VEC, kItems>(p.x, p.residual, p.rows, cols, row, step, first, s);
+  };
+  load(static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y, cur);
+  // The loop condition is the same for the whole block (row_reduce synchronizes it).
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.rows;
+       row0 += rows_per_step) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool active = row < p.rows;  // inactive threads still join the reductions
+    const int64_t base = row * cols;
+    load(row + rows_per_step, next);
 
-  float v[kItems][VEC];
-  float sum = 0.0f;
+    float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int col = i * step + first;
-    if (active && col < cols) {
-      load_input<T, VEC>(p, base + col, v[i]);
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * step + first;
+      if (active && col < cols) {
+        float h[VEC];
+        input_item<T, VEC, kItems>(p, cur, i, h);
+        if (p.residual != nullptr) store_vec<T, VEC>(p.h + base + col, h);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sum += v[i][k];
+        for (int k = 0; k < VEC; ++k) sum += h[k];
+      }
     }
-  }
-  for (int col = uncached; active && col < cols; col += step) {
-    float t[VEC];
-    load_input<T, VEC>(p, base + col, t);
+    for (int col = uncached; active && col < cols; col += step) {
+      float t[VEC];
+      load_input<T, VEC>(p, base + col, t);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) sum += t[k];
-  }
-  const float mean = rms ? 0.0f : row_reduce(sum, smem, SumOp{}) / cols;
-
-  float squares = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    if (active && i * step + first < cols) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) squares += (v[i][k] - mean) * (v[i][k] - mean);
+      for (int k = 0; k < VEC; ++k) sum += t[k];
     }
-  }
-  for (int col = uncached; active && col < cols; col += step) {
-    float t[VEC];
-    load_vec<T, VEC>(reread + base + col, t);
+    const float mean = rms ? 0.0f : row_reduce(sum, smem, SumOp{}) / cols;
+
+    float squares = 0.0f;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) squares += (t[k] - mean) * (t[k] - mean);
-  }
-  const float rstd = rsqrtf(row_reduce(squares, smem, SumOp{}) / cols + p.eps);
+    for (int i = 0; i < kItems; ++i) {
+      if (active && i * step + first < cols) {
+        float h[VEC];
+        input_item<T, VEC, kItems>(p, cur, i, h);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) squares += (h[k] - mean) * (h[k] - mean);
+      }
+    }
+    for (int col = uncached; active && col < cols; col += step) {
+      float t[VEC];
+      load_vec<T, VEC>(reread + base + col, t);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) squares += (t[k] - mean) * (t[k] - mean);
+    }
+    const float rstd = rsqrtf(row_reduce(squares, smem, SumOp{}) / cols + p.eps);
 
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int col = i * step + first;
-    if (active && col < cols) store_output<T, VEC>(p, base, col, v[i], mean, rstd);
-  }
-  for (int col = uncached; active && col < cols; col += step) {
-    float t[VEC];
-    load_vec<T, VEC>(reread + base + col, t);
-    store_output<T, VEC>(p, base, col, t, mean, rstd);
-  }
-  if (active && threadIdx.x == 0) {
-    if (p.mean != nullptr) p.mean[row] = mean;
-    p.rstd[row] = rstd;
+    for (int i = 0; i < kItems; ++i) {
+      const int col = i * step + first;
+      if (active && col < cols) {
+        float h[VEC];
+        input_item<T, VEC, kItems>(p, cur, i, h);
+        store_output<T, VEC>(p, base, col, h, mean, rstd);
+      }
+    }
+    for (int col = uncached; active && col < cols; col += step) {
+      float t[VEC];
+      load_vec<T, VEC>(reread + base + col, t);
+      store_output<T, VEC>(p, base, col, t, mean, rstd);
+    }
+    if (active && threadIdx.x == 0) {
+      if (p.mean != nullptr) p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+    cur = next;
   }
 }
 
@@ -205,36 +279,12 @@ __device__ __forceinline__ float2 dx_coefficients(float2 partial, float2* smem, 
   return make_float2(s.x / cols, rms ? 0.0f : s.y / cols);
 }
 
-// grad_y and h of one row as stored, the columns one thread of the fused backward owns: item i
-// is the VEC columns at i * step + first.
-template <typename T, int VEC, int ITEMS>
-struct RowSlice {
-  Pack<T, VEC> dy[ITEMS];
-  Pack<T, VEC> h[ITEMS];
-};
-
-// Loads this thread's slice of `row` (nothing past the last row).
-template <typename T, int VEC, int ITEMS>
-__device__ __forceinline__ void load_slice(const BackwardParams<T>& p, int64_t row, int step,
-                                           int first, RowSlice<T, VEC, ITEMS>& s) {
-  if (row >= p.rows) return;
-  const int64_t base = row * p.cols;
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int col = i * step + first;
-    if (col < p.cols) {
-      s.dy[i] = load_pack<T, VEC>(p.grad_y + base + col);
-      s.h[i] = load_pack<T, VEC>(p.h + base + col);
-    }
-  }
-}
-
 // grad_y and xhat = (h - mean) * rstd of item i of the slice.
 template <typename T, int VEC, int ITEMS>
-__device__ __forceinline__ void slice_item(const RowSlice<T, VEC, ITEMS>& s, int i, float mean,
+__device__ __forceinline__ void slice_item(const SlicePair<T, VEC, ITEMS>& s, int i, float mean,
                                            float rstd, float (&dy)[VEC], float (&xhat)[VEC]) {
-  unpack<T, VEC>(s.dy[i], dy);
-  unpack<T, VEC>(s.h[i], xhat);
+  unpack<T, VEC>(s.a[i], dy);
+  unpack<T, VEC>(s.b[i], xhat);
 #pragma unroll
   for (int k = 0; k < VEC; ++k) xhat[k] = (xhat[k] - mean) * rstd;
 }
@@ -265,13 +315,6 @@ size_t fused_backward_smem(int threads, bool param_grads) {
   return param_grads ? 2 * static_cast<size_t>(threads) * kCached * sizeof(float) : 0;
 }
 
-// Blocks of the fused backward an SM is compiled to hold: three of up to 256 threads with
-// 16-bit types (80 registers a thread, no spills on sm_90), else whatever one block allows.
-template <typename T, int MAX_THREADS>
-constexpr int fused_backward_min_blocks() {
-  return sizeof(T) == 2 && MAX_THREADS <= 256 ? 3 : 1;
-}
-
 // Persistent: block b handles rows b, b + gridDim.x, ...; blockDim = (threads <= MAX_THREADS, 1)
 // and cols <= blockDim.x * kCached. A thread holds its columns of grad_y and h as stored (16-bit
 // types two to a register) and loads the next row's before this row's reduction, so each block
@@ -279,7 +322,7 @@ constexpr int fused_backward_min_blocks() {
 // dweight/dbias sums stay in dynamic shared memory (fused_backward_smem; each thread adds to its
 // own columns only) and go to partial_w/b[b * cols + col] at the end.
 template <typename T, int VEC, int MAX_THREADS>
-__global__ void __launch_bounds__(MAX_THREADS, fused_backward_min_blocks<T, MAX_THREADS>())
+__global__ void __launch_bounds__(MAX_THREADS, min_blocks_per_sm<T, MAX_THREADS>())
     layer_norm_backward_fused_kernel(BackwardParams<T> p, bool rms, float* partial_w,
                                      float* partial_b) {
   constexpr int kItems = kCached / VEC;
@@ -302,13 +345,16 @@ __global__ void __launch_bounds__(MAX_THREADS, fused_backward_min_blocks<T, MAX_
       }
     }
   }
-  RowSlice<T, VEC, kItems> cur, next;
-  load_slice<T, VEC, kItems>(p, blockIdx.x, step, first, cur);
+  SlicePair<T, VEC, kItems> cur, next;  // grad_y and h of this row and of the next
+  auto load = [&](int64_t row, SlicePair<T, VEC, kItems>& s) {
+    load_pair<T, VEC, kItems>(p.grad_y, p.h, p.rows, cols, row, step, first, s);
+  };
+  load(blockIdx.x, cur);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int64_t base = row * cols;
     const float mean = p.mean != nullptr ? p.mean[row] : 0.0f;
     const float rstd = p.rstd[row];
-    load_slice<T, VEC, kItems>(p, row + gridDim.x, step, first, next);
+    load(row + gridDim.x, next);
     float2 partial = make_float2(0.0f, 0.0f);
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
@@ -455,13 +501,30 @@ BackwardParams<T> backward_params(const NormBackwardArgs& a) {
           static_cast<int>(a.cols)};
 }
 
+// The forward compiled for blocks of up to `threads` threads: 256 (three blocks per SM for
+// 16-bit vectors) or kForwardThreads (always without vector loads, which would spill at 256).
+template <typename T, int VEC>
+auto forward_kernel(int threads) {
+  if constexpr (VEC > 1) {
+    if (threads <= 256) return layer_norm_forward_kernel<T, VEC, 256>;
+  }
+  return layer_norm_forward_kernel<T, VEC, kForwardThreads>;
+}
+
+// One block per group of shape.rows rows, at most as many as the GPU holds at once (the
+// kernel is persistent).
 template <typename T, int VEC>
 void launch_forward(const NormForwardArgs& a, cudaStream_t stream) {
   const RowShape shape = row_shape(a.cols, VEC, kCached / VEC, kForwardThreads);
   const dim3 block(shape.threads, shape.rows);
-  const unsigned grid = static_cast<unsigned>(ceil_div(a.rows, shape.rows));
-  launch_kernel(layer_norm_forward_kernel<T, VEC>, grid, block, stream, forward_params<T>(a),
-                a.rms);
+  const int threads = shape.threads * shape.rows;
+  const auto kernel = forward_kernel<T, VEC>(threads);
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  const int64_t resident = static_cast<int64_t>(num_sms()) * (per_sm > 0 ? per_sm : 1);
+  const int64_t groups = ceil_div(a.rows, shape.rows);
+  const unsigned grid = static_cast<unsigned>(groups < resident ? groups : resident);
+  launch_kernel(kernel, grid, block, stream, forward_params<T>(a), a.rms);
 }
 
 bool param_grads(const NormBackwardArgs& a) { return a.dweight != nullptr || a.dbias != nullptr; }
