@@ -9,9 +9,10 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
 
 - ``layer_norm_bwd``: the Triton backward at hidden 4096 and 8192 (bf16, N 16384) over warps per
   program and programs per SM: GB/s of dy + x read and dx written.
-- ``cuda_attention_fwd``: the CUDA C++ tensor-core forward (bf16, B 4, H 16, L 4096, D 64 and
-  128) with 16 query rows per warp (the default) and 32 (two m-tiles share each K/V fragment,
-  ``$LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS=32``): TFLOP/s.
+- ``cuda_attention``: the CUDA C++ tensor-core forward and backward (bf16, B 4, H 16, L 4096, D
+  64 and 128) with 16 query rows per warp (the default) and 32 in the forward and, at D <= 64,
+  the dQ kernel (two m-tiles share each K/V fragment, ``$LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS``):
+  TFLOP/s.
 - ``decode``: flash-decoding (B 8, H 32, Hkv 8, D 128, bf16) over the programs per SM its split
   plan aims for and the KV length: ms, the ratio to reading the KV cache once at the copy
   bandwidth, and the host time one call takes (the launcher alone, then ``lk.attention``).
@@ -39,7 +40,7 @@ import torch
 from llm_kernels.bench import harness
 from llm_kernels.bench.common import env_var
 
-SWEEPS = ("layer_norm_bwd", "cuda_attention_fwd", "decode", "attention_fwd", "attention_bwd",
+SWEEPS = ("layer_norm_bwd", "cuda_attention", "decode", "attention_fwd", "attention_bwd",
           "matmul_tma")
 MAX_WARPS_PER_SM = 64
 
@@ -170,32 +171,38 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
                   "default) and by TMA", ["causal", "launch", "reads", "ms", "TFLOP/s"], rows)
 
 
-def cuda_attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
+def cuda_attention(device: torch.device, timer, quick: bool) -> list[str]:
     from llm_kernels._ops import CUDA_ATTENTION_WARP_ROWS_ENV, ops as backend_ops
     from llm_kernels.backends import extension_status
     from llm_kernels.bench.harness import attention_flops
     built, why = extension_status()
     if not built:
-        return [f"== CUDA attention forward: skipped ({why})"]
+        return [f"== CUDA attention: skipped ({why})"]
     gpu = device.type == "cuda"
     b, h, l = (4, 16, 4096) if gpu else (1, 2, 64)
     ops = backend_ops("cuda")
     rows = []
     for d in ((128,) if quick else (64, 128)):
-        q, k, v = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
-                   for _ in range(3))
+        q, k, v, grad = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
+                         for _ in range(4))
         for causal in (False, True):
-            flops = attention_flops(b, h, l, l, d, causal=causal, mode="fwd")
-
-            def run(q=q, k=k, v=v, causal=causal, d=d):
-                return ops.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
-            for warp_rows in ("16*", "32"):
-                with env_var(CUDA_ATTENTION_WARP_ROWS_ENV, warp_rows.rstrip("*")):
-                    t = _timed(run, device, timer)
-                rows.append([str(d), str(causal), warp_rows, f"{t.ms:.3f}",
-                             f"{harness.tflops(flops, t.ms):.0f}"])
-    return _table(f"CUDA attention forward (B {b}, H {h}, L {l}, bf16): query rows per warp "
-                  "(* = the default)", ["D", "causal", "rows/warp", "ms", "TFLOP/s"], rows)
+            out, lse = ops.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
+            calls = {
+                "fwd": lambda causal=causal, d=d, q=q, k=k, v=v:
+                    ops.attention_forward(q, k, v, None, causal, 0, d ** -0.5),
+                "bwd": lambda causal=causal, d=d, q=q, k=k, v=v, grad=grad, out=out, lse=lse:
+                    ops.attention_backward(grad, q, k, v, out, lse, None, causal, 0, d ** -0.5),
+            }
+            for mode, run in calls.items():
+                flops = attention_flops(b, h, l, l, d, causal=causal, mode=mode)
+                for warp_rows in ("16*", "32"):
+                    with env_var(CUDA_ATTENTION_WARP_ROWS_ENV, warp_rows.rstrip("*")):
+                        t = _timed(run, device, timer)
+                    rows.append([str(d), str(causal), mode, warp_rows, f"{t.ms:.3f}",
+                                 f"{harness.tflops(flops, t.ms):.0f}"])
+    return _table(f"CUDA attention (B {b}, H {h}, L {l}, bf16): query rows per warp of the "
+                  "forward and dQ (* = the default)",
+                  ["D", "causal", "mode", "rows/warp", "ms", "TFLOP/s"], rows)
 
 
 def matmul_tma(device: torch.device, timer, quick: bool) -> list[str]:

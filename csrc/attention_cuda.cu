@@ -60,9 +60,9 @@ Params make_params(const Sizes& s, const at::Tensor& q, const at::Tensor& k, con
   return p;
 }
 
-// Query rows per warp of the tensor-core forward: $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS, 16
-// (the default) or 32, read at each call.
-int forward_warp_rows() {
+// Query rows per warp of the tensor-core forward (and dQ at D <= 64):
+// $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS, 16 (the default) or 32, read at each call.
+int query_warp_rows() {
   const char* value = std::getenv("LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS");
   if (value == nullptr || *value == '\0') return 16;
   const std::string rows(value);
@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     Params p = make_params(s, qa, ka, va, mask, causal, causal_offset, scale);
     p.out = out.data_ptr();
     p.lse = lse.data_ptr<float>();
-    p.warp_rows = forward_warp_rows();
+    p.warp_rows = query_warp_rows();
     if (q.scalar_type() == at::kHalf) {
       launch_forward<__half>(p, CudaLaunch{});
     } else {
@@ -193,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     p.dq = dq.data_ptr();
     p.dk = dk.data_ptr();
     p.dv = dv.data_ptr();
+    p.warp_rows = query_warp_rows();
     if (q.scalar_type() == at::kHalf) {
       launch_backward<__half>(p, CudaLaunch{});
     } else {

@@ -4,8 +4,8 @@
 //
 // Tensor-core path (fp16/bf16, sm_80+): FlashAttention-2 with mma.sync.m16n8k16 (fp32
 // accumulation), ldmatrix from padded shared memory tiles filled by cp.async. Each warp owns 16
-// rows of its block's tile (the forward optionally 32: two m-tiles that share each K/V fragment);
-// a row's softmax statistics live in the 4 lanes of a quad.
+// rows of its block's tile (the forward and dQ optionally 32: two m-tiles sharing each K/V
+// fragment); a row's softmax statistics live in the 4 lanes of a quad.
 // SIMT path (float32, and the fallback of everything else): 4 threads per row, 32 rows per
 // block, tiles of 32 keys in shared memory.
 //
@@ -47,7 +47,7 @@ struct Params {
   bool causal;
   int64_t causal_offset;
   float scale, scale_log2;
-  int warp_rows;  // host only: query rows per warp of the tensor-core forward (16 or 32)
+  int warp_rows;  // host only: query rows per warp of the tensor-core forward and dQ (16 / 32)
 };
 
 // Row i of query head h of batch b (likewise keys/values of kv head hk): strided tensors.
@@ -687,21 +687,24 @@ __global__ void __launch_bounds__(NW * 32) attention_backward_dkdv_tc(const Para
   store_warp_rows<HD>(stage_v, static_cast<T*>(p.dv) + offset, rows, d);
 }
 
-// dQ of BM = 16 * NW query rows (grid (B * H, query tiles), remapped as in the forward) over key
-// tiles of BN: S = Q K^T, P, dP = dO V^T, dS = P (dP - delta), dQ += dS K. K and V are
-// double-buffered (stage t % 2 holds key tile t): tile t + 1 loads while tile t is computed, one
-// __syncthreads per tile. Each warp keeps its Q and dO rows as mma A fragments in registers
-// (HD / 2 registers), so Q and dO only pass through shared memory before the loop, in the K and V
-// stage 1 (BM <= BN) that key tile 1 fills later.
-template <typename T, int HD, int BN, int NW>
+// dQ of BM = 16 * MT * NW query rows (NW warps of 16 * MT rows; grid (B * H, query tiles),
+// remapped as in the forward) over key tiles of BN: S = Q K^T, P, dP = dO V^T,
+// dS = P (dP - delta), dQ += dS K. K and V are double-buffered (stage t % 2 holds key tile t):
+// tile t + 1 loads while tile t is computed, one __syncthreads per tile. Each warp keeps its Q
+// and dO rows as mma A fragments in registers (MT * HD / 2 registers), so Q and dO only pass
+// through shared memory before the loop: in the K and V stage 1 that key tile 1 fills later
+// (BM <= BN), or with MT = 2 (BM = 2 * BN) in both K and V stages, key tile 0 loading after.
+template <typename T, int HD, int BN, int NW, int MT>
 __global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params p) {
-  constexpr int BM = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, NT = BN / 8;
-  static_assert(BM <= BN, "Q and dO pass through K, V stage 1");
+  constexpr int kWarpRows = 16 * MT, BM = kWarpRows * NW, kThreads = NW * 32;
+  constexpr int kLd = Tile<HD>::kLd, NT = BN / 8;
+  constexpr bool kStage1 = BM <= BN;  // else Q and dO fill both stages of K and V
+  static_assert(kStage1 || BM <= 2 * BN, "Q and dO pass through the K, V stages");
   LK_DYNAMIC_SMEM(unsigned char, smem);
-  T* s_k = reinterpret_cast<T*>(smem);  // 2 stages x BN x HD
-  T* s_v = s_k + 2 * BN * kLd;          // 2 stages x BN x HD
-  T* s_q = s_k + BN * kLd;              // BM x HD in K stage 1, before the loop
-  T* s_do = s_v + BN * kLd;             // BM x HD in V stage 1, before the loop
+  T* s_k = reinterpret_cast<T*>(smem);         // 2 stages x BN x HD
+  T* s_v = s_k + 2 * BN * kLd;                 // 2 stages x BN x HD
+  T* s_q = kStage1 ? s_k + BN * kLd : s_k;     // BM x HD, before the loop
+  T* s_do = kStage1 ? s_v + BN * kLd : s_v;    // BM x HD, before the loop
 
   const QueryTile<T> tile = query_tile<T, BM, BN>(p);
   const int bh = tile.bh, b = tile.b, h = tile.h, m0 = tile.m0, q_rows = tile.q_rows;
@@ -711,27 +714,37 @@ __global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params
   load_tile_async<BM, HD, kThreads>(s_q, q_row<T>(p, b, h, m0), p.q_stride[2], q_rows, d);
   load_tile_async<BM, HD, kThreads>(
       s_do, head_row(static_cast<const T*>(p.dout), bh, p.q_len, m0, d), d, q_rows, d);
-  if (n_tiles > 0) load_kv(0);
+  if (kStage1 && n_tiles > 0) load_kv(0);
   cp_async_commit();
 
-  const int row_base = m0 + warp * 16;
-  float lse2[2], delta[2];
+  const int row_base = m0 + warp * kWarpRows;
+  float lse2[MT][2], delta[MT][2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = row_base + frag_row(2 * half);
-    const int64_t row = static_cast<int64_t>(bh) * p.q_len + i;
-    lse2[half] = i < p.q_len ? lse_log2(p.lse[row]) : INFINITY;
-    delta[half] = i < p.q_len ? p.delta[row] : 0.0f;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = row_base + mt * 16 + frag_row(2 * half);
+      const int64_t row = static_cast<int64_t>(bh) * p.q_len + i;
+      lse2[mt][half] = i < p.q_len ? lse_log2(p.lse[row]) : INFINITY;
+      delta[mt][half] = i < p.q_len ? p.delta[row] : 0.0f;
+    }
   }
   cp_async_wait_all();
-  __syncthreads();  // Q, dO and key tile 0 are in
-  uint32_t qf[HD / 16][4], dof[HD / 16][4];
-  load_a_fragments<HD / 16, HD>(qf, s_q + warp * 16 * kLd);
-  load_a_fragments<HD / 16, HD>(dof, s_do + warp * 16 * kLd);
-  __syncthreads();  // every warp holds its Q, dO fragments: stage 1 is free for key tile 1
+  __syncthreads();  // Q, dO (and, in stage 1, key tile 0) are in
+  uint32_t qf[HD / 16][MT][4], dof[HD / 16][MT][4];
+  load_a_fragments_mt<MT, HD / 16, HD>(qf, s_q + warp * kWarpRows * kLd);
+  load_a_fragments_mt<MT, HD / 16, HD>(dof, s_do + warp * kWarpRows * kLd);
+  __syncthreads();  // every warp holds its Q, dO fragments: the stages are free for K, V
+  if constexpr (!kStage1) {
+    if (n_tiles > 0) load_kv(0);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();  // key tile 0 is in
+  }
 
-  float dq[HD / 8][4];
-  zero(dq);
+  float dq[MT][HD / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) zero(dq[mt]);
   for (int t = 0; t < n_tiles; ++t) {
     const int n0 = t * BN;
     const T* k_tile = s_k + (t % 2) * BN * kLd;
@@ -742,48 +755,71 @@ __global__ void __launch_bounds__(NW * 32) attention_backward_dq_tc(const Params
     const bool need_mask = p.mask != nullptr || n0 + BN > p.k_len ||
                            (p.causal && n0 + BN - 1 > m0 + p.causal_offset);
     // dS in chunks of NC n-tiles (keys [8 * NC * c, 8 * NC * (c + 1)) of the tile), so that only
-    // one chunk of S and dP is live beside the Q, dO fragments and dQ.
-    constexpr int NC = NT / 2;
-    uint32_t ds[NT / 2][4];
+    // one chunk of S and dP is live beside the Q, dO fragments and dQ. With MT = 2 each chunk's
+    // dS is also added to dQ before the next (the same k order as one product over the tile);
+    // with MT = 1 the tile's dS is added at once (fewer registers there).
+    constexpr int NC = NT / (2 * MT) >= 2 ? NT / (2 * MT) : 2;
+    constexpr bool kPerChunk = MT > 1;
+    uint32_t ds[MT][kPerChunk ? NC / 2 : NT / 2][4];
 #pragma unroll
     for (int c = 0; c < NT / NC; ++c) {
-      float s[NC][4];
-      zero(s);
-      mma_frags_x_rows<NC, HD / 16, HD>(s, qf, k_tile + c * NC * 8 * kLd);
+      float s[MT][NC][4];
 #pragma unroll
-      for (int nt = 0; nt < NC; ++nt) {
+      for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
+      mma_frags_x_rows_mt<MT, NC, HD / 16, HD>(s, qf, k_tile + c * NC * 8 * kLd);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = row_base + frag_row(e), j = n0 + frag_col(c * NC + nt, e);
-          const float x =
-              need_mask ? masked_score(p, s[nt][e], b, h, i, j) : s[nt][e] * p.scale_log2;
-          s[nt][e] = exp2f(x - lse2[e / 2]);
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NC; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = row_base + mt * 16 + frag_row(e), j = n0 + frag_col(c * NC + nt, e);
+            const float x = need_mask ? masked_score(p, s[mt][nt][e], b, h, i, j)
+                                      : s[mt][nt][e] * p.scale_log2;
+            s[mt][nt][e] = exp2f(x - lse2[mt][e / 2]);
+          }
         }
       }
-      float dp[NC][4];  // dP = dO V^T
-      zero(dp);
-      mma_frags_x_rows<NC, HD / 16, HD>(dp, dof, v_tile + c * NC * 8 * kLd);
+      float dp[MT][NC][4];  // dP = dO V^T
 #pragma unroll
-      for (int nt = 0; nt < NC; ++nt) {
+      for (int mt = 0; mt < MT; ++mt) zero(dp[mt]);
+      mma_frags_x_rows_mt<MT, NC, HD / 16, HD>(dp, dof, v_tile + c * NC * 8 * kLd);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta[e / 2]);
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NC; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dp[mt][nt][e] = s[mt][nt][e] * (dp[mt][nt][e] - delta[mt][e / 2]);
+          }
+        }
+        to_a_fragments<NC, T>(
+            *reinterpret_cast<uint32_t(*)[NC / 2][4]>(ds[mt][kPerChunk ? 0 : c * NC / 2]),
+            dp[mt]);
       }
-      to_a_fragments<NC, T>(*reinterpret_cast<uint32_t(*)[NC / 2][4]>(ds[c * NC / 2]), dp);
+      if constexpr (kPerChunk) {
+        mma_regs_x_tile_mt<MT, NC / 2, HD>(dq, ds, k_tile + c * NC * 8 * kLd);  // dQ += dS K
+      }
     }
-    mma_regs_x_tile<NT / 2, HD>(dq, ds, k_tile);  // dQ += dS K
+    if constexpr (!kPerChunk) mma_regs_x_tile_mt<MT, NT / 2, HD>(dq, ds, k_tile);  // dQ += dS K
 
     cp_async_wait_all();
     __syncthreads();  // key tile t + 1 is in; every warp is done with stage t % 2
   }
 
-  // Every cp.async has landed and every warp is past its last read of K stage 1 (the last
+  // Every cp.async has landed and every warp is past its last read of the K stages (the last
   // __syncthreads); the warp stages its dQ rows where its Q rows were.
   const float scale[2] = {p.scale, p.scale};
-  T* stage = s_q + warp * 16 * kLd;
-  stage_fragment<HD>(stage, dq, scale);
-  __syncwarp();
+  T* stage = s_q + warp * kWarpRows * kLd;
   T* dst = head_row(static_cast<T*>(p.dq), bh, p.q_len, row_base, d);
-  store_warp_rows<HD>(stage, dst, min(16, p.q_len - row_base), d);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) stage_fragment<HD>(stage + mt * 16 * kLd, dq[mt], scale);
+  __syncwarp();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    store_warp_rows<HD>(stage + mt * 16 * kLd, dst + mt * 16 * d,
+                        min(16, p.q_len - row_base - mt * 16), d);
+  }
 }
 
 // ================================ SIMT float32 path ==========================================

@@ -53,32 +53,41 @@ void forward_tc_dispatch(const Params& p, const Launch& launch) {
   }
 }
 
-// dK, dV: the K, V tiles, then two stages of Q, dO tiles and of the rows' lse, delta. dQ: two
-// stages of K, V tiles (Q, dO pass through stage 1).
-template <typename T, int HD, int BMQ, int BN, int NW, bool KV_REGS, typename Launch>
-void backward_tc(const Params& p, const Launch& launch) {
+// delta, then dK, dV: the K, V tiles, then two stages of Q, dO tiles and of the rows' lse, delta.
+template <typename T, int HD, int BMQ, int NW, bool KV_REGS, typename Launch>
+void backward_dkdv_tc(const Params& p, const Launch& launch) {
   constexpr int kWarpRows = 16 * NW;
   const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
   launch(attention_backward_delta<T>, dim3(static_cast<unsigned>(lk::ceil_div(rows, 8)), 1), 256,
          0, p, rows);
-  const size_t smem_dkdv = static_cast<size_t>(2 * kWarpRows + 4 * BMQ) * Tile<HD>::kLd *
-                               sizeof(T) + 4 * BMQ * sizeof(float);
+  const size_t smem = static_cast<size_t>(2 * kWarpRows + 4 * BMQ) * Tile<HD>::kLd * sizeof(T) +
+                      4 * BMQ * sizeof(float);
   launch(attention_backward_dkdv_tc<T, HD, BMQ, NW, KV_REGS>,
-         dim3(p.batch * p.kv_heads, tiles(p.k_len, kWarpRows)), NW * 32, smem_dkdv, p);
-  const size_t smem_dq = static_cast<size_t>(4 * BN) * Tile<HD>::kLd * sizeof(T);
-  launch(attention_backward_dq_tc<T, HD, BN, NW>,
-         dim3(p.batch * p.heads, tiles(p.q_len, kWarpRows)), NW * 32, smem_dq, p);
+         dim3(p.batch * p.kv_heads, tiles(p.k_len, kWarpRows)), NW * 32, smem, p);
+}
+
+// dQ: two stages of K, V tiles (Q, dO pass through them before the loop).
+template <typename T, int HD, int BN, int NW, int MT, typename Launch>
+void backward_dq_tc(const Params& p, const Launch& launch) {
+  constexpr int BM = 16 * MT * NW;
+  const size_t smem = static_cast<size_t>(4 * BN) * Tile<HD>::kLd * sizeof(T);
+  launch(attention_backward_dq_tc<T, HD, BN, NW, MT>,
+         dim3(p.batch * p.heads, tiles(p.q_len, BM)), NW * 32, smem, p);
 }
 
 // sm_90 registers / shared memory per block, 4 warps (blocks per SM): dK/dV HD 64 (K, V in
-// registers): 236 / 55 KB (2); HD 128: 248 / 69 KB (2). dQ HD 64: 167 / 36 KB (3); HD 128:
-// 255 / 68 KB (2).
+// registers): 236 / 55 KB (2); HD 128: 248 / 69 KB (2). dQ HD 64: 167 / 36 KB (3), with
+// p.warp_rows 32 (two m-tiles per warp, 128 rows a block) 255 / 36 KB (2); HD 128: 255 / 68 KB
+// (2).
 template <typename T, typename Launch>
 void backward_tc_dispatch(const Params& p, const Launch& launch) {
   if (p.head_dim <= 64) {
-    backward_tc<T, 64, 64, 64, 4, true>(p, launch);
+    backward_dkdv_tc<T, 64, 64, 4, true>(p, launch);
+    p.warp_rows == 32 ? backward_dq_tc<T, 64, 64, 4, 2>(p, launch)
+                      : backward_dq_tc<T, 64, 64, 4, 1>(p, launch);
   } else {
-    backward_tc<T, 128, 32, 64, 4, false>(p, launch);
+    backward_dkdv_tc<T, 128, 32, 4, false>(p, launch);
+    backward_dq_tc<T, 128, 64, 4, 1>(p, launch);
   }
 }
 

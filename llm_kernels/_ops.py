@@ -57,8 +57,9 @@ SCHEMAS = {
 
 TRITON_NAMESPACE = "llm_kernels_triton"
 CUDA_NAMESPACE = "llm_kernels"
-# Query rows per warp of the CUDA tensor-core attention forward, read by the extension at each
-# call: 16 (the default) or 32 (two m-tiles share each K/V fragment; opt-in until timed).
+# Query rows per warp of the CUDA tensor-core attention forward (and dQ at D <= 64), read by the
+# extension at each call: 16 (the default) or 32 (two m-tiles share each K/V fragment; opt-in
+# until timed).
 CUDA_ATTENTION_WARP_ROWS_ENV = "LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS"
 
 

@@ -109,12 +109,12 @@ def _tma_switches() -> str:
 
 
 def _cuda_attention_switch() -> str:
-    """The CUDA attention forward's query rows per warp (16 unless set)."""
+    """Query rows per warp of the CUDA attention forward and dQ kernels (16 unless set)."""
     from llm_kernels._ops import CUDA_ATTENTION_WARP_ROWS_ENV
     rows = os.environ.get(CUDA_ATTENTION_WARP_ROWS_ENV) or "16"
     what = f"{rows} query rows per warp" if rows in ("16", "32") else \
         f"{rows!r} query rows per warp is invalid (16 or 32)"
-    return f"cuda attention forward: {what} (${CUDA_ATTENTION_WARP_ROWS_ENV})"
+    return f"cuda attention forward and dQ: {what} (${CUDA_ATTENTION_WARP_ROWS_ENV})"
 
 
 def _info(args) -> int:

@@ -43,7 +43,7 @@ def test_info_shows_the_cuda_attention_warp_rows(value, shown):
         pytest.skip("the extension was built without its CUDA kernels")
     proc = _run("info", env=dict(os.environ, LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS=value))
     assert proc.returncode == 0, proc.stderr
-    assert (f"cuda attention forward: {shown} ($LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS)"
+    assert (f"cuda attention forward and dQ: {shown} ($LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS)"
             in proc.stdout)
 
 

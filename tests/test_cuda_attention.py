@@ -222,7 +222,7 @@ def test_cuda_tensor_cores(b, h, hkv, lq, lk_, d, causal, dtype):
     (3, 4, 2, 1, 4097, 64, True),
 ])
 def test_cuda_two_m_tiles_per_warp(monkeypatch, b, h, hkv, lq, lk_, d, causal, dtype):
-    """The tensor-core forward with 32 query rows per warp (opt-in)."""
+    """The tensor-core forward and (D <= 64) dQ with 32 query rows per warp (opt-in)."""
     monkeypatch.setenv(CUDA_ATTENTION_WARP_ROWS_ENV, "32")
     q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, GPU)
     check_attention(q, k, v, causal=causal)
@@ -266,8 +266,8 @@ def test_cuda_tiny_shapes(dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_tiny_shapes_two_m_tiles(monkeypatch, dtype):
-    """test_cuda_tiny_shapes with 32 query rows per warp in the tensor-core forward (small
-    enough for compute-sanitizer)."""
+    """test_cuda_tiny_shapes with 32 query rows per warp in the tensor-core forward and dQ
+    (small enough for compute-sanitizer)."""
     monkeypatch.setenv(CUDA_ATTENTION_WARP_ROWS_ENV, "32")
     for lq, lk_, d in ((1, 1, 64), (17, 17, 128), (97, 33, 40), (130, 129, 64)):
         q, k, v = make_qkv(2, 4, 2, lq, lk_, d, dtype, GPU)

@@ -123,8 +123,9 @@ SHAPES = [  # (b, h, hkv, lq, lk, d, options)
 ]
 CASES = [Case(dtype, *shape, **options) for *shape, options in SHAPES for dtype in DTYPES]
 CASES += [Case(F16, 1, 2, 2, 19, 29, 20, causal=True)]  # D % 8 != 0: the 16-bit SIMT fallback
-# The tensor-core forward with two m-tiles per warp ($LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS=32):
-# query tiles of 128 rows, key tiles of 32, at every head dim it serves (D <= 128).
+# The tensor-core forward (and at D <= 64 the dQ kernel) with two m-tiles per warp
+# ($LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS=32): query tiles of 128 rows, at every head dim the
+# forward serves that way (D <= 128).
 CASES += [Case(dtype, *shape, **options, warp_rows=32) for *shape, options in SHAPES
           for dtype in (F16, BF16) if shape[5] <= 128]
 

@@ -21,11 +21,10 @@ def test_every_sweep_prints_its_table():
     titles = [line for line in out.stdout.splitlines() if line.startswith("== ")]
     assert [t.split()[1] for t in titles] == ["layer_norm", "CUDA", "decode", "attention",
                                               "attention", "feed-forward"]
-    cuda_rows = out.stdout.split("== CUDA attention forward")[1].splitlines()[2:6]
-    assert [row.split()[:3] for row in cuda_rows] == [["128", "False", "16*"],
-                                                      ["128", "False", "32"],
-                                                      ["128", "True", "16*"],
-                                                      ["128", "True", "32"]]
+    cuda_rows = out.stdout.split("== CUDA attention")[1].splitlines()[2:10]
+    assert [row.split()[:4] for row in cuda_rows] == [
+        ["128", causal, mode, rows] for causal in ("False", "True") for mode in ("fwd", "bwd")
+        for rows in ("16*", "32")]
     bwd_rows = out.stdout.split("== attention backward")[1].splitlines()[2:4]
     assert [row.split()[:2] for row in bwd_rows] == [["False", "pointer*"], ["False", "tma"]]
     tma_rows = out.stdout.split("== feed-forward")[1].splitlines()[2:]

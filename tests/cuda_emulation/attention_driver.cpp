@@ -9,7 +9,7 @@
 // v_stride (batch, head, row; in elements, the row stride of D being 1), mask_dtype (none, f32,
 // f16, bf16), mask_stride (4 values), and optionally skip_syncthreads N (fault injection: every
 // thread skips its N-th __syncthreads), backward 0 (forward only) and warp_rows 16 / 32 (query
-// rows per warp of the tensor-core forward, $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS).
+// rows per warp of the tensor-core forward and dQ, $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS).
 // Inputs, raw: q.bin, k.bin, v.bin, mask.bin (each from its first element to its last at the
 // given strides), dout.bin ((B, H, Lq, D) contiguous).
 // Outputs, raw: out.bin, dq.bin ((B, H, Lq, D)), dk.bin, dv.bin ((B, Hkv, Lk, D)) in the dtype,
