@@ -203,8 +203,8 @@ native_rebuild() {
     "$PY" setup.py build_ext --inplace || return 0
   TAIL_LINES=30 step native-probe-system-gxx "$(slot 40 0)" bash scripts/native_probe.sh "$PY"
 }
-# Launch-parameter sweeps (layer norm backward, decode split plan, attention forward settings):
-# the data that chooses the kernels' launch settings.
+# Launch-parameter sweeps (the CUDA attention's rows per warp, the Triton TMA reads, the decode
+# split plan, the layer norm backward's grid): the data that chooses the kernels' settings.
 sweep_step() {
   TAIL_LINES=80 step sweep "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.sweep
 }

@@ -15,23 +15,33 @@ def _run(*args, interpret="1"):
                            *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+def _table_rows(stdout: str, title: str) -> list[list[str]]:
+    """The data rows (split into cells) of the table whose title starts with ``== title``."""
+    lines = stdout.split("== " + title, 1)[1].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.strip() or line.startswith("== "):
+            break
+        rows.append(line.split())
+    return rows
+
+
 def test_every_sweep_prints_its_table():
     out = _run("--quick")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     titles = [line for line in out.stdout.splitlines() if line.startswith("== ")]
-    assert [t.split()[1] for t in titles] == ["layer_norm", "CUDA", "decode", "attention",
-                                              "attention", "feed-forward"]
-    cuda_rows = out.stdout.split("== CUDA attention")[1].splitlines()[2:10]
-    assert [row.split()[:4] for row in cuda_rows] == [
+    assert [t.split()[1] for t in titles] == ["CUDA", "attention", "attention", "feed-forward",
+                                              "decode", "layer_norm"]
+    assert [row[:4] for row in _table_rows(out.stdout, "CUDA attention")] == [
         ["128", causal, mode, rows] for causal in ("False", "True") for mode in ("fwd", "bwd")
         for rows in ("16*", "32")]
-    bwd_rows = out.stdout.split("== attention backward")[1].splitlines()[2:4]
-    assert [row.split()[:2] for row in bwd_rows] == [["False", "pointer*"], ["False", "tma"]]
-    tma_rows = out.stdout.split("== feed-forward")[1].splitlines()[2:]
-    assert [row.split()[:2] for row in tma_rows] == [["fwd", "pointer*"], ["fwd", "tma"]]
+    assert [row[:2] for row in _table_rows(out.stdout, "attention backward")] == [
+        ["False", "pointer*"], ["False", "tma"]]
+    assert [row[:2] for row in _table_rows(out.stdout, "feed-forward")] == [
+        ["fwd", "pointer*"], ["fwd", "tma"]]
     assert "failed" not in out.stdout
-    rows = out.stdout.split("== decode")[0].splitlines()[2:]
-    assert any(row.split()[1] == "auto" for row in rows) and len(rows) >= 3
+    rows = _table_rows(out.stdout, "layer_norm")
+    assert any(row[1] == "auto" for row in rows) and len(rows) >= 3
 
 
 @pytest.mark.parametrize("args,why", [(["--sweeps", "nope"], "unknown sweeps: nope")])
