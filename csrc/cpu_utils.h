@@ -79,6 +79,16 @@ void softmax_backward_row(const float* dy, const float* y, int64_t n, float* dx)
 void softmax_minus_onehot(const float* v, int64_t n, float shift, float scale, int64_t hot,
                           float* out);
 
+// The feed-forward epilogues over n floats (math in common.h): out = act(pre); with the
+// gradient, grad_pre = grad_out * act'(pre) too; swiglu out = silu(gate) * up, grad_gate =
+// grad_out * up * silu'(gate), grad_up = grad_out * silu(gate).
+void activation_rows(Activation act, const float* pre, int64_t n, float* out);
+void activation_grad_rows(Activation act, const float* pre, const float* grad_out, int64_t n,
+                          float* out, float* grad_pre);
+void swiglu_rows(const float* gate, const float* up, int64_t n, float* out);
+void swiglu_grad_rows(const float* gate, const float* up, const float* grad_out, int64_t n,
+                      float* out, float* grad_gate, float* grad_up);
+
 // float(src[i]) for i < n into dst.
 template <typename T>
 void to_float(const T* src, int64_t n, float* dst) {

@@ -101,6 +101,92 @@ LK_INLINE VecF exp_nonpositive(VecF x) {
   return p * (VecF)bits * 0x1p-64f;  // a vector cast reinterprets the bits
 }
 
+// ---- the feed-forward activations (common.h's formulas) on vectors ----
+// Each quantity that a formula subtracts from 1 is computed without that cancellation (1 + erf,
+// 1 - sigmoid, 1 + tanh, 1 - tanh^2 from exp(-|.|) and erfc), so the results keep float32's
+// relative accuracy in the tails. NaN inputs give NaN.
+
+LK_INLINE VecF abs_of(VecF x) { return x < 0.0f ? -x : x; }
+
+// sigmoid(x) and 1 - sigmoid(x).
+struct Sigmoid {
+  VecF s, one_minus_s;
+};
+
+LK_INLINE Sigmoid sigmoid_of(VecF x) {
+  const VecF e = exp_nonpositive(-abs_of(x));
+  const VecF inv = 1.0f / (1.0f + e);
+  return {x >= 0.0f ? inv : e * inv, x >= 0.0f ? e * inv : inv};
+}
+
+// erfc(a) for a >= 0 with relative error below 1.2e-7 (the Chebyshev fit of Numerical Recipes'
+// erfcc); exp's argument is never above ~1e-7.
+LK_INLINE VecF erfc_nonnegative(VecF a) {
+  const VecF t = 1.0f / (1.0f + 0.5f * a);
+  VecF p = VecF{} + 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  const VecF arg = p - a * a;
+  return t * exp_nonpositive(arg < 0.0f ? arg : VecF{});
+}
+
+// 1 + erf(z): 2 - erfc(z) for z >= 0, erfc(-z) below.
+LK_INLINE VecF one_plus_erf(VecF z) {
+  const VecF c = erfc_nonnegative(abs_of(z));
+  return z >= 0.0f ? 2.0f - c : c;
+}
+
+// 1 + tanh(u) and 1 - tanh(u)^2, from e = exp(-2|u|).
+struct Tanh {
+  VecF one_plus_t, one_minus_t2;
+};
+
+LK_INLINE Tanh tanh_of(VecF u) {
+  const VecF e = exp_nonpositive(-2.0f * abs_of(u));
+  const VecF inv = 1.0f / (1.0f + e);
+  return {u >= 0.0f ? 2.0f * inv : 2.0f * e * inv, 4.0f * e * inv * inv};
+}
+
+LK_INLINE VecF gelu_tanh_arg(VecF x) { return kSqrt2OverPi * (x + kGeluTanhCoef * x * x * x); }
+
+LK_INLINE VecF activation_of(Activation act, VecF x) {
+  switch (act) {
+    case Activation::kGelu:
+      return 0.5f * x * one_plus_erf(x * kSqrt1_2);
+    case Activation::kGeluTanh:
+      return 0.5f * x * tanh_of(gelu_tanh_arg(x)).one_plus_t;
+    case Activation::kRelu:
+      return x < 0.0f ? VecF{} : x;  // NaN stays NaN
+    default:
+      return x * sigmoid_of(x).s;
+  }
+}
+
+LK_INLINE VecF activation_grad_of(Activation act, VecF x) {
+  switch (act) {
+    case Activation::kGelu:
+      return 0.5f * one_plus_erf(x * kSqrt1_2) + x * kInvSqrt2Pi * exp_nonpositive(-0.5f * x * x);
+    case Activation::kGeluTanh: {
+      const Tanh t = tanh_of(gelu_tanh_arg(x));
+      return 0.5f * t.one_plus_t +
+             0.5f * x * t.one_minus_t2 * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhCoef * x * x);
+    }
+    case Activation::kRelu:
+      return x > 0.0f ? VecF{} + 1.0f : VecF{};
+    default: {
+      const Sigmoid s = sigmoid_of(x);
+      return s.s * (1.0f + x * s.one_minus_s);
+    }
+  }
+}
+
 }  // namespace
 
 LK_CLONES void bf16_to_float(const c10::BFloat16* src, int64_t n, float* dst) {
@@ -363,6 +449,80 @@ LK_CLONES void softmax_minus_onehot(const float* v, int64_t n, float shift, floa
     } else {
       store_partial(out + i, count, p);
     }
+  }
+}
+
+// The loops below spell out their vector and tail steps: a lambda would be a separate function
+// of the baseline ISA that the clones do not inline.
+LK_CLONES void activation_rows(Activation act, const float* pre, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) store(out + i, activation_of(act, load(pre + i)));
+  if (i < n) {
+    store_partial(out + i, n - i, activation_of(act, load_partial(pre + i, n - i, 0.0f)));
+  }
+}
+
+LK_INLINE void activation_grad_step(Activation act, VecF x, VecF g, VecF& out, VecF& grad) {
+  out = activation_of(act, x);
+  grad = g * activation_grad_of(act, x);
+}
+
+LK_CLONES void activation_grad_rows(Activation act, const float* pre, const float* grad_out,
+                                    int64_t n, float* out, float* grad_pre) {
+  int64_t i = 0;
+  VecF o, g;
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    activation_grad_step(act, load(pre + i), load(grad_out + i), o, g);
+    store(out + i, o);
+    store(grad_pre + i, g);
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    activation_grad_step(act, load_partial(pre + i, m, 0.0f), load_partial(grad_out + i, m, 0.0f),
+                         o, g);
+    store_partial(out + i, m, o);
+    store_partial(grad_pre + i, m, g);
+  }
+}
+
+LK_INLINE VecF swiglu_of(VecF g, VecF u) { return g * sigmoid_of(g).s * u; }
+
+LK_CLONES void swiglu_rows(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) store(out + i, swiglu_of(load(gate + i), load(up + i)));
+  if (i < n) {
+    const int64_t m = n - i;
+    store_partial(out + i, m, swiglu_of(load_partial(gate + i, m, 0.0f),
+                                        load_partial(up + i, m, 0.0f)));
+  }
+}
+
+// out = silu(g) u, dg = d u silu'(g), du = d silu(g).
+LK_INLINE void swiglu_grad_step(VecF g, VecF u, VecF d, VecF& out, VecF& dg, VecF& du) {
+  const Sigmoid s = sigmoid_of(g);
+  const VecF silu = g * s.s;
+  out = silu * u;
+  dg = d * u * (s.s * (1.0f + g * s.one_minus_s));
+  du = d * silu;
+}
+
+LK_CLONES void swiglu_grad_rows(const float* gate, const float* up, const float* grad_out,
+                                int64_t n, float* out, float* grad_gate, float* grad_up) {
+  int64_t i = 0;
+  VecF o, dg, du;
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    swiglu_grad_step(load(gate + i), load(up + i), load(grad_out + i), o, dg, du);
+    store(out + i, o);
+    store(grad_gate + i, dg);
+    store(grad_up + i, du);
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    swiglu_grad_step(load_partial(gate + i, m, 0.0f), load_partial(up + i, m, 0.0f),
+                     load_partial(grad_out + i, m, 0.0f), o, dg, du);
+    store_partial(out + i, m, o);
+    store_partial(grad_gate + i, m, dg);
+    store_partial(grad_up + i, m, du);
   }
 }
 

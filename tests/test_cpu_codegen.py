@@ -2,8 +2,9 @@
 
 A NaN-propagating rewrite of ``max_of`` once made GCC scalarize its loop (a 16-lane select on a
 mask or'ed with a NaN test): softmax and cross-entropy forwards ran 4-6x slower on CPU and no
-test noticed. This reads the built extension's machine code (binutils' objdump, which the
-build's toolchain brings).
+test noticed; a lambda in the feed-forward epilogue loops once left them in baseline scalar
+code (2x slower blocks). This reads the built extension's machine code (binutils' objdump,
+which the build's toolchain brings).
 """
 import re
 import shutil
@@ -15,7 +16,9 @@ from llm_kernels.backends import load_extension
 
 # function -> packed instructions its loop must use in every vector clone
 PACKED = {"max_of": ("vmaxps",), "exp_shift_sum": ("vaddps", "vmulps"),
-          "normalize_affine": ("vmulps",), "norm_backward_row": ("vmulps",)}
+          "normalize_affine": ("vmulps",), "norm_backward_row": ("vmulps",),
+          "activation_rows": ("vmulps", "vdivps"), "activation_grad_rows": ("vmulps",),
+          "swiglu_rows": ("vmulps", "vdivps"), "swiglu_grad_rows": ("vmulps",)}
 
 
 def clone_bodies(path: str) -> dict[tuple[str, str], str]:
