@@ -815,7 +815,12 @@ def train(args: argparse.Namespace, info: Optional[DistInfo] = None) -> TrainRes
             torch.cuda.set_device(spec.device)
         dist.init_process_group("nccl" if spec.device.type == "cuda" else "gloo")
     try:
-        return _train_loop(Trainer(spec, ckpt, data, info), spec, info)
+        result = _train_loop(Trainer(spec, ckpt, data, info), spec, info)
+        if started_dist:
+            # Every rank done before any tears the group down: a gloo rank still tearing down
+            # when its peer has closed their connections can abort (std::terminate).
+            dist.barrier()
+        return result
     finally:
         if started_dist:
             dist.destroy_process_group()
