@@ -288,10 +288,10 @@ rest_tests() {
     env LLM_KERNELS_AUTOTUNE=0 "$PY" -m pytest -m "not cuda" "${PYTEST_OPTS[@]}" "${TIMEOUT_OPT[@]}" "${XDIST[@]}" "${ignore[@]}" tests
 }
 # Small-shape cuda tests of the CUDA C++ kernels only (attention with tensor cores, padded head
-# dims and masks; norms; softmax; feed-forward epilogues; cross-entropy's target check; no
+# dims, masks and flash-decoding; norms; softmax; feed-forward epilogues; cross-entropy's target check; no
 # Triton JIT under the sanitizer): what the benchmark call has time to run under
 # compute-sanitizer.
-SANITIZE_LITE="test_cuda_attention and (tiny_shapes or padded_head_dims or test_cuda_masks) or test_cuda_backend and (norm_flags_cuda or softmax_minus_inf_rows_cuda or feed_forward_odd_cuda or out_of_range_target_cuda)"
+SANITIZE_LITE="test_cuda_attention and (tiny_shapes or padded_head_dims or test_cuda_masks or decode_small) or test_cuda_backend and (norm_flags_cuda or softmax_minus_inf_rows_cuda or feed_forward_odd_cuda or out_of_range_target_cuda)"
 # sanitize_steps MEM_MAX MEM_RESERVE RACE_MAX RACE_RESERVE [K]: a subset of the cuda tests
 # under compute-sanitizer's memcheck, then racecheck: the tests matching K (else SANITIZE_K),
 # else the first SANITIZE_PER_FILE (1) tests of each kernel test file (not the model, training

@@ -4,8 +4,10 @@
 // fp16/bf16 with D % 8 == 0 (and 16-byte aligned rows, else a contiguous copy): tensor cores,
 // D padded to 64, 128 or 256 in shared memory (the backward up to D = 128). Everything else
 // (float32, other head dims, the backward at D > 128) runs the float32 SIMT kernels on float32
-// copies. The backward is deterministic: no atomics, every gradient element is written by one
-// thread block (dK/dV per key tile over the group's query heads, dQ per query tile).
+// copies. A forward of at most 16 query rows per kv head (group * Lq, e.g. a decode step) runs
+// flash-decoding: the keys split over blocks, then merged. The backward is deterministic: no
+// atomics, every gradient element is written by one thread block (dK/dV per key tile over the
+// group's query heads, dQ per query tile).
 #include "attention.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -149,6 +151,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     p.out = out.data_ptr();
     p.lse = lse.data_ptr<float>();
     p.warp_rows = query_warp_rows();
+    p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const size_t workspace_floats = plan_decode(p);
+    at::Tensor workspace;  // freed after the launches: the stream's later work reuses it
+    if (workspace_floats > 0) {
+      workspace = at::empty({static_cast<int64_t>(workspace_floats)}, lse.options());
+      set_decode_workspace(p, workspace.data_ptr<float>());
+    }
     if (q.scalar_type() == at::kHalf) {
       launch_forward<__half>(p, CudaLaunch{});
     } else {

@@ -5,7 +5,8 @@
 // Tensor-core path (fp16/bf16, sm_80+): FlashAttention-2 with mma.sync.m16n8k16 (fp32
 // accumulation), ldmatrix from padded shared memory tiles filled by cp.async. Each warp owns 16
 // rows of its block's tile (the forward and dQ optionally 32: two m-tiles sharing each K/V
-// fragment); a row's softmax statistics live in the 4 lanes of a quad.
+// fragment); a row's softmax statistics live in the 4 lanes of a quad. Few query rows per kv
+// head (decode) run flash-decoding: keys split over blocks and warps, then merged.
 // SIMT path (float32, and the fallback of everything else): 4 threads per row, 32 rows per
 // block, tiles of 32 keys in shared memory.
 //
@@ -48,6 +49,13 @@ struct Params {
   int64_t causal_offset;
   float scale, scale_log2;
   int warp_rows;  // host only: query rows per warp of the tensor-core forward and dQ (16 / 32)
+  int sm_count;   // host only: streaming multiprocessors (the decode split plan)
+  // Flash-decoding (attention_decode_tc): splits of decode_split_tiles key tiles each; with
+  // several, the splits' normalized O (B * Hkv, splits, 16, D) and log2-domain lse
+  // (B * Hkv, splits, 16) in float32 workspaces.
+  int decode_splits, decode_split_tiles;
+  float* decode_o;
+  float* decode_lse;
 };
 
 // Row i of query head h of batch b (likewise keys/values of kv head hk): strided tensors.
@@ -333,6 +341,39 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// One key tile's online-softmax step for a warp's 16 rows: the log2-domain scores s (NT n-tiles)
+// become P = 2^(s - new max); the running max, this lane's share of the running sum (summed over
+// the quad at the end) and the O fragment are rescaled by 2^(old max - new max).
+template <int NT, int HD>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[HD / 8][4],
+                                               float (&row_max)[2], float (&row_sum)[2]) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float m = row_max[half];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+    m = quad_max(m);
+    const float shift = m == -INFINITY ? 0.0f : m;
+    const float alpha = exp2f(row_max[half] - shift);
+    row_max[half] = m;
+    float sum = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - shift);
+        sum += s[nt][e];
+      }
+    }
+    row_sum[half] = row_sum[half] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; ++dt) {
+      o[dt][2 * half] *= alpha;
+      o[dt][2 * half + 1] *= alpha;
+    }
+  }
+}
+
 // ================================ tensor-core forward ========================================
 
 // One block's query tile in the forward and dQ grids (gridDim = (B * H, query tiles)). Blocks
@@ -453,35 +494,7 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
         }
       }
 
-      // Online softmax: rescale the running sums and O by 2^(old max - new max).
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float m = row_max[mt][half];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          m = fmaxf(m, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
-        }
-        m = quad_max(m);
-        const float shift = m == -INFINITY ? 0.0f : m;
-        const float alpha = exp2f(row_max[mt][half] - shift);
-        row_max[mt][half] = m;
-        float sum = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            s[mt][nt][e] = exp2f(s[mt][nt][e] - shift);
-            sum += s[mt][nt][e];
-          }
-        }
-        // This lane's share; summed over the quad at the end.
-        row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
-#pragma unroll
-        for (int dt = 0; dt < HD / 8; ++dt) {
-          o[mt][dt][2 * half] *= alpha;
-          o[mt][dt][2 * half + 1] *= alpha;
-        }
-      }
+      online_softmax<NT, HD>(s[mt], o[mt], row_max[mt], row_sum[mt]);
     }
     uint32_t pa[MT][NT / 2][4];
 #pragma unroll
@@ -515,6 +528,229 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
   for (int mt = 0; mt < MT; ++mt) {
     store_warp_rows<HD>(stage + mt * 16 * kLd, out + mt * 16 * d,
                         min(16, p.q_len - row_base - mt * 16), d);
+  }
+}
+
+// ================================ tensor-core decode =========================================
+
+// Flash-decoding, for few query rows per kv head (group * q_len <= 16: one or a few new tokens
+// against a KV cache). A block takes the group's query rows of one kv head as one m-tile of 16
+// (row r = query r % q_len of the group's head r / q_len; rows past group * q_len are padding)
+// and one split of the key tiles (grid (B * Hkv, splits)); each of its NW warps takes 16 keys of
+// every BN = 16 * NW key tile. K and V are read once per kv head, not once per query head, and
+// the keys are spread over splits x warps, so a decode step fills the GPU. The warps' softmax
+// states merge in shared memory; with one split the block writes out and lse, else the split's
+// normalized O and log2-domain lse go to the workspace (p.decode_o, p.decode_lse) that
+// attention_decode_combine merges.
+constexpr int kDecodeRows = 16;
+constexpr int kDecodeCombineThreads = 128;
+
+// A decode m-tile row: query i of head h; rows past group * q_len are padding (valid false).
+struct DecodeRow {
+  int h, i;
+  bool valid;
+};
+
+__device__ __forceinline__ DecodeRow decode_row(const Params& p, int hk, int r) {
+  return {hk * p.group + r / p.q_len, r % p.q_len, r < p.group * p.q_len};
+}
+
+// The index of a decode row's (b, h, i) in (B, H, Lq): its lse, and its out row (times D).
+__device__ __forceinline__ int64_t decode_out_row(const Params& p, int b, const DecodeRow& row) {
+  return (int64_t{b} * p.heads + row.h) * p.q_len + row.i;
+}
+
+// Row r of split `split` of kv head bk (= b * Hkv + hk) in the decode workspace.
+__device__ __forceinline__ int64_t decode_split_row(const Params& p, int bk, int split, int r) {
+  return (int64_t{bk} * p.decode_splits + split) * kDecodeRows + r;
+}
+
+// The group's query rows of kv head hk of batch b into the 16 x HD shared tile (zeros past
+// group * q_len and past d; cp.async, not committed).
+template <int HD, int THREADS, typename T>
+__device__ __forceinline__ void load_decode_queries(T* tile, const Params& p, int b, int hk) {
+  constexpr int kChunks = HD / 8;
+  for (int c = threadIdx.x; c < kDecodeRows * kChunks; c += THREADS) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const DecodeRow row = decode_row(p, hk, r);
+    const bool valid = row.valid && col < p.head_dim;
+    const T* src = valid ? q_row<T>(p, b, row.h, row.i) + col : static_cast<const T*>(p.q);
+    cp_async_16(tile + r * Tile<HD>::kLd + col, src, valid);
+  }
+}
+
+// Merges the NW warps' softmax states of the block's 16 rows (log2-domain max m_w, sum l_w and
+// unnormalized O_w in shared memory): m = max m_w, l = sum l_w 2^(m_w - m),
+// O = sum O_w 2^(m_w - m) / l; writes O and lse to out (one split) or to the workspace.
+template <typename T, int HD, int NW>
+__device__ __forceinline__ void decode_merge_warps(const Params& p, float* s_o, float* s_max,
+                                                   float* s_weight, int b, int hk) {
+  constexpr int kOLd = HD + 8;
+  const int bk = blockIdx.x, split = blockIdx.y, rows = p.group * p.q_len, d = p.head_dim;
+  if (threadIdx.x < rows) {
+    const int r = threadIdx.x;
+    float m = -INFINITY, l = 0.0f;
+    for (int w = 0; w < NW; ++w) m = fmaxf(m, s_max[w * kDecodeRows + r]);
+    float scale[NW];
+    for (int w = 0; w < NW; ++w) {
+      scale[w] = m == -INFINITY ? 0.0f : exp2f(s_max[w * kDecodeRows + r] - m);
+      l += s_weight[w * kDecodeRows + r] * scale[w];
+    }
+    for (int w = 0; w < NW; ++w) s_weight[w * kDecodeRows + r] = l > 0.0f ? scale[w] / l : 0.0f;
+    if (p.decode_splits == 1) {
+      p.lse[decode_out_row(p, b, decode_row(p, hk, r))] = lse_of(m, l);
+    } else {
+      p.decode_lse[decode_split_row(p, bk, split, r)] = l > 0.0f ? m + log2f(l) : -INFINITY;
+    }
+  }
+  __syncthreads();  // every row's warp weights are in s_weight
+  for (int idx = threadIdx.x; idx < rows * d; idx += NW * 32) {
+    const int r = idx / d, c = idx % d;
+    float v = 0.0f;
+    for (int w = 0; w < NW; ++w) {
+      v += s_weight[w * kDecodeRows + r] * s_o[(w * kDecodeRows + r) * kOLd + c];
+    }
+    if (p.decode_splits == 1) {
+      static_cast<T*>(p.out)[decode_out_row(p, b, decode_row(p, hk, r)) * d + c] = T(v);
+    } else {
+      p.decode_o[decode_split_row(p, bk, split, r) * d + c] = v;
+    }
+  }
+}
+
+// Grid (B * Hkv, splits): split y takes key tiles [y * p.decode_split_tiles, ...) of BN = 16 * NW
+// keys, double-buffered as in the forward (tile t + 1 loads while tile t is computed, one
+// __syncthreads per tile); warp w computes S = Q K_w^T, the online softmax and O += P V_w over
+// keys [16 w, 16 w + 16) of each tile. Q stays in registers as mma A fragments when HD <= 128.
+template <typename T, int HD, int NW>
+__global__ void __launch_bounds__(NW * 32) attention_decode_tc(const Params p) {
+  constexpr int BN = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, kOLd = HD + 8;
+  constexpr bool kQInRegs = HD <= 128;
+  LK_DYNAMIC_SMEM(unsigned char, smem);
+  T* s_q = reinterpret_cast<T*>(smem);  // 16 x HD
+  T* s_k = s_q + kDecodeRows * kLd;     // 2 stages x BN x HD
+  T* s_v = s_k + 2 * BN * kLd;          // 2 stages x BN x HD
+
+  const int bk = blockIdx.x, b = bk / p.kv_heads, hk = bk % p.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = p.head_dim;
+  const int all_tiles = (key_end(p, p.q_len) + BN - 1) / BN;
+  const int t0 = blockIdx.y * p.decode_split_tiles;
+  const int t1 = min(all_tiles, t0 + p.decode_split_tiles);
+  const T* k_head = k_row<T>(p, b, hk, 0);
+  const T* v_head = v_row<T>(p, b, hk, 0);
+  auto load_kv = [&](int t) {
+    const int n0 = t * BN, keys = min(BN, p.k_len - n0), at = ((t - t0) % 2) * BN * kLd;
+    load_tile_async<BN, HD, kThreads>(s_k + at, k_head + n0 * p.k_stride[2], p.k_stride[2], keys,
+                                      d);
+    load_tile_async<BN, HD, kThreads>(s_v + at, v_head + n0 * p.v_stride[2], p.v_stride[2], keys,
+                                      d);
+  };
+
+  load_decode_queries<HD, kThreads>(s_q, p, b, hk);
+  if (t0 < t1) load_kv(t0);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();  // Q and key tile t0 are in
+
+  uint32_t qf[kQInRegs ? HD / 16 : 1][1][4];
+  if constexpr (kQInRegs) load_a_fragments_mt<1, HD / 16, HD>(qf, s_q);
+  float o[1][HD / 8][4];
+  zero(o[0]);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const DecodeRow row[2] = {decode_row(p, hk, frag_row(0)), decode_row(p, hk, frag_row(2))};
+
+  for (int t = t0; t < t1; ++t) {
+    const int n0 = t * BN + warp * 16;  // the warp's first key
+    const int at = ((t - t0) % 2) * BN * kLd + warp * 16 * kLd;
+    if (t + 1 < t1) load_kv(t + 1);  // into the stage every warp finished at tile t - 1
+    cp_async_commit();
+
+    float s[1][2][4];
+    zero(s[0]);
+    if constexpr (kQInRegs) {
+      mma_frags_x_rows_mt<1, 2, HD / 16, HD>(s, qf, s_k + at);
+    } else {
+      mma_rows_x_rows_mt<1, 2, HD / 16, HD>(s, s_q, s_k + at);
+    }
+    // Query 0 sees the fewest keys; padding rows (zero queries) need no mask.
+    const bool need_mask =
+        p.mask != nullptr || n0 + 16 > p.k_len || (p.causal && n0 + 15 > p.causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const DecodeRow& r = row[e / 2];
+        if (!need_mask) {
+          s[0][nt][e] *= p.scale_log2;
+        } else {
+          s[0][nt][e] = r.valid ? masked_score(p, s[0][nt][e], b, r.h, r.i, n0 + frag_col(nt, e))
+                                : -INFINITY;
+        }
+      }
+    }
+    online_softmax<2, HD>(s[0], o[0], row_max, row_sum);
+    uint32_t pa[1][1][4];
+    to_a_fragments<2, T>(pa[0], s[0]);
+    mma_regs_x_tile_mt<1, 1, HD>(o, pa, s_v + at);
+
+    cp_async_wait_all();
+    __syncthreads();  // key tile t + 1 is in; every warp is done with stage (t - t0) % 2
+  }
+
+  // Every cp.async has landed and every warp is past its last tile: the K/V stages take the
+  // warps' states (NW x 16 rows of O at a stride of HD + 8 floats, then max and sum per row).
+  float* s_o = reinterpret_cast<float*>(s_k);
+  float* s_max = s_o + NW * kDecodeRows * kOLd;
+  float* s_sum = s_max + NW * kDecodeRows;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float sum = quad_sum(row_sum[half]);
+    if (lane % 4 == 0) {
+      s_max[warp * kDecodeRows + frag_row(2 * half)] = row_max[half];
+      s_sum[warp * kDecodeRows + frag_row(2 * half)] = sum;
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < HD / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s_o[(warp * kDecodeRows + frag_row(e)) * kOLd + frag_col(nt, e)] = o[0][nt][e];
+    }
+  }
+  __syncthreads();  // every warp's state is in
+  decode_merge_warps<T, HD, NW>(p, s_o, s_max, s_sum, b, hk);
+}
+
+// Merges the splits of attention_decode_tc, row by row: lse = log2 sum_s 2^lse_s (rounded once to
+// the natural log; +inf when no split saw a key) and out = sum_s 2^(lse_s - lse) O_s. Grid
+// (B * Hkv); dynamic shared memory holds the 16 x splits weights.
+template <typename T>
+__global__ void __launch_bounds__(kDecodeCombineThreads) attention_decode_combine(const Params p) {
+  LK_DYNAMIC_SMEM(float, s_weight);  // 16 x splits
+  const int bk = blockIdx.x, b = bk / p.kv_heads, hk = bk % p.kv_heads;
+  const int splits = p.decode_splits, rows = p.group * p.q_len, d = p.head_dim;
+  for (int r = threadIdx.x; r < rows; r += kDecodeCombineThreads) {
+    float m = -INFINITY, l = 0.0f;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, p.decode_lse[decode_split_row(p, bk, s, r)]);
+    for (int s = 0; s < splits; ++s) {
+      const float lse2 = p.decode_lse[decode_split_row(p, bk, s, r)];
+      const float w = m == -INFINITY ? 0.0f : exp2f(lse2 - m);
+      s_weight[r * splits + s] = w;
+      l += w;
+    }
+    for (int s = 0; s < splits; ++s) {
+      s_weight[r * splits + s] = l > 0.0f ? s_weight[r * splits + s] / l : 0.0f;
+    }
+    p.lse[decode_out_row(p, b, decode_row(p, hk, r))] = lse_of(m, l);
+  }
+  __syncthreads();  // every row's split weights are in
+  for (int idx = threadIdx.x; idx < rows * d; idx += kDecodeCombineThreads) {
+    const int r = idx / d, c = idx % d;
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      v += s_weight[r * splits + s] * p.decode_o[decode_split_row(p, bk, s, r) * d + c];
+    }
+    static_cast<T*>(p.out)[decode_out_row(p, b, decode_row(p, hk, r)) * d + c] = T(v);
   }
 }
 

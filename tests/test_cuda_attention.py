@@ -229,6 +229,39 @@ def test_cuda_two_m_tiles_per_warp(monkeypatch, b, h, hkv, lq, lk_, d, causal, d
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("b,h,hkv,lq,lk_,d,causal", [
+    (8, 32, 8, 1, 16384, 128, True),  # the benchmark's decode step: 64 kv heads, split 6 ways
+    (4, 8, 1, 2, 5000, 64, True),  # MQA, 2 new tokens: 16 rows per kv head
+    (2, 16, 16, 4, 3001, 256, True),  # D 256: key tiles of 32
+    (1, 6, 2, 5, 700, 96, False),  # 15 rows, D padded to 128
+    (64, 8, 8, 1, 100, 64, False),  # more kv heads than a wave holds: one split each
+])
+def test_cuda_decode(b, h, hkv, lq, lk_, d, causal, dtype):
+    """Flash-decoding (group * Lq <= 16 query rows per kv head): the group's rows as one m-tile,
+    the keys split over blocks and warps, the splits merged."""
+    q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, GPU)
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_decode_small_splits_masked(dtype):
+    """Decode over a padded cache (small enough for compute-sanitizer): batch 1 sees its first
+    300 keys, batch 2 none (zeros, whatever the split)."""
+    b, h, hkv, lk_ = 3, 8, 2, 1500
+    q, k, v = make_qkv(b, h, hkv, 1, lk_, 64, dtype, GPU)
+    keep = torch.ones(b, 1, 1, lk_, dtype=torch.bool, device=GPU)
+    keep[1, ..., 300:] = False
+    keep[2] = False
+    out, dq, dk, dv = check_attention(q, k, v, attn_mask=keep)
+    assert_rows_zero(out, [(2, i, 0) for i in range(h)])
+    assert_rows_zero(dq, [(2, i, 0) for i in range(h)])
+    assert torch.equal(dk[1, :, 300:], torch.zeros_like(dk[1, :, 300:]))
+    assert torch.equal(dv[2], torch.zeros_like(dv[2]))
+
+
+@pytest.mark.cuda
 def test_cuda_warp_rows_switch_is_checked(monkeypatch):
     monkeypatch.setenv(CUDA_ATTENTION_WARP_ROWS_ENV, "24")
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, torch.bfloat16, GPU)

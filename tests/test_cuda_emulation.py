@@ -89,11 +89,13 @@ class Case:
     seq_major: bool = False  # q, k, v: (B, L, H, D) tensors transposed to (B, H, L, D)
     mask: str = "none"  # "float": (B, 1, Lq, Lk) in q's dtype; "bool": (B, H, Lq, Lk)
     warp_rows: int = 16  # query rows per warp of the tensor-core forward (16 or 32)
+    sm_count: int = 4  # the SMs the decode split plan assumes
 
     def __str__(self):
         flags = [f for f, on in (("causal", self.causal), ("seq_major", self.seq_major),
                                  (f"{self.mask}_mask", self.mask != "none"),
-                                 (f"rows{self.warp_rows}", self.warp_rows != 16)) if on]
+                                 (f"rows{self.warp_rows}", self.warp_rows != 16),
+                                 (f"sms{self.sm_count}", self.sm_count != 4)) if on]
         return "-".join([NAMES[self.dtype], f"B{self.b}H{self.h}Hkv{self.hkv}",
                          f"Lq{self.lq}Lk{self.lk}D{self.d}", *flags])
 
@@ -128,6 +130,22 @@ CASES += [Case(F16, 1, 2, 2, 19, 29, 20, causal=True)]  # D % 8 != 0: the 16-bit
 # forward serves that way (D <= 128).
 CASES += [Case(dtype, *shape, **options, warp_rows=32) for *shape, options in SHAPES
           for dtype in (F16, BF16) if shape[5] <= 128]
+
+# Flash-decoding (16-bit, group * Lq <= 16 query rows per kv head): the group's rows as one m-tile,
+# the keys split over blocks (a wave of 3-4 blocks per SM of sm_count) and over each block's
+# warps, the splits merged by a second kernel.
+DECODE_SHAPES = [  # (b, h, hkv, lq, lk, d, options)
+    (1, 4, 1, 1, 700, 64, dict()),  # 11 tiles of 64 in 4 splits (the last one shorter)
+    (2, 8, 2, 2, 333, 128, dict(causal=True)),  # 8 rows; 3 splits, the last tile partly hidden
+    (1, 8, 2, 4, 400, 80, dict(mask="float")),  # 16 rows (a full m-tile), D padded to 128
+    (2, 4, 4, 4, 260, 256, dict(causal=True, sm_count=16)),  # D 256: 3 splits of 3 tiles of 32
+    (1, 2, 1, 8, 8, 40, dict(causal=True, mask="bool")),  # one tile, one split: no merge kernel
+    (1, 2, 1, 6, 3, 64, dict(causal=True)),  # Lq > Lk: queries 0-2 see no key
+    (2, 6, 2, 3, 500, 64, dict(seq_major=True)),  # 9 rows from strided heads
+    (1, 2, 1, 1, 2100, 64, dict(sm_count=64)),  # 33 tiles in 11 splits of 3
+]
+CASES += [Case(dtype, *shape, **options) for *shape, options in DECODE_SHAPES
+          for dtype in (F16, BF16)]
 
 
 def make_mask(case: Case, gen: torch.Generator):
@@ -179,7 +197,7 @@ def test_emulated_cuda_attention(driver, tmp_path, seed, case):
     grad_out = torch.randn(q.shape, generator=gen).to(case.dtype)
     grad_out[blind] = 0  # torch averages V in the -1e9 rows: leave them out of dk, dv
     got, faults = emulate(driver, tmp_path, q, k, v, attn_mask, grad_out, causal=case.causal,
-                          scale=scale, warp_rows=case.warp_rows)
+                          scale=scale, warp_rows=case.warp_rows, sm_count=case.sm_count)
     assert not faults, "the emulator reports:\n" + "\n".join(faults)
 
     kwargs = dict(causal=case.causal, scale=scale, attn_mask=attn_mask)

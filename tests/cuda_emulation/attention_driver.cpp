@@ -9,7 +9,8 @@
 // v_stride (batch, head, row; in elements, the row stride of D being 1), mask_dtype (none, f32,
 // f16, bf16), mask_stride (4 values), and optionally skip_syncthreads N (fault injection: every
 // thread skips its N-th __syncthreads), backward 0 (forward only) and warp_rows 16 / 32 (query
-// rows per warp of the tensor-core forward and dQ, $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS).
+// rows per warp of the tensor-core forward and dQ, $LLM_KERNELS_CUDA_ATTENTION_WARP_ROWS),
+// sm_count N (the SMs the decode split plan assumes; default 4).
 // Inputs, raw: q.bin, k.bin, v.bin, mask.bin (each from its first element to its last at the
 // given strides), dout.bin ((B, H, Lq, D) contiguous).
 // Outputs, raw: out.bin, dq.bin ((B, H, Lq, D)), dk.bin, dv.bin ((B, Hkv, Lk, D)) in the dtype,
@@ -41,6 +42,7 @@ struct Case {
   int64_t q_stride[3] = {}, k_stride[3] = {}, v_stride[3] = {}, mask_stride[4] = {};
   int skip_syncthreads = 0;
   int warp_rows = 16;
+  int sm_count = 4;
 };
 
 using cuda_emu_driver::fail;
@@ -52,7 +54,7 @@ Case read_case(const std::string& path) {
   const std::map<std::string, int*> ints = {
       {"batch", &c.batch}, {"heads", &c.heads}, {"kv_heads", &c.kv_heads}, {"q_len", &c.q_len},
       {"k_len", &c.k_len}, {"head_dim", &c.head_dim}, {"skip_syncthreads", &c.skip_syncthreads},
-      {"warp_rows", &c.warp_rows}};
+      {"warp_rows", &c.warp_rows}, {"sm_count", &c.sm_count}};
   const std::map<std::string, std::pair<int64_t*, int>> strides = {
       {"q_stride", {c.q_stride, 3}}, {"k_stride", {c.k_stride, 3}},
       {"v_stride", {c.v_stride, 3}}, {"mask_stride", {c.mask_stride, 4}}};
@@ -85,6 +87,7 @@ Case read_case(const std::string& path) {
     fail("case.txt: bad or missing sizes");
   }
   if (c.warp_rows != 16 && c.warp_rows != 32) fail("case.txt: warp_rows must be 16 or 32");
+  if (c.sm_count <= 0) fail("case.txt: sm_count must be positive");
   return c;
 }
 
@@ -204,6 +207,7 @@ Params make_params(const Case& c, const Inputs& in) {
   p.scale = static_cast<float>(c.scale);
   p.scale_log2 = static_cast<float>(c.scale * 1.4426950408889634);
   p.warp_rows = c.warp_rows;
+  p.sm_count = c.sm_count;
   return p;
 }
 
@@ -215,6 +219,8 @@ void forward(const Case& c, const Inputs& in, T* out, float* lse) {
     Params p = make_params(c, in);
     p.out = out;
     p.lse = lse;
+    const size_t workspace_floats = lk::attn::plan_decode(p);
+    if (workspace_floats > 0) lk::attn::set_decode_workspace(p, alloc<float>(workspace_floats));
     lk::attn::launch_forward<T>(p, cuda_emu::Launch{});
     return;
   }
