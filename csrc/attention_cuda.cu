@@ -1,5 +1,5 @@
-// CUDA attention entry points: checks, layouts and the launcher of the kernel launches planned
-// in attention_launch.cuh.
+// CUDA attention entry points: checks, layouts and workspaces; the kernels are launched by the
+// translation units of attention_cuda_launch.cuh, per the plans of attention_launch.cuh.
 //
 // fp16/bf16 with D % 8 == 0 (and 16-byte aligned rows, else a contiguous copy): tensor cores,
 // D padded to 64, 128 or 256 in shared memory (the backward up to D = 128). Everything else
@@ -12,7 +12,6 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -20,7 +19,7 @@
 #include <string>
 
 #include "attention_checks.h"
-#include "attention_launch.cuh"
+#include "attention_cuda_launch.cuh"
 #include "check.h"
 #include "common.h"
 
@@ -106,25 +105,11 @@ at::Tensor contiguous_aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-// Launches kernel<<<grid, threads, smem>>>(args...) on the current stream (the launcher of
-// attention_launch.cuh), raising the kernel's shared memory limit when it needs over 48 KB.
-struct CudaLaunch {
-  template <typename... KernelArgs, typename... Args>
-  void operator()(void (*kernel)(KernelArgs...), dim3 grid, int threads, size_t smem,
-                  Args... args) const {
-    if (grid.x == 0 || grid.y == 0) return;
-    const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    LK_CHECK(smem <= smem_limit, "llm_kernels::attention: this head dim needs ", smem,
-                " bytes of shared memory per block, the GPU allows ", smem_limit,
-                "; use backend='triton' or 'torch' for it");
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
-    kernel<<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
+// The launcher of the kernels on the current stream of the current device.
+CudaLaunch current_launch() {
+  return {c10::cuda::getCurrentCUDAStream(),
+          at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin};
+}
 
 at::Tensor as_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
@@ -158,11 +143,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
       workspace = at::empty({static_cast<int64_t>(workspace_floats)}, lse.options());
       set_decode_workspace(p, workspace.data_ptr<float>());
     }
-    if (q.scalar_type() == at::kHalf) {
-      launch_forward<__half>(p, CudaLaunch{});
-    } else {
-      launch_forward<__nv_bfloat16>(p, CudaLaunch{});
-    }
+    q.scalar_type() == at::kHalf ? forward_f16(p, current_launch())
+                                 : forward_bf16(p, current_launch());
     return {out, lse};
   }
   const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v);
@@ -170,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   Params p = make_params(s, qf, kf, vf, mask, causal, causal_offset, scale);
   p.out = out_f.data_ptr();
   p.lse = lse.data_ptr<float>();
-  launch_forward<float>(p, CudaLaunch{});
+  forward_f32(p, current_launch());
   if (!out_f.is_same(out)) out.copy_(out_f);
   return {out, lse};
 }
@@ -203,11 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     p.dk = dk.data_ptr();
     p.dv = dv.data_ptr();
     p.warp_rows = query_warp_rows();
-    if (q.scalar_type() == at::kHalf) {
-      launch_backward<__half>(p, CudaLaunch{});
-    } else {
-      launch_backward<__nv_bfloat16>(p, CudaLaunch{});
-    }
+    q.scalar_type() == at::kHalf ? backward_f16(p, current_launch())
+                                 : backward_bf16(p, current_launch());
     return {dq, dk, dv};
   }
   const bool is_float = q.scalar_type() == at::kFloat;
@@ -224,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.dq = dq_f.data_ptr();
   p.dk = dk_f.data_ptr();
   p.dv = dv_f.data_ptr();
-  launch_backward<float>(p, CudaLaunch{});
+  backward_f32(p, current_launch());
   if (!is_float) {
     dq.copy_(dq_f);
     dk.copy_(dk_f);

@@ -1153,8 +1153,10 @@ __global__ void __launch_bounds__(kSimtThreads) attention_forward_simt(const Par
   if (sub == 0) p.lse[row] = lse_of(row_max, row_sum);
 }
 
-// delta[row] = dot_seq(dout[row], o[row]) (one thread per row, float32).
-__global__ void attention_backward_delta_simt(const Params p, int64_t rows) {
+// delta[row] = dot_seq(dout[row], o[row]) (one thread per row, blocks of THREADS, float32).
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) attention_backward_delta_simt(const Params p,
+                                                                         int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= rows) return;
   const int d = p.head_dim;

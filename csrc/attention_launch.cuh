@@ -189,8 +189,10 @@ void forward_simt(const Params& p, const Launch& launch) {
 template <int COLS, typename Launch>
 void backward_simt(const Params& p, const Launch& launch) {
   const int64_t rows = int64_t{p.batch} * p.heads * p.q_len;
-  launch(attention_backward_delta_simt, dim3(static_cast<unsigned>(lk::ceil_div(rows, 128)), 1),
-         128, 0, p, rows);
+  constexpr int kDeltaThreads = 128;
+  launch(attention_backward_delta_simt<kDeltaThreads>,
+         dim3(static_cast<unsigned>(lk::ceil_div(rows, kDeltaThreads)), 1), kDeltaThreads, 0, p,
+         rows);
   const size_t smem_dkdv =
       (4 * simt_tile_floats(p) + 2 * kSimtRows * 33 + 2 * kSimtRows) * sizeof(float);
   launch(attention_backward_dkdv_simt<COLS>,

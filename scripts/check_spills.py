@@ -27,7 +27,8 @@ ARCH = "sm_90"
 # matching one of them is a fast path and must not spill.
 FAST_PATHS = {
     "csrc/layer_norm.cu": [r"layer_norm_forward_kernel", r"layer_norm_backward_fused_kernel"],
-    "csrc/attention_cuda.cu": [r"."],
+    **{f"csrc/attention_{unit}.cu": [r"."]
+       for unit in ("fwd_f16", "fwd_bf16", "fwd_f32", "bwd_f16", "bwd_bf16", "bwd_f32")},
 }
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-DLLM_KERNELS_WITH_CUDA=1",
               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
