@@ -4,8 +4,8 @@
 // fp16/bf16 with D % 8 == 0 (and 16-byte aligned rows, else a contiguous copy): tensor cores,
 // D padded to 64, 128 or 256 in shared memory (the backward up to D = 128). Everything else
 // (float32, other head dims, the backward at D > 128) runs the float32 SIMT kernels on float32
-// copies. A forward of at most 16 query rows per kv head (group * Lq, e.g. a decode step) runs
-// flash-decoding: the keys split over blocks, then merged. The backward is deterministic: no
+// copies. A forward of at most 32 query rows per kv head (group * Lq, e.g. a decode step; 16 at
+// D > 128) runs flash-decoding: the keys split over blocks, then merged. The backward is deterministic: no
 // atomics, every gradient element is written by one thread block (dK/dV per key tile over the
 // group's query heads, dQ per query tile).
 #include "attention.h"

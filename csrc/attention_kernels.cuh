@@ -5,8 +5,8 @@
 // Tensor-core path (fp16/bf16, sm_80+): FlashAttention-2 with mma.sync.m16n8k16 (fp32
 // accumulation), ldmatrix from padded shared memory tiles filled by cp.async. Each warp owns 16
 // rows of its block's tile (the forward and dQ optionally 32: two m-tiles sharing each K/V
-// fragment); a row's softmax statistics live in the 4 lanes of a quad. Few query rows per kv
-// head (decode) run flash-decoding: keys split over blocks and warps, then merged.
+// fragment); a row's softmax statistics live in the 4 lanes of a quad. At most 32 query rows per
+// kv head (decode) run flash-decoding: keys split over blocks and warps, then merged.
 // SIMT path (float32, and the fallback of everything else): 4 threads per row, 32 rows per
 // block, tiles of 32 keys in shared memory.
 //
@@ -50,10 +50,11 @@ struct Params {
   float scale, scale_log2;
   int warp_rows;  // host only: query rows per warp of the tensor-core forward and dQ (16 / 32)
   int sm_count;   // host only: streaming multiprocessors (the decode split plan)
-  // Flash-decoding (attention_decode_tc): splits of decode_split_tiles key tiles each; with
-  // several, the splits' normalized O (B * Hkv, splits, 16, D) and log2-domain lse
-  // (B * Hkv, splits, 16) in float32 workspaces.
-  int decode_splits, decode_split_tiles;
+  // Flash-decoding (attention_decode_tc): splits of decode_split_tiles key tiles each, for
+  // decode_rows (16 or 32) query rows per kv head; with several, the splits' normalized O
+  // (B * Hkv, splits, decode_rows, D) and log2-domain lse (B * Hkv, splits, decode_rows) in float32
+  // workspaces.
+  int decode_splits, decode_split_tiles, decode_rows;
   float* decode_o;
   float* decode_lse;
 };
@@ -533,16 +534,16 @@ __global__ void __launch_bounds__(NW * 32) attention_forward_tc(const Params p) 
 
 // ================================ tensor-core decode =========================================
 
-// Flash-decoding, for few query rows per kv head (group * q_len <= 16: one or a few new tokens
-// against a KV cache). A block takes the group's query rows of one kv head as one m-tile of 16
+// Flash-decoding, for few query rows per kv head (group * q_len <= 32: one or a few new tokens
+// against a KV cache). A block takes the group's query rows of one kv head as MT m-tiles of 16
 // (row r = query r % q_len of the group's head r / q_len; rows past group * q_len are padding)
 // and one split of the key tiles (grid (B * Hkv, splits)); each of its NW warps takes 16 keys of
-// every BN = 16 * NW key tile. K and V are read once per kv head, not once per query head, and
-// the keys are spread over splits x warps, so a decode step fills the GPU. The warps' softmax
-// states merge in shared memory; with one split the block writes out and lse, else the split's
-// normalized O and log2-domain lse go to the workspace (p.decode_o, p.decode_lse) that
-// attention_decode_combine merges.
-constexpr int kDecodeRows = 16;
+// every BN = 16 * NW key tile for all the rows. K and V are read once per kv head, not once per
+// query head, and the keys are spread over splits x warps, so a decode step fills the GPU. The
+// warps' softmax states merge in shared memory; with one split the block writes out and lse,
+// else the split's normalized O and log2-domain lse go to the workspace (p.decode_o,
+// p.decode_lse: p.decode_rows = 16 * MT rows per split) that attention_decode_combine merges.
+constexpr int kDecodeMaxRows = 32;
 constexpr int kDecodeCombineThreads = 128;
 
 // A decode m-tile row: query i of head h; rows past group * q_len are padding (valid false).
@@ -562,15 +563,15 @@ __device__ __forceinline__ int64_t decode_out_row(const Params& p, int b, const 
 
 // Row r of split `split` of kv head bk (= b * Hkv + hk) in the decode workspace.
 __device__ __forceinline__ int64_t decode_split_row(const Params& p, int bk, int split, int r) {
-  return (int64_t{bk} * p.decode_splits + split) * kDecodeRows + r;
+  return (int64_t{bk} * p.decode_splits + split) * p.decode_rows + r;
 }
 
-// The group's query rows of kv head hk of batch b into the 16 x HD shared tile (zeros past
+// The group's query rows of kv head hk of batch b into the ROWS x HD shared tile (zeros past
 // group * q_len and past d; cp.async, not committed).
-template <int HD, int THREADS, typename T>
+template <int ROWS, int HD, int THREADS, typename T>
 __device__ __forceinline__ void load_decode_queries(T* tile, const Params& p, int b, int hk) {
   constexpr int kChunks = HD / 8;
-  for (int c = threadIdx.x; c < kDecodeRows * kChunks; c += THREADS) {
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += THREADS) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
     const DecodeRow row = decode_row(p, hk, r);
     const bool valid = row.valid && col < p.head_dim;
@@ -579,10 +580,10 @@ __device__ __forceinline__ void load_decode_queries(T* tile, const Params& p, in
   }
 }
 
-// Merges the NW warps' softmax states of the block's 16 rows (log2-domain max m_w, sum l_w and
-// unnormalized O_w in shared memory): m = max m_w, l = sum l_w 2^(m_w - m),
+// Merges the NW warps' softmax states of the block's ROWS rows (log2-domain max m_w, sum l_w and
+// unnormalized O_w in shared memory, row w * ROWS + r): m = max m_w, l = sum l_w 2^(m_w - m),
 // O = sum O_w 2^(m_w - m) / l; writes O and lse to out (one split) or to the workspace.
-template <typename T, int HD, int NW>
+template <typename T, int HD, int NW, int ROWS>
 __device__ __forceinline__ void decode_merge_warps(const Params& p, float* s_o, float* s_max,
                                                    float* s_weight, int b, int hk) {
   constexpr int kOLd = HD + 8;
@@ -590,13 +591,13 @@ __device__ __forceinline__ void decode_merge_warps(const Params& p, float* s_o, 
   if (threadIdx.x < rows) {
     const int r = threadIdx.x;
     float m = -INFINITY, l = 0.0f;
-    for (int w = 0; w < NW; ++w) m = fmaxf(m, s_max[w * kDecodeRows + r]);
+    for (int w = 0; w < NW; ++w) m = fmaxf(m, s_max[w * ROWS + r]);
     float scale[NW];
     for (int w = 0; w < NW; ++w) {
-      scale[w] = m == -INFINITY ? 0.0f : exp2f(s_max[w * kDecodeRows + r] - m);
-      l += s_weight[w * kDecodeRows + r] * scale[w];
+      scale[w] = m == -INFINITY ? 0.0f : exp2f(s_max[w * ROWS + r] - m);
+      l += s_weight[w * ROWS + r] * scale[w];
     }
-    for (int w = 0; w < NW; ++w) s_weight[w * kDecodeRows + r] = l > 0.0f ? scale[w] / l : 0.0f;
+    for (int w = 0; w < NW; ++w) s_weight[w * ROWS + r] = l > 0.0f ? scale[w] / l : 0.0f;
     if (p.decode_splits == 1) {
       p.lse[decode_out_row(p, b, decode_row(p, hk, r))] = lse_of(m, l);
     } else {
@@ -607,9 +608,7 @@ __device__ __forceinline__ void decode_merge_warps(const Params& p, float* s_o, 
   for (int idx = threadIdx.x; idx < rows * d; idx += NW * 32) {
     const int r = idx / d, c = idx % d;
     float v = 0.0f;
-    for (int w = 0; w < NW; ++w) {
-      v += s_weight[w * kDecodeRows + r] * s_o[(w * kDecodeRows + r) * kOLd + c];
-    }
+    for (int w = 0; w < NW; ++w) v += s_weight[w * ROWS + r] * s_o[(w * ROWS + r) * kOLd + c];
     if (p.decode_splits == 1) {
       static_cast<T*>(p.out)[decode_out_row(p, b, decode_row(p, hk, r)) * d + c] = T(v);
     } else {
@@ -620,15 +619,17 @@ __device__ __forceinline__ void decode_merge_warps(const Params& p, float* s_o, 
 
 // Grid (B * Hkv, splits): split y takes key tiles [y * p.decode_split_tiles, ...) of BN = 16 * NW
 // keys, double-buffered as in the forward (tile t + 1 loads while tile t is computed, one
-// __syncthreads per tile); warp w computes S = Q K_w^T, the online softmax and O += P V_w over
-// keys [16 w, 16 w + 16) of each tile. Q stays in registers as mma A fragments when HD <= 128.
-template <typename T, int HD, int NW>
+// __syncthreads per tile); warp w computes S = Q K_w^T for its MT m-tiles, the online softmax
+// and O += P V_w over keys [16 w, 16 w + 16) of each tile, each K and V fragment read once for
+// all the m-tiles. Q stays in registers as mma A fragments when MT * HD <= 128.
+template <typename T, int HD, int NW, int MT>
 __global__ void __launch_bounds__(NW * 32) attention_decode_tc(const Params p) {
-  constexpr int BN = 16 * NW, kThreads = NW * 32, kLd = Tile<HD>::kLd, kOLd = HD + 8;
-  constexpr bool kQInRegs = HD <= 128;
+  constexpr int BN = 16 * NW, ROWS = 16 * MT, kThreads = NW * 32, kLd = Tile<HD>::kLd;
+  constexpr int kOLd = HD + 8;
+  constexpr bool kQInRegs = MT * HD <= 128;
   LK_DYNAMIC_SMEM(unsigned char, smem);
-  T* s_q = reinterpret_cast<T*>(smem);  // 16 x HD
-  T* s_k = s_q + kDecodeRows * kLd;     // 2 stages x BN x HD
+  T* s_q = reinterpret_cast<T*>(smem);  // ROWS x HD
+  T* s_k = s_q + ROWS * kLd;            // 2 stages x BN x HD
   T* s_v = s_k + 2 * BN * kLd;          // 2 stages x BN x HD
 
   const int bk = blockIdx.x, b = bk / p.kv_heads, hk = bk % p.kv_heads;
@@ -646,18 +647,27 @@ __global__ void __launch_bounds__(NW * 32) attention_decode_tc(const Params p) {
                                       d);
   };
 
-  load_decode_queries<HD, kThreads>(s_q, p, b, hk);
+  load_decode_queries<ROWS, HD, kThreads>(s_q, p, b, hk);
   if (t0 < t1) load_kv(t0);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();  // Q and key tile t0 are in
 
-  uint32_t qf[kQInRegs ? HD / 16 : 1][1][4];
-  if constexpr (kQInRegs) load_a_fragments_mt<1, HD / 16, HD>(qf, s_q);
-  float o[1][HD / 8][4];
-  zero(o[0]);
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  const DecodeRow row[2] = {decode_row(p, hk, frag_row(0)), decode_row(p, hk, frag_row(2))};
+  uint32_t qf[kQInRegs ? HD / 16 : 1][MT][4];
+  if constexpr (kQInRegs) load_a_fragments_mt<MT, HD / 16, HD>(qf, s_q);
+  float o[MT][HD / 8][4];
+  float row_max[MT][2], row_sum[MT][2];
+  DecodeRow row[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    zero(o[mt]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      row_max[mt][half] = -INFINITY;
+      row_sum[mt][half] = 0.0f;
+      row[mt][half] = decode_row(p, hk, mt * 16 + frag_row(2 * half));
+    }
+  }
 
   for (int t = t0; t < t1; ++t) {
     const int n0 = t * BN + warp * 16;  // the warp's first key
@@ -665,68 +675,80 @@ __global__ void __launch_bounds__(NW * 32) attention_decode_tc(const Params p) {
     if (t + 1 < t1) load_kv(t + 1);  // into the stage every warp finished at tile t - 1
     cp_async_commit();
 
-    float s[1][2][4];
-    zero(s[0]);
+    float s[MT][2][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
     if constexpr (kQInRegs) {
-      mma_frags_x_rows_mt<1, 2, HD / 16, HD>(s, qf, s_k + at);
+      mma_frags_x_rows_mt<MT, 2, HD / 16, HD>(s, qf, s_k + at);
     } else {
-      mma_rows_x_rows_mt<1, 2, HD / 16, HD>(s, s_q, s_k + at);
+      mma_rows_x_rows_mt<MT, 2, HD / 16, HD>(s, s_q, s_k + at);
     }
     // Query 0 sees the fewest keys; padding rows (zero queries) need no mask.
     const bool need_mask =
         p.mask != nullptr || n0 + 16 > p.k_len || (p.causal && n0 + 15 > p.causal_offset);
+    uint32_t pa[MT][1][4];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const DecodeRow& r = row[e / 2];
-        if (!need_mask) {
-          s[0][nt][e] *= p.scale_log2;
-        } else {
-          s[0][nt][e] = r.valid ? masked_score(p, s[0][nt][e], b, r.h, r.i, n0 + frag_col(nt, e))
-                                : -INFINITY;
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const DecodeRow& r = row[mt][e / 2];
+          if (!need_mask) {
+            s[mt][nt][e] *= p.scale_log2;
+          } else {
+            s[mt][nt][e] = r.valid ? masked_score(p, s[mt][nt][e], b, r.h, r.i,
+                                                  n0 + frag_col(nt, e))
+                                   : -INFINITY;
+          }
         }
       }
+      online_softmax<2, HD>(s[mt], o[mt], row_max[mt], row_sum[mt]);
+      to_a_fragments<2, T>(pa[mt], s[mt]);
     }
-    online_softmax<2, HD>(s[0], o[0], row_max, row_sum);
-    uint32_t pa[1][1][4];
-    to_a_fragments<2, T>(pa[0], s[0]);
-    mma_regs_x_tile_mt<1, 1, HD>(o, pa, s_v + at);
+    mma_regs_x_tile_mt<MT, 1, HD>(o, pa, s_v + at);
 
     cp_async_wait_all();
     __syncthreads();  // key tile t + 1 is in; every warp is done with stage (t - t0) % 2
   }
 
-  // Every cp.async has landed and every warp is past its last tile: the K/V stages take the
-  // warps' states (NW x 16 rows of O at a stride of HD + 8 floats, then max and sum per row).
-  float* s_o = reinterpret_cast<float*>(s_k);
-  float* s_max = s_o + NW * kDecodeRows * kOLd;
-  float* s_sum = s_max + NW * kDecodeRows;
+  // Every cp.async has landed; once every warp is past its last read of Q, K and V (the loop's
+  // last barrier, or this one when the split has no tile), shared memory from its start takes
+  // the warps' states (NW x ROWS rows of O at a stride of HD + 8 floats, then the rows' max and
+  // sum).
+  __syncthreads();
+  float* s_o = reinterpret_cast<float*>(smem);
+  float* s_max = s_o + NW * ROWS * kOLd;
+  float* s_sum = s_max + NW * ROWS;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float sum = quad_sum(row_sum[half]);
-    if (lane % 4 == 0) {
-      s_max[warp * kDecodeRows + frag_row(2 * half)] = row_max[half];
-      s_sum[warp * kDecodeRows + frag_row(2 * half)] = sum;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float sum = quad_sum(row_sum[mt][half]);
+      const int r = warp * ROWS + mt * 16 + frag_row(2 * half);
+      if (lane % 4 == 0) {
+        s_max[r] = row_max[mt][half];
+        s_sum[r] = sum;
+      }
     }
-  }
 #pragma unroll
-  for (int nt = 0; nt < HD / 8; ++nt) {
+    for (int nt = 0; nt < HD / 8; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s_o[(warp * kDecodeRows + frag_row(e)) * kOLd + frag_col(nt, e)] = o[0][nt][e];
+      for (int e = 0; e < 4; ++e) {
+        s_o[(warp * ROWS + mt * 16 + frag_row(e)) * kOLd + frag_col(nt, e)] = o[mt][nt][e];
+      }
     }
   }
   __syncthreads();  // every warp's state is in
-  decode_merge_warps<T, HD, NW>(p, s_o, s_max, s_sum, b, hk);
+  decode_merge_warps<T, HD, NW, ROWS>(p, s_o, s_max, s_sum, b, hk);
 }
 
 // Merges the splits of attention_decode_tc, row by row: lse = log2 sum_s 2^lse_s (rounded once to
 // the natural log; +inf when no split saw a key) and out = sum_s 2^(lse_s - lse) O_s. Grid
-// (B * Hkv); dynamic shared memory holds the 16 x splits weights.
+// (B * Hkv); dynamic shared memory holds the rows x splits weights.
 template <typename T>
 __global__ void __launch_bounds__(kDecodeCombineThreads) attention_decode_combine(const Params p) {
-  LK_DYNAMIC_SMEM(float, s_weight);  // 16 x splits
+  LK_DYNAMIC_SMEM(float, s_weight);  // rows x splits
   const int bk = blockIdx.x, b = bk / p.kv_heads, hk = bk % p.kv_heads;
   const int splits = p.decode_splits, rows = p.group * p.q_len, d = p.head_dim;
   for (int r = threadIdx.x; r < rows; r += kDecodeCombineThreads) {

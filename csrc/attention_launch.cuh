@@ -29,21 +29,29 @@ inline int tiles(int length, int block) { return (length + block - 1) / block; }
 
 // ---- tensor cores (T = __half or __nv_bfloat16) ----
 
-// Flash-decoding: group * q_len <= 16 query rows per kv head.
+// Flash-decoding: group * q_len <= 32 query rows per kv head (<= 16 at D > 128).
 
 // Fewest key tiles per split, most splits.
 constexpr int kDecodeMinSplitTiles = 2, kDecodeMaxSplits = 128;
 
+// Query rows per kv head, the rows flash-decoding takes them as (16 or 32).
+inline int64_t decode_query_rows(const Params& p) { return int64_t{p.group} * p.q_len; }
+inline int decode_rows(const Params& p) { return decode_query_rows(p) <= 16 ? 16 : 32; }
+
 inline bool decode_forward(const Params& p) {
-  return int64_t{p.group} * p.q_len <= kDecodeRows;
+  return decode_query_rows(p) <= (p.head_dim <= 128 ? kDecodeMaxRows : 16);
 }
 
 // Warps of the decode kernel (16 keys each of a key tile) at this head dim.
 inline int decode_warps(int64_t head_dim) { return head_dim <= 128 ? 4 : 2; }
 
-// Decode blocks resident per SM on sm_90 (registers / shared memory per block): HD 64: 118 / 39
-// KB (4 blocks); HD 128: 164 / 74 KB (3); HD 256: 202 with 2 warps / 76 KB (3).
-inline int decode_blocks_per_sm(int64_t head_dim) { return head_dim <= 64 ? 4 : 3; }
+// Decode blocks resident per SM on sm_90 (registers a thread / shared memory per block), 16 rows:
+// HD 64: 118 / 39 KB (4 blocks); HD 128: 164 / 74 KB (3); HD 256: 204 with 2 warps / 76 KB (2);
+// 32 rows: HD 64: 175 / 41 KB (2); HD 128: 238 / 78 KB (2).
+inline int decode_blocks_per_sm(const Params& p) {
+  if (decode_rows(p) == 16 && p.head_dim <= 128) return p.head_dim <= 64 ? 4 : 3;
+  return 2;
+}
 
 // Keys some query row sees: [0, decode_keys) (the host twin of key_end(p, p.q_len)).
 inline int64_t decode_keys(const Params& p) {
@@ -53,60 +61,64 @@ inline int64_t decode_keys(const Params& p) {
 }
 
 // The decode plan of a tensor-core forward, which the forward then follows: where flash-decoding
-// applies (decode_forward), p.decode_splits and p.decode_split_tiles: as many splits per kv head
-// as one wave of resident blocks holds (B * Hkv * splits <= SMs * blocks per SM), each split at
-// least kDecodeMinSplitTiles key tiles, no split empty; else p.decode_splits = 0 (the forward
-// kernel). Returns the floats of workspace the splits need (p.decode_o, then p.decode_lse;
-// set_decode_workspace), 0 for none.
+// applies (decode_forward), p.decode_rows, p.decode_splits and p.decode_split_tiles: as many
+// splits per kv head as one wave of resident blocks holds (B * Hkv * splits <= SMs * blocks per
+// SM), each split at least kDecodeMinSplitTiles key tiles, no split empty; else
+// p.decode_splits = 0 (the forward kernel). Returns the floats of workspace the splits need
+// (p.decode_o, then p.decode_lse; set_decode_workspace), 0 for none.
 inline size_t plan_decode(Params& p) {
   p.decode_splits = 0;
   if (!decode_forward(p)) return 0;
+  p.decode_rows = decode_rows(p);
   const int64_t key_tile = 16 * decode_warps(p.head_dim);
   const int64_t tiles = (decode_keys(p) + key_tile - 1) / key_tile;
   const int64_t kv_heads = int64_t{p.batch} * p.kv_heads;
-  int64_t splits = int64_t{p.sm_count} * decode_blocks_per_sm(p.head_dim) / kv_heads;
+  int64_t splits = int64_t{p.sm_count} * decode_blocks_per_sm(p) / kv_heads;
   splits = std::min<int64_t>({splits, tiles / kDecodeMinSplitTiles, kDecodeMaxSplits});
   splits = std::max<int64_t>(splits, 1);
   const int64_t split_tiles = std::max<int64_t>((tiles + splits - 1) / splits, 1);
   p.decode_split_tiles = static_cast<int>(split_tiles);
   p.decode_splits = static_cast<int>(std::max<int64_t>((tiles + split_tiles - 1) / split_tiles, 1));
   if (p.decode_splits == 1) return 0;
-  return static_cast<size_t>(kv_heads) * p.decode_splits * kDecodeRows * (p.head_dim + 1);
+  return static_cast<size_t>(kv_heads) * p.decode_splits * p.decode_rows * (p.head_dim + 1);
 }
 
 // Points p.decode_o and p.decode_lse into the workspace plan_decode sized.
 inline void set_decode_workspace(Params& p, float* workspace) {
   p.decode_o = workspace;
-  p.decode_lse = workspace + int64_t{p.batch} * p.kv_heads * p.decode_splits * kDecodeRows *
+  p.decode_lse = workspace + int64_t{p.batch} * p.kv_heads * p.decode_splits * p.decode_rows *
                                  p.head_dim;
 }
 
 // The split grid, then (several splits) their merge. Shared memory: Q, two stages of K and V
-// tiles (the warps' states reuse the K/V stages at the end).
-template <typename T, int HD, int NW, typename Launch>
+// tiles; the warps' states reuse it at the end (NW x 16 MT rows of HD + 8 floats, two floats
+// more per row: at most the Q and K/V tiles' bytes, (16 MT + 64 NW) (HD + 8) 2).
+template <typename T, int HD, int NW, int MT, typename Launch>
 void decode_tc(const Params& p, const Launch& launch) {
-  constexpr int BN = 16 * NW;
-  const size_t smem = static_cast<size_t>(kDecodeRows + 4 * BN) * Tile<HD>::kLd * sizeof(T);
+  constexpr int BN = 16 * NW, ROWS = 16 * MT;
+  constexpr size_t smem = static_cast<size_t>(ROWS + 4 * BN) * Tile<HD>::kLd * sizeof(T);
+  static_assert(NW * ROWS * ((HD + 8) + 2) * sizeof(float) <= smem);
   const unsigned kv_heads = static_cast<unsigned>(p.batch * p.kv_heads);
-  launch(attention_decode_tc<T, HD, NW>, dim3(kv_heads, p.decode_splits), NW * 32, smem, p);
+  launch(attention_decode_tc<T, HD, NW, MT>, dim3(kv_heads, p.decode_splits), NW * 32, smem, p);
   if (p.decode_splits > 1) {
     launch(attention_decode_combine<T>, dim3(kv_heads, 1), kDecodeCombineThreads,
-           size_t{kDecodeRows} * p.decode_splits * sizeof(float), p);
+           static_cast<size_t>(p.decode_rows) * p.decode_splits * sizeof(float), p);
   }
 }
 
-// Key tiles of 64 (4 warps) up to HD 128, of 32 (2 warps) at HD 256; see decode_warps.
+// Key tiles of 64 (4 warps) up to HD 128, of 32 (2 warps) at HD 256 (16 rows only); see
+// decode_warps.
 template <typename T, typename Launch>
 void decode_tc_dispatch(const Params& p, const Launch& launch) {
+  const bool two_tiles = p.decode_rows == 32;
   if (p.head_dim <= 64) {
-    decode_tc<T, 64, 4>(p, launch);
+    two_tiles ? decode_tc<T, 64, 4, 2>(p, launch) : decode_tc<T, 64, 4, 1>(p, launch);
   } else if (p.head_dim <= 128) {
-    decode_tc<T, 128, 4>(p, launch);
+    two_tiles ? decode_tc<T, 128, 4, 2>(p, launch) : decode_tc<T, 128, 4, 1>(p, launch);
   } else {
-    decode_tc<T, 256, 2>(p, launch);
+    decode_tc<T, 256, 2, 1>(p, launch);
   }
 }
-
 
 template <typename T, int HD, int BN, int NW, int MT, typename Launch>
 void forward_tc(const Params& p, const Launch& launch) {

@@ -58,7 +58,8 @@ def _attention_cases(dtype, device, big):
     specs = [(2, 4, 2, 97, 97, 64, True, None), (1, 4, 1, 17, 33, 40, False, "pad"),
              (2, 2, 2, 1, 300, 128, True, None)]
     if big:
-        specs += [(2, 16, 16, 2048, 2048, 128, True, None), (1, 8, 2, 1025, 1025, 96, False, "bias")]
+        specs += [(2, 16, 16, 2048, 2048, 128, True, None), (1, 8, 2, 1025, 1025, 96, False, "bias"),
+                  (4, 32, 8, 1, 8191, 128, True, None)]  # a decode step over a GQA cache
     for b, h, hkv, lq, lk_, d, causal, mask_kind in specs:
         inputs = {"q": _rand((b, h, lq, d), dtype, device), "k": _rand((b, hkv, lk_, d), dtype, device),
                   "v": _rand((b, hkv, lk_, d), dtype, device)}

@@ -236,10 +236,12 @@ def test_cuda_two_m_tiles_per_warp(monkeypatch, b, h, hkv, lq, lk_, d, causal, d
     (2, 16, 16, 4, 3001, 256, True),  # D 256: key tiles of 32
     (1, 6, 2, 5, 700, 96, False),  # 15 rows, D padded to 128
     (64, 8, 8, 1, 100, 64, False),  # more kv heads than a wave holds: one split each
+    (2, 32, 4, 4, 4097, 128, True),  # 4 draft tokens, group 8: 32 rows, two m-tiles
+    (1, 16, 2, 3, 2000, 64, False),  # 24 rows
 ])
 def test_cuda_decode(b, h, hkv, lq, lk_, d, causal, dtype):
-    """Flash-decoding (group * Lq <= 16 query rows per kv head): the group's rows as one m-tile,
-    the keys split over blocks and warps, the splits merged."""
+    """Flash-decoding (group * Lq <= 32 query rows per kv head, 16 at D 256): the group's rows
+    as one or two m-tiles, the keys split over blocks and warps, the splits merged."""
     q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, GPU)
     check_attention(q, k, v, causal=causal)
 

@@ -131,9 +131,9 @@ CASES += [Case(F16, 1, 2, 2, 19, 29, 20, causal=True)]  # D % 8 != 0: the 16-bit
 CASES += [Case(dtype, *shape, **options, warp_rows=32) for *shape, options in SHAPES
           for dtype in (F16, BF16) if shape[5] <= 128]
 
-# Flash-decoding (16-bit, group * Lq <= 16 query rows per kv head): the group's rows as one m-tile,
-# the keys split over blocks (a wave of 3-4 blocks per SM of sm_count) and over each block's
-# warps, the splits merged by a second kernel.
+# Flash-decoding (16-bit, group * Lq <= 32 query rows per kv head, <= 16 at D 256): the group's
+# rows as one or two m-tiles, the keys split over blocks (a wave of 2-4 blocks per SM of sm_count)
+# and over each block's warps, the splits merged by a second kernel.
 DECODE_SHAPES = [  # (b, h, hkv, lq, lk, d, options)
     (1, 4, 1, 1, 700, 64, dict()),  # 11 tiles of 64 in 4 splits (the last one shorter)
     (2, 8, 2, 2, 333, 128, dict(causal=True)),  # 8 rows; 3 splits, the last tile partly hidden
@@ -143,6 +143,11 @@ DECODE_SHAPES = [  # (b, h, hkv, lq, lk, d, options)
     (1, 2, 1, 6, 3, 64, dict(causal=True)),  # Lq > Lk: queries 0-2 see no key
     (2, 6, 2, 3, 500, 64, dict(seq_major=True)),  # 9 rows from strided heads
     (1, 2, 1, 1, 2100, 64, dict(sm_count=64)),  # 33 tiles in 11 splits of 3
+    # 17-32 rows: two m-tiles sharing each K/V fragment
+    (1, 8, 1, 3, 500, 64, dict()),  # 24 rows, Q in registers; 4 splits
+    (2, 8, 2, 8, 300, 128, dict(causal=True)),  # 32 rows, Q re-read from shared memory
+    (1, 4, 1, 5, 200, 80, dict(mask="float", sm_count=8)),  # 20 rows, masked; 2 splits
+    (1, 8, 2, 5, 150, 256, dict()),  # 20 rows at D 256: the forward kernel, not decode
 ]
 CASES += [Case(dtype, *shape, **options) for *shape, options in DECODE_SHAPES
           for dtype in (F16, BF16)]
