@@ -261,6 +261,9 @@ def targets(bench: dict) -> list[Target]:
         value, detail = decode_vs_kv_read(rows, "lk-triton", variant)
         out.append(Target("#3", f"{label} lk-triton time / KV read time", value, 1.5, "<=",
                           detail))
+        value, detail = decode_vs_kv_read(rows, "lk-cuda", variant)
+        out.append(Target("#5", f"{label} lk-cuda time / KV read time", value, None, "<=",
+                          detail))
     for provider, goal, issue in (("lk-triton", 0.8, "#4"), ("lk-cuda", 0.85, "#5")):
         value, detail = norm_vs_copy(rows, "layer_norm", provider)
         out.append(Target(issue, f"layer_norm f+b {provider} / copy GB/s", value, goal,
