@@ -601,7 +601,7 @@ __device__ __forceinline__ void decode_merge_warps(const Params& p, float* s_o, 
     if (p.decode_splits == 1) {
       p.lse[decode_out_row(p, b, decode_row(p, hk, r))] = lse_of(m, l);
     } else {
-      p.decode_lse[decode_split_row(p, bk, split, r)] = l > 0.0f ? m + log2f(l) : -INFINITY;
+      p.decode_lse[decode_split_row(p, bk, split, r)] = l == 0.0f ? -INFINITY : m + log2f(l);
     }
   }
   __syncthreads();  // every row's warp weights are in s_weight
@@ -744,7 +744,8 @@ __global__ void __launch_bounds__(NW * 32) attention_decode_tc(const Params p) {
 }
 
 // Merges the splits of attention_decode_tc, row by row: lse = log2 sum_s 2^lse_s (rounded once to
-// the natural log; +inf when no split saw a key) and out = sum_s 2^(lse_s - lse) O_s. Grid
+// the natural log; +inf when no split saw a key, NaN when one holds NaN, whose row's out is NaN
+// then too, as in the forward kernel) and out = sum_s 2^(lse_s - lse) O_s. Grid
 // (B * Hkv); dynamic shared memory holds the rows x splits weights.
 template <typename T>
 __global__ void __launch_bounds__(kDecodeCombineThreads) attention_decode_combine(const Params p) {
@@ -755,8 +756,8 @@ __global__ void __launch_bounds__(kDecodeCombineThreads) attention_decode_combin
     float m = -INFINITY, l = 0.0f;
     for (int s = 0; s < splits; ++s) m = fmaxf(m, p.decode_lse[decode_split_row(p, bk, s, r)]);
     for (int s = 0; s < splits; ++s) {
-      const float lse2 = p.decode_lse[decode_split_row(p, bk, s, r)];
-      const float w = m == -INFINITY ? 0.0f : exp2f(lse2 - m);
+      const float lse2 = p.decode_lse[decode_split_row(p, bk, s, r)];  // NaN stays NaN
+      const float w = m == -INFINITY && lse2 == -INFINITY ? 0.0f : exp2f(lse2 - m);
       s_weight[r * splits + s] = w;
       l += w;
     }

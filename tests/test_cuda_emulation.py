@@ -225,6 +225,34 @@ def test_emulated_cuda_attention(driver, tmp_path, seed, case):
     torch.testing.assert_close(lse[seen].double(), ref_lse[seen], rtol=1e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("b,hkv,sm_count", [(1, 1, 4), (2, 4, 1)], ids=["4_splits", "1_split"])
+def test_emulated_decode_propagates_nan(driver, tmp_path, b, hkv, sm_count):
+    """Flash-decoding keeps NaN as the forward kernel does, through the warps' and the splits'
+    merges: a NaN query makes its row NaN (the other rows pass the rule), a NaN key every row."""
+    q, k, v = (t.detach() for t in make_qkv(b, 4 * hkv, hkv, 1, 700, 64, F16, "cpu"))
+    scale = 0.125
+    (tmp_path / "q").mkdir()
+    (tmp_path / "k").mkdir()
+    q_nan = q.clone()
+    q_nan[0, 2, 0, 5] = float("nan")
+    got, faults = emulate(driver, tmp_path / "q", q_nan, k, v, None, torch.zeros_like(q),
+                          causal=False, scale=scale, backward=0, sm_count=sm_count)
+    assert not faults, faults
+    poisoned = torch.zeros(q.shape[:3], dtype=torch.bool)
+    poisoned[0, 2, 0] = True
+    assert torch.isnan(got["out"][poisoned]).all() and torch.isnan(got["lse"][poisoned]).all()
+    ref = attention_ref(q.double(), k.double(), v.double(), scale=scale, upcast=True)
+    torch_out = lk.attention(q, k, v, scale=scale, backend="torch")
+    assert_close(got["out"][~poisoned], ref[~poisoned], torch_out[~poisoned], F16, "out")
+    k_nan = k.clone()
+    k_nan[0, 0, 600, 7] = float("nan")
+    got, faults = emulate(driver, tmp_path / "k", q, k_nan, v, None, torch.zeros_like(q),
+                          causal=False, scale=scale, backward=0, sm_count=sm_count)
+    assert not faults, faults
+    assert torch.isnan(got["out"][0, :4]).all() and torch.isnan(got["lse"][0, :4]).all()
+    assert not torch.isnan(got["out"][1:]).any()
+
+
 def test_emulator_catches_a_missing_syncthreads(driver, tmp_path):
     """Every thread skips its first __syncthreads, the one between the cp.async of the Q tile
     and its ldmatrix in the tensor-core forward: the race detector reports it."""
