@@ -8,8 +8,9 @@ float32 SIMT kernels and the 16-bit SIMT fallbacks. The driver is built once per
 case writes random inputs, runs the forward and the backward in a subprocess, and checks out,
 dq, dk, dv by the pass rule (the torch backend in the same dtype setting the budget), lse
 against the float64 logsumexp, exact zeros in the rows that see no key, and that the emulator
-saw no race or out-of-bounds access. The self-tests drop a __syncthreads and expect the
-emulator to notice.
+saw no race or out-of-bounds access; flash-decoding also on random shapes, masks, strides and
+SM counts (hypothesis, the profiles of property_profile.py). The self-tests drop a
+__syncthreads and expect the emulator to notice.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llm_kernels as lk
 from attention_check import leaf64, make_qkv
@@ -27,6 +30,7 @@ from emulation_check import CXX_FLAGS, gxx, read, run_driver
 from llm_kernels.attention import kernel_mask
 from llm_kernels.numerics import assert_close
 from llm_kernels.reference import attention_ref, causal_keep
+from property_profile import profile as properties_profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER_SOURCE = os.path.join(ROOT, "tests", "cuda_emulation", "attention_driver.cpp")
@@ -190,18 +194,18 @@ def reference_lse(q64, k64, attn_mask, visible, scale) -> torch.Tensor:
     return scores.masked_fill(~visible, float("-inf")).logsumexp(-1)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_emulated_cuda_attention(driver, tmp_path, seed, case):
-    gen = torch.Generator().manual_seed(seed)
+def check_emulated(driver, case_dir, case: Case, attn_mask, gen: torch.Generator) -> None:
+    """The case on the emulator (forward and backward) against the float64 reference: out, dq
+    of the rows that see a key and dk, dv by the pass rule, exact zeros and lse +inf in the rows
+    that see none, lse against the float64 logsumexp, no emulator fault."""
     q, k, v = make_qkv(case.b, case.h, case.hkv, case.lq, case.lk, case.d, case.dtype, "cpu",
                        seq_major=case.seq_major)
-    attn_mask = make_mask(case, gen)
     scale = 1.0 / math.sqrt(case.d)
     visible = visible_keys(case, attn_mask)
     blind = ~visible.any(-1)  # (B, H, Lq): rows that see no key give zeros
     grad_out = torch.randn(q.shape, generator=gen).to(case.dtype)
     grad_out[blind] = 0  # torch averages V in the -1e9 rows: leave them out of dk, dv
-    got, faults = emulate(driver, tmp_path, q, k, v, attn_mask, grad_out, causal=case.causal,
+    got, faults = emulate(driver, case_dir, q, k, v, attn_mask, grad_out, causal=case.causal,
                           scale=scale, warp_rows=case.warp_rows, sm_count=case.sm_count)
     assert not faults, "the emulator reports:\n" + "\n".join(faults)
 
@@ -223,6 +227,57 @@ def test_emulated_cuda_attention(driver, tmp_path, seed, case):
     assert torch.equal(lse[blind], torch.full_like(lse[blind], math.inf)), "lse of blind rows"
     ref_lse = reference_lse(q64.detach(), k64.detach(), attn_mask, visible, scale)
     torch.testing.assert_close(lse[seen].double(), ref_lse[seen], rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_emulated_cuda_attention(driver, tmp_path, seed, case):
+    gen = torch.Generator().manual_seed(seed)
+    check_emulated(driver, tmp_path, case, make_mask(case, gen), gen)
+
+
+@st.composite
+def decode_cases(draw):
+    """16-bit shapes flash-decoding takes (group * Lq <= 32 query rows per kv head, <= 16 at
+    D > 128), with a seed for the inputs and a mask kind."""
+    d = 8 * draw(st.integers(1, 32))
+    hkv, group = draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4, 8]))
+    lq = draw(st.integers(1, (32 if d <= 128 else 16) // group))
+    case = Case(draw(st.sampled_from([F16, BF16])), draw(st.integers(1, 2)), hkv * group, hkv,
+                lq, draw(st.integers(1, 600)), d, causal=draw(st.booleans()),
+                seq_major=draw(st.booleans()), mask=draw(st.sampled_from(["none", "float",
+                                                                          "bool"])),
+                sm_count=draw(st.integers(1, 16)))
+    return case, draw(st.integers(0, 2**31 - 1))
+
+
+def random_mask(case: Case, gen: torch.Generator):
+    """An additive (B, 1, Lq, Lk) mask in q's dtype with 20% -inf, or a bool (B, H, Lq, Lk) one
+    keeping 70% of the keys; None for mask "none"."""
+    if case.mask == "float":
+        bias = (2 * torch.randn(case.b, 1, case.lq, case.lk, generator=gen)).to(case.dtype)
+        bias[torch.rand(bias.shape, generator=gen) < 0.2] = float("-inf")
+        return bias
+    if case.mask == "bool":
+        return torch.rand(case.b, case.h, case.lq, case.lk, generator=gen) > 0.3
+    return None
+
+
+def test_emulated_decode_properties(driver, tmp_path_factory):
+    """Flash-decoding on random shapes, masks, strides and SM counts (so random split plans),
+    forward and backward by check_emulated; the examples per run follow test_properties.py's
+    profile ($LLM_KERNELS_HYPOTHESIS_PROFILE: a few derandomized ones, or many with long)."""
+    base = properties_profile()
+
+    @settings(base, max_examples=max(1, base.max_examples // 2))
+    @given(decode_cases())
+    def prop(drawn):
+        case, seed = drawn
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        check_emulated(driver, tmp_path_factory.mktemp("decode"), case, random_mask(case, gen),
+                       gen)
+
+    prop()
 
 
 @pytest.mark.parametrize("b,hkv,sm_count", [(1, 1, 4), (2, 4, 1)], ids=["4_splits", "1_split"])

@@ -18,38 +18,26 @@ beyond torch's, or as a pattern (every seed of a shape family).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import llm_kernels as lk
 from llm_kernels.reference import (ACTIVATIONS, attention_ref, causal_keep, cross_entropy_ref,
                                    feed_forward_ref, layer_norm_ref, rms_norm_ref, softmax_ref,
                                    swiglu_ref)
+from property_profile import profile
 from reference_check import check_against_reference, randn, require_cpu_backend
-
-PROFILE_ENV = "LLM_KERNELS_HYPOTHESIS_PROFILE"
-settings.register_profile(
-    "llm_kernels-default", max_examples=15, deadline=None, derandomize=True, database=None,
-    print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("llm_kernels-long", settings.get_profile("llm_kernels-default"),
-                          max_examples=250, derandomize=False)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = ("cuda", "triton")
 # Examples per test as a fraction of the profile's max_examples: the C++ kernels are fast,
 # the interpreter is not.
 WEIGHT = {"cuda": 2.0, "triton": 0.8}
-
-
-def profile() -> settings:
-    name = os.environ.get(PROFILE_ENV, "default")
-    return settings.get_profile(f"llm_kernels-{name}")
 
 
 def run_property(strategy, check, backend: str, weight: float = 1.0) -> None:
