@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <sys/mman.h>
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -153,6 +155,28 @@ void touch_pages(T* dst, int64_t n) {
   const int64_t size = n * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < size; i += 4096) bytes[i] = 0;
   bytes[size - 1] = 0;
+}
+
+// Outputs of at least this many bytes come from a fresh mmap, none of their pages in yet: torch's
+// CPU allocator calls malloc, and glibc maps every allocation of its largest mmap threshold
+// (32 MiB on 64-bit) or more.
+constexpr int64_t kFreshMapBytes = int64_t{32} << 20;
+
+// Prefaults dst[0, n), this thread's rows of a fresh output of `total` elements, in one system
+// call (MADV_POPULATE_WRITE, Linux 5.14+; nothing where the kernel lacks it) instead of a page
+// fault per 4 KB in the row loop: 2048 x 4096 float32 layer norm forward 0.94-1.0x -> 1.03-1.12x
+// F.layer_norm, this 2-core machine. Only for outputs of kFreshMapBytes or more: the pages of a
+// smaller one are often in already (reused heap memory), and walking them costs (512 x 1024
+// float32: 1.2x -> 0.6x).
+template <typename T>
+void populate_fresh_output(T* dst, int64_t n, int64_t total) {
+#ifdef MADV_POPULATE_WRITE
+  if (n <= 0 || total * static_cast<int64_t>(sizeof(T)) < kFreshMapBytes) return;
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(dst) & ~(kPage - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(dst + n);
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#endif
 }
 
 // A (C,) parameter as float32, or `fill` when absent.

@@ -25,6 +25,11 @@ void forward_rows(const NormForwardArgs& a, const float* w, const float* b, int6
   const int64_t residual_cols = a.residual != nullptr ? cols : 0;
   std::vector<float> xb = row_buffer<T>(cols), yb = row_buffer<T>(cols);
   std::vector<float> rb = row_buffer<T>(residual_cols), hb = row_buffer<T>(residual_cols);
+  populate_fresh_output(static_cast<T*>(a.y) + begin * cols, (end - begin) * cols, a.rows * cols);
+  if (a.residual != nullptr) {
+    populate_fresh_output(static_cast<T*>(a.h) + begin * cols, (end - begin) * cols,
+                          a.rows * cols);
+  }
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * cols;
     const float* v = row_as_float(static_cast<const T*>(a.x) + base, cols, xb);
@@ -59,6 +64,8 @@ void backward_rows(const NormBackwardArgs& a, const float* w, int64_t begin, int
   const int64_t cols = a.cols;
   std::vector<float> dyb = row_buffer<T>(cols), hb = row_buffer<T>(cols), dxb = row_buffer<T>(cols);
   std::vector<float> ghb = row_buffer<T>(a.grad_h != nullptr ? cols : 0);
+  populate_fresh_output(static_cast<T*>(a.dx) + begin * cols, (end - begin) * cols,
+                        a.rows * cols);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t base = row * cols;
     const float* gh = a.grad_h != nullptr

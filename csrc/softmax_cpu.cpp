@@ -17,6 +17,8 @@ void softmax_forward_cpu(const SoftmaxForwardArgs& a) {
     const int64_t cols = a.cols;
     parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> buffer = row_buffer<T>(cols);  // the row as float32, then y in place
+      populate_fresh_output(static_cast<T*>(a.y) + begin * cols, (end - begin) * cols,
+                            a.rows * cols);
       for (int64_t row = begin; row < end; ++row) {
         const float* x = row_as_float(static_cast<const T*>(a.x) + row * cols, cols, buffer);
         T* y = static_cast<T*>(a.y) + row * cols;
@@ -42,6 +44,8 @@ void softmax_backward_cpu(const SoftmaxBackwardArgs& a) {
     parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> gb = row_buffer<T>(cols), yb = row_buffer<T>(cols);
       std::vector<float> dxb = row_buffer<T>(cols);
+      populate_fresh_output(static_cast<T*>(a.dx) + begin * cols, (end - begin) * cols,
+                            a.rows * cols);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * cols;
         T* dx = static_cast<T*>(a.dx) + base;

@@ -117,6 +117,15 @@ def test_norm_cpu(ext, rms, dtype, rows, cols, weight, bias, residual):
     _check_norm(rms, rows, cols, dtype, CPU, weight, bias, residual)
 
 
+def test_norm_and_softmax_large_outputs_cpu(ext):
+    """Outputs of 32 MiB and more (2048 x 4096 float32), which the kernels prefault in one
+    system call per thread: layer norm with the residual (y, h and dx) and softmax (y, dx),
+    forward and backward against the fp64 reference."""
+    _check_norm(False, 2048, 4096, torch.float32, CPU, True, True, True)
+    x = _randn(2048, 4096, dtype=torch.float32, device=CPU)
+    _check(_softmax(-1), {"x": x}, [torch.randn_like(x)], torch.float32, "softmax (2048, 4096)")
+
+
 # Rows whose mean is far outside their spread, where E[h^2] - E[h]^2 (or sums about a poor
 # shift) would lose most digits of the variance: each row kind by name. (Means beyond ~1e3
 # times the spread are out of reach: the float32 mean alone then rounds by more than the
