@@ -1,10 +1,10 @@
 """The shared benchmark harness: timing, peak memory, FLOP and byte counting, row tags.
 
 Timing: on a GPU, ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed before every
-run, median with 20th/80th percentiles); on a CPU, a ``time.perf_counter`` loop after a
-warm-up. Work: attention FLOPs ``4*B*H*Lq*Lk*D`` (halved when causal; backward 2.5x the
-forward, forward+backward 3.5x), bytes for memory-bound ops (each input read once, each
-output written once).
+run, median with 20th/80th percentiles); on a CPU, ``time.perf_counter`` loops after a warm-up,
+the providers of a case in turns (time_cpu_interleaved). Work: attention FLOPs
+``4*B*H*Lq*Lk*D`` (halved when causal; backward 2.5x the forward, forward+backward 3.5x), bytes
+for memory-bound ops (each input read once, each output written once).
 """
 from __future__ import annotations
 
@@ -87,6 +87,36 @@ def time_cpu(fn: Callable[[], object], config: TimerConfig = TimerConfig()) -> l
     return times
 
 
+def time_cpu_interleaved(fns: Sequence[Callable[[], object]],
+                         config: TimerConfig = TimerConfig()) -> list[list[float]]:
+    """time_cpu for several callables in turns, each round calling every one once (starting one
+    further along each round), so that a slow or a fast spell of a shared machine falls on all
+    of them alike rather than on whichever ran then: warm-up calls, then at least
+    ``cpu_min_reps`` rounds and more while ``cpu_budget_s`` per callable lasts (at most
+    ``cpu_max_reps``). Returns each callable's run times in ms."""
+    for fn in fns:
+        for _ in range(config.cpu_warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    stop = time.perf_counter() + config.cpu_budget_s * len(fns)
+    rounds = 0
+    while fns and rounds < config.cpu_max_reps and (rounds < config.cpu_min_reps
+                                                    or time.perf_counter() < stop):
+        for k in range(len(fns)):
+            i = (rounds + k) % len(fns)
+            start = time.perf_counter()
+            fns[i]()
+            times[i].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    return times
+
+
+def cpu_timing(samples: Sequence[float]) -> "Timing":
+    """The Timing of CPU run times in ms (no peak memory on a CPU)."""
+    ms, p20, p80 = (percentile(samples, q) for q in QUANTILES)
+    return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=None)
+
+
 def time_gpu(fn: Callable[[], object], config: TimerConfig = TimerConfig()) -> tuple[float, ...]:
     """(median, p20, p80) in ms through ``triton.testing.do_bench`` (L2 flushed before each run),
     over at least MIN_GPU_SAMPLES runs: a call longer than the repetition time (a training
@@ -167,9 +197,7 @@ def measure(fn: Callable[[], object], device: torch.device,
         ms, p20, p80 = time_gpu(fn, config)
         return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=peak,
                       host_ms=host_time_ms(fn, device))
-    samples = time_cpu(fn, config)
-    ms, p20, p80 = (percentile(samples, q) for q in QUANTILES)
-    return Timing(ms=ms, ms_p20=p20, ms_p80=p80, peak_mb=peak)
+    return cpu_timing(time_cpu(fn, config))
 
 
 def autotuned_configs() -> dict[str, dict[str, str]]:

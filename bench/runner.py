@@ -94,8 +94,10 @@ class Runner:
 
     def __init__(self, device: torch.device, opts: Options, timer: harness.TimerConfig,
                  deadline: Optional[float] = None, echo: Callable[[str], None] = print,
-                 resume: Optional[dict] = None):
+                 resume: Optional[dict] = None, interleave: Optional[bool] = None):
         self.device, self.opts, self.timer, self.deadline = device, opts, timer, deadline
+        # CPU: a case's providers timed in turns; GPU: one after another (CUDA events)
+        self.interleave = device.type == "cpu" if interleave is None else interleave
         self.echo = echo
         env = harness.environment(device)
         self.results = Results.from_dict(resume, env) if resume else Results(environment=env)
@@ -115,8 +117,11 @@ class Runner:
 
     def run(self, plan: list[PlanItem], after_item: Optional[Callable[[], None]] = None) -> Results:
         for item in plan:
-            for provider in item.providers:
-                self.run_one(item.module, item.case, provider)
+            if self.interleave:
+                self.run_interleaved(item.module, item.case, item.providers)
+            else:
+                for provider in item.providers:
+                    self.run_one(item.module, item.case, provider)
             report.add_ratios(self.results.rows)
             if after_item is not None:
                 after_item()
@@ -124,6 +129,59 @@ class Runner:
 
     def run_one(self, module: ModuleType, case: Case, provider: str) -> Optional[dict]:
         """Measure one provider on one case; raises DeviceFault when it broke the device."""
+        fn = self._prepare(module, case, provider)
+        if fn is None:
+            return None
+        try:
+            timing = harness.measure(fn, self.device, self.timer,
+                                     cuda_graph=case.extra.get("cuda_graph", False))
+        except Exception as exc:  # one provider's failure must not stop the run
+            self._fail(case, provider, exc)
+            return None
+        finally:
+            note = getattr(fn, "note", "")
+            del fn
+            harness.free_memory(self.device)
+        return self._record(module, case, provider, timing, note)
+
+    def run_interleaved(self, module: ModuleType, case: Case, providers: list[str]) -> None:
+        """CPU: the case's providers timed in turns (harness.time_cpu_interleaved), so that the
+        ratios between them do not depend on which one a slow spell of the machine hit. A
+        provider that fails while timed has the others timed again one by one; a device fault
+        while preparing one still records the providers prepared before it."""
+        fns: dict[str, Callable[[], object]] = {}
+        fault: Optional[DeviceFault] = None
+        for provider in providers:
+            try:
+                fn = self._prepare(module, case, provider)
+            except DeviceFault as exc:
+                fault = exc
+                break
+            if fn is not None:
+                fns[provider] = fn
+        try:
+            samples = harness.time_cpu_interleaved(list(fns.values()), self.timer)
+        except Exception:  # one of them failed mid-run: time each alone, which records it
+            samples = None
+        for i, (provider, fn) in enumerate(fns.items()):
+            if samples is not None:
+                timing = harness.cpu_timing(samples[i])
+            else:
+                try:
+                    timing = harness.measure(fn, self.device, self.timer)
+                except Exception as exc:
+                    self._fail(case, provider, exc)
+                    continue
+            self._record(module, case, provider, timing, getattr(fn, "note", ""))
+        del fns
+        harness.free_memory(self.device)
+        if fault is not None:
+            raise fault
+
+    def _prepare(self, module: ModuleType, case: Case, provider: str):
+        """The provider's callable for the case, warmed up (compilation, autotuning, allocator
+        growth); None when it is not to be measured (measured before, out of time, excluded) or
+        failed (recorded; a device fault raises DeviceFault)."""
         if case_key(case.op, case.mode, case.variant, case.shape, provider) in self._done:
             return None
         if self.out_of_time():
@@ -132,24 +190,26 @@ class Runner:
         if self.is_excluded(case.op, provider):
             self._skip(case, provider, "excluded", "faulted the device earlier in this run")
             return None
-        fn = None
         try:
             fn = module.PROVIDERS[provider](case, self.device, self.opts)
-            fn()  # warm-up: compilation, autotuning, allocator growth
+            fn()
             self._sync()
-            timing = harness.measure(fn, self.device, self.timer,
-                                     cuda_graph=case.extra.get("cuda_graph", False))
+            return fn
         except Exception as exc:  # one provider's failure must not stop the run
-            kind, reason = classify(exc)
-            self._skip(case, provider, kind, reason)
-            if kind == "fault":
-                self.exclude(case.op, provider)
-                raise DeviceFault(f"{case.op} {provider}: {reason}") from exc
+            self._fail(case, provider, exc)
             return None
-        finally:
-            note = getattr(fn, "note", "")
-            del fn
-            harness.free_memory(self.device)
+
+    def _fail(self, case: Case, provider: str, exc: Exception) -> None:
+        """Record a provider's failure; a device fault excludes the op's provider for the rest
+        of the run and raises DeviceFault."""
+        kind, reason = classify(exc)
+        self._skip(case, provider, kind, reason)
+        if kind == "fault":
+            self.exclude(case.op, provider)
+            raise DeviceFault(f"{case.op} {provider}: {reason}") from exc
+
+    def _record(self, module: ModuleType, case: Case, provider: str, timing: harness.Timing,
+                note: str) -> dict:
         row = self._row(case, provider, timing, note)
         describe = getattr(module, "row_note", None)  # a note from the measured time
         if describe is not None:

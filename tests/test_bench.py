@@ -226,7 +226,9 @@ def test_a_host_bound_row_notes_its_host_time(monkeypatch, host_ms, noted):
     monkeypatch.setattr(harness, "measure", lambda fn, device, config, cuda_graph=False: timing)
     module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"torch": layer_norm.PROVIDERS["torch"]})
     opts, plan = _tiny_plan()
-    row, = _fast_runner(opts).run([PlanItem(module, plan[0].case, ["torch"])]).rows
+    runner = _fast_runner(opts)
+    runner.interleave = False  # the GPU's one-provider-at-a-time path
+    row, = runner.run([PlanItem(module, plan[0].case, ["torch"])]).rows
     assert ("host 0.800 ms/call" in row["note"]) == noted
 
 
@@ -264,6 +266,47 @@ def test_host_time_is_the_cpu_time_to_issue_one_call(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     ms = harness.host_time_ms(lambda: time.sleep(0.02), torch.device("cuda"), calls=3)
     assert 19.0 <= ms < 60.0
+
+
+def test_cpu_timer_runs_the_callables_in_turns():
+    """Each round calls every callable once, starting one further along each round."""
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    config = harness.TimerConfig(cpu_warmup=1, cpu_min_reps=4, cpu_max_reps=4, cpu_budget_s=0.0)
+    times = harness.time_cpu_interleaved(fns, config)
+    assert [len(t) for t in times] == [4, 4, 4] and all(t >= 0 for ts in times for t in ts)
+    assert calls == [0, 1, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    assert harness.time_cpu_interleaved([], config) == []
+
+
+def test_cpu_runner_times_a_cases_providers_in_turns():
+    """On a CPU the providers of a case alternate while timed (after one warm-up call each),
+    and a provider failing mid-run has the others timed alone: both rows still come out."""
+    calls = []
+
+    def provider(name, fail_at=None):
+        def build(case, device, opts):
+            def fn():
+                calls.append(name)
+                if fail_at is not None and len(calls) >= fail_at:
+                    raise ValueError("broke while timed")
+            return fn
+        return build
+    opts, plan = _tiny_plan()
+    case = plan[0].case
+    module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"torch": provider("torch"),
+                                                                "lk-cuda": provider("lk-cuda")})
+    results = _fast_runner(opts).run([PlanItem(module, case, ["torch", "lk-cuda"])])
+    assert [r["provider"] for r in results.rows] == ["torch", "lk-cuda"]
+    assert calls[:2] == ["torch", "lk-cuda"]  # the warm-ups
+    timed = calls[2:]
+    assert timed[:4] == ["torch", "lk-cuda", "lk-cuda", "torch"]
+    calls.clear()
+    module.PROVIDERS["lk-cuda"] = provider("lk-cuda", fail_at=4)
+    results = _fast_runner(opts).run([PlanItem(module, case, ["torch", "lk-cuda"])])
+    assert [r["provider"] for r in results.rows] == ["torch"]
+    assert results.skipped[0]["provider"] == "lk-cuda" and "broke while timed" in \
+        results.skipped[0]["reason"]
 
 
 def test_device_fault_stops_the_process_and_a_resumed_run_finishes_the_plan():
