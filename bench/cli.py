@@ -96,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--suite", choices=("standard",),
-                        help="the fixed GPU suite of bench/gpu_check.sh (ignores the size options)")
+                        help="the fixed GPU suite of bench/gpu_check.sh (ignores the size "
+                        "options; OPs, --modes and --providers pick items of it)")
     parser.add_argument("--time-budget", type=_seconds, metavar="SECONDS",
                         help="skip what is left once this much time has passed (default: no limit)")
     parser.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
@@ -144,10 +145,14 @@ def build_plan(args, opts: Options, device: torch.device) -> list[PlanItem]:
         if device.type != "cuda":
             raise UsageError("--suite standard is sized for an H100/H200: it needs a CUDA GPU")
         from llm_kernels.bench.suite import standard_plan
-        plan = _filtered(standard_plan(), args.providers)
+        _check_names(args)
+        plan = [i for i in _filtered(standard_plan(), args.providers)
+                if (not args.ops or i.module.NAME in args.ops)
+                and (not opts.modes or i.case.mode in opts.modes)]
         if not plan:
-            raise UsageError(f"--providers {','.join(args.providers)}: no such provider in the "
-                             "standard suite")
+            named = " ".join(args.ops)
+            raise UsageError("the standard suite has no item for "
+                             f"{named} {_filters_text(opts, args.providers)}".rstrip())
         return plan
     _check_names(args)
     plan = []

@@ -7,11 +7,13 @@ the elementwise math around the products:
   for the backward, h feeds the second matmul), then ``out = h @ w2.T + b2``;
 - backward: ``dpre = (grad_out @ w2) * act'(pre)`` by one epilogue, which also writes
   ``h = act(pre)`` again from the pre tile it reads; ``dx = dpre @ w1``, ``dw1 = dpre.T @ x``,
-  ``dw2 = (h.T @ grad_out).T`` (written transposed); db1 and db2 are the K-sums of those two
-  products' operands (dpre's columns, grad_out's columns), summed inside them in fp32 in a
-  fixed order. Recomputing h inside the loads of the dw2
-  product instead ran 3x slower on an H100 (the act runs once per tile column, and the operand
-  takes a register round trip), so it is written once here.
+  ``dw2 = (h.T @ grad_out).T`` (written transposed), ``db = column sums`` (two deterministic
+  passes, fp32 partial sums in a fixed order). Summing db1 and db2 inside the dw1 / dw2 loops
+  instead (the K-sums of their operands) is miscompiled by Triton when the summed tile also
+  feeds the dot (triton-lang/triton#6691: wrong dw1 at 4096 x 4096 bf16 on an H100), and as a
+  dot with a ones tile it made the H100 forward+backward 12.6 ms against 11.6. Recomputing h
+  inside the loads of the dw2 product instead ran 3x slower on an H100 (the act runs once per
+  tile column, and the operand takes a register round trip), so it is written once here.
 
 Operands are strided views (a transposed operand is a stride swap, never a copy); tiles are
 masked, so any M, N, K work. Programs are ordered in groups of ``GROUP_M`` row blocks so that
@@ -48,13 +50,6 @@ EPI_ACT = tl.constexpr(1)          # C <- act(c), AUX <- c
 EPI_ACT_GRAD = tl.constexpr(2)     # C <- c * act'(E1), AUX <- act(E1)
 EPI_SWIGLU_GRAD = tl.constexpr(3)  # C <- c * E2 * silu'(E1), AUX <- c * silu(E1),
 #                                    AUX2 <- silu(E1) * E2
-
-# K-sums a matmul may write besides C: none, A's rows (M,) or B's columns (N,). The bias
-# gradients of the backward are such sums of the operands of the weight gradients (db1 of
-# dpre = A of dw1's product, db2 of grad_out = B of dw2's), so they cost no launch of their own.
-SUMS_NONE = tl.constexpr(0)
-SUMS_A = tl.constexpr(1)
-SUMS_B = tl.constexpr(2)
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -116,27 +111,19 @@ def _tile_position(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _k_step(acc, sums, a, b, BF16_INTERPRETED: tl.constexpr, SUMS: tl.constexpr):
-    """One K step of a tile: acc += a @ b (fp32), and with SUMS the K-sums of a's rows
-    (SUMS_A) or b's columns (SUMS_B) added to sums in fp32."""
-    if SUMS == SUMS_A:
-        sums += tl.sum(a.to(tl.float32), axis=1)
-    elif SUMS == SUMS_B:
-        sums += tl.sum(b.to(tl.float32), axis=0)
+def _k_step(acc, a, b, BF16_INTERPRETED: tl.constexpr):
+    """One K step of a tile: acc += a @ b in fp32."""
     if BF16_INTERPRETED:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype), sums
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit
-def _accumulate(acc, sums, a_ptr, b_ptr, row0, col0, M, N, K,
+def _accumulate(acc, a_ptr, b_ptr, row0, col0, M, N, K,
                 stride_am, stride_ak, stride_bk, stride_bn, BF16_INTERPRETED: tl.constexpr,
-                SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) += A[row0:, :] @ B[:, col0:] over all of K; with SUMS, also
-    sums += the K-sums of this tile's A rows (SUMS_A, (BLOCK_M,)) or B columns (SUMS_B,
-    (BLOCK_N,)) in fp32, K in order."""
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) += A[row0:, :] @ B[:, col0:] over all of K."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -150,16 +137,15 @@ def _accumulate(acc, sums, a_ptr, b_ptr, row0, col0, M, N, K,
         k_ok = rk < K - k0
         a = tl.load(a_tile, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_tile, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc, sums = _k_step(acc, sums, a, b, BF16_INTERPRETED, SUMS)
+        acc = _k_step(acc, a, b, BF16_INTERPRETED)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
-    return acc, sums
+    return acc
 
 
 @triton.jit
-def _accumulate_tma(acc, sums, a_desc, b_desc, row0, col0, K, A_T: tl.constexpr,
-                    B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr, SUMS: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _accumulate_tma(acc, a_desc, b_desc, row0, col0, K, A_T: tl.constexpr,
+                    B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr):
     """_accumulate with the tiles read by TMA (rows and columns past the ends read as zeros).
     a_desc describes A (M, K), or with A_T its transpose (K, M) (A a transposed view); b_desc
     B (K, N), or with B_T its transpose (N, K)."""
@@ -172,8 +158,8 @@ def _accumulate_tma(acc, sums, a_desc, b_desc, row0, col0, K, A_T: tl.constexpr,
             b = tl.trans(b_desc.load([col0, k0]))                           # (BK, BN)
         else:
             b = b_desc.load([k0, col0])
-        acc, sums = _k_step(acc, sums, a, b, BF16_INTERPRETED, SUMS)
-    return acc, sums
+        acc = _k_step(acc, a, b, BF16_INTERPRETED)
+    return acc
 
 
 @triton.jit
@@ -220,35 +206,25 @@ def _epilogue_inputs(e1_ptr, e2_ptr, row0, col0, M, N, stride_em, stride_en,
 
 @triton.jit
 def _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en, EPILOGUE: tl.constexpr,
-                SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                GROUP_M: tl.constexpr):
-    """This program's tile: (row0, col0), the epilogue's input tiles, a zero fp32 accumulator
-    and zero K-sums."""
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile: (row0, col0), the epilogue's input tiles and a zero fp32
+    accumulator."""
     pid_m, pid_n = _tile_position(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
     e1, e2 = _epilogue_inputs(e1_ptr, e2_ptr, row0, col0, M, N, stride_em, stride_en, EPILOGUE,
                               BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sums = tl.zeros((BLOCK_M if SUMS == SUMS_A else BLOCK_N,), dtype=tl.float32)
-    return row0, col0, e1, e2, acc, sums
+    return row0, col0, e1, e2, acc
 
 
 @triton.jit
-def _finish_tile(acc, sums, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, sums_ptr, row0, col0, M, N,
+def _finish_tile(acc, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, row0, col0, M, N,
                  stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SUMS: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Everything after the K loop of the [row0:, col0:] tile: the K-sums (by the first tile
-    column / row), the bias, the epilogue (e1, e2: its input tiles) and the stores."""
-    if SUMS == SUMS_A:
-        rows = row0 + tl.arange(0, BLOCK_M)
-        tl.store(sums_ptr + rows, to_dtype(sums, sums_ptr.dtype.element_ty, BF16_INTERPRETED),
-                 mask=(rows < M) & (col0 == 0))
-    elif SUMS == SUMS_B:
-        cols = col0 + tl.arange(0, BLOCK_N)
-        tl.store(sums_ptr + cols, to_dtype(sums, sums_ptr.dtype.element_ty, BF16_INTERPRETED),
-                 mask=(cols < N) & (row0 == 0))
+    """Everything after the K loop of the [row0:, col0:] tile: the bias, the epilogue (e1, e2:
+    its input tiles) and the stores."""
     if HAS_BIAS:
         cols = col0 + tl.arange(0, BLOCK_N)
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -321,30 +297,28 @@ MATMUL_CONFIGS = tile_configs(tensor_core=MATMUL_TILES, fp32=[(64, 64, 32, 3, 4)
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit(do_not_specialize=["act"])
 def _matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr,
-                   e2_ptr, sums_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   e2_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    stride_cm, stride_cn, stride_em, stride_en, act,
                    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, SECOND_PAIR: tl.constexpr,
-                   SUMS: tl.constexpr, BF16_INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BF16_INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C (M, N) = epilogue(A @ B [+ A2 @ B2] + bias); SUMS_A / SUMS_B: also SUMS (M,) / (N,)
-    = the K-sums of A's rows / B's columns, written by the programs of the first tile column
-    / row (each value by one program, K in order: deterministic).
+    """C (M, N) = epilogue(A @ B [+ A2 @ B2] + bias).
 
     A, A2 (M, K) and B, B2 (K, N) share their strides; C is written through (stride_cm,
     stride_cn), AUX/AUX2/E1/E2 (M, N) through (stride_em, stride_en). The epilogue inputs are
     loaded before the K loop, so their latency hides behind it.
     """
-    row0, col0, e1, e2, acc, sums = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
-                                                EPILOGUE, SUMS, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, sums = _accumulate(acc, sums, a_ptr, b_ptr, row0, col0, M, N, K,
-                            stride_am, stride_ak, stride_bk, stride_bn,
-                            BF16_INTERPRETED, SUMS, BLOCK_M, BLOCK_N, BLOCK_K)
+    row0, col0, e1, e2, acc = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
+                                          EPILOGUE, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _accumulate(acc, a_ptr, b_ptr, row0, col0, M, N, K,
+                      stride_am, stride_ak, stride_bk, stride_bn,
+                      BF16_INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_K)
     if SECOND_PAIR:
-        acc, sums = _accumulate(acc, sums, a2_ptr, b2_ptr, row0, col0, M, N, K,
-                                stride_am, stride_ak, stride_bk, stride_bn,
-                                BF16_INTERPRETED, SUMS_NONE, BLOCK_M, BLOCK_N, BLOCK_K)
-    _finish_tile(acc, sums, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, sums_ptr, row0, col0, M, N,
-                 stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE, HAS_BIAS, SUMS,
+        acc = _accumulate(acc, a2_ptr, b2_ptr, row0, col0, M, N, K,
+                          stride_am, stride_ak, stride_bk, stride_bn,
+                          BF16_INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_K)
+    _finish_tile(acc, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, row0, col0, M, N,
+                 stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE, HAS_BIAS,
                  BF16_INTERPRETED, BLOCK_M, BLOCK_N)
 
 
@@ -364,19 +338,19 @@ TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit(do_not_specialize=["act"])
 def _matmul_tma_kernel(a_desc, b_desc, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr, e2_ptr,
-                       sums_ptr, M, N, K, stride_cm, stride_cn, stride_em, stride_en, act,
-                       EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, SUMS: tl.constexpr,
+                       M, N, K, stride_cm, stride_cn, stride_em, stride_en, act,
+                       EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        A_T: tl.constexpr, B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr):
     """_matmul_kernel (without the second pair) with A and B read through TMA descriptors
-    (16-bit operands, Hopper and newer): the same tiles, K order, sums and epilogue."""
-    row0, col0, e1, e2, acc, sums = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
-                                                EPILOGUE, SUMS, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, sums = _accumulate_tma(acc, sums, a_desc, b_desc, row0, col0, K, A_T, B_T,
-                                BF16_INTERPRETED, SUMS, BLOCK_K)
-    _finish_tile(acc, sums, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, sums_ptr, row0, col0, M, N,
-                 stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE, HAS_BIAS, SUMS,
+    (16-bit operands, Hopper and newer): the same tiles, K order and epilogue."""
+    row0, col0, e1, e2, acc = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
+                                          EPILOGUE, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _accumulate_tma(acc, a_desc, b_desc, row0, col0, K, A_T, B_T,
+                          BF16_INTERPRETED, BLOCK_K)
+    _finish_tile(acc, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, row0, col0, M, N,
+                 stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE, HAS_BIAS,
                  BF16_INTERPRETED, BLOCK_M, BLOCK_N)
 
 
@@ -387,13 +361,11 @@ def bf16_interpreted(dtype: torch.dtype) -> bool:
 
 
 def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, aux=None,
-           aux2=None, e1=None, e2=None, a2=None, b2=None, row_sums=None, col_sums=None):
+           aux2=None, e1=None, e2=None, a2=None, b2=None):
     """out (M, N) <- epilogue(a @ b [+ a2 @ b2] + bias); any strides.
 
     a, a2 (M, K) and b, b2 (K, N) share strides; ``out`` may be a transposed view (written
-    through its strides); aux, aux2, e1, e2 (M, N) share one set of strides. ``row_sums`` (M,)
-    / ``col_sums`` (N,), contiguous, get the sums over K of a's rows / b's columns (one of
-    them at most).
+    through its strides); aux, aux2, e1, e2 (M, N) share one set of strides.
     """
     m, k = a.shape
     n = b.shape[1]
@@ -402,9 +374,6 @@ def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, au
     for name, t, like in pairs:
         if t is not None and like is not None and t.stride() != like.stride():
             raise ValueError(f"{name} must have the strides of its partner, got {t.stride()}")
-    if row_sums is not None and col_sums is not None:
-        raise ValueError("one of row_sums and col_sums at most")
-    sums = row_sums if row_sums is not None else col_sums
     extra = aux if aux is not None else out
     bias = bias.contiguous() if bias is not None else None
 
@@ -415,23 +384,21 @@ def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, au
         return out if t is None else t
 
     act = 0 if activation is None else ACTIVATION_CODES[activation]
-    sums_code = (SUMS_A if row_sums is not None else SUMS_B if col_sums is not None
-                 else SUMS_NONE).value
     if a2 is None and use_tma(a, b):
         a_desc, a_t = _descriptor(a)
         b_desc, b_t = _descriptor(b)
         _matmul_tma_kernel[grid](
             a_desc, b_desc, or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1), or_out(e2),
-            or_out(sums), m, n, k, out.stride(0), out.stride(1), extra.stride(0),
-            extra.stride(1), act, EPILOGUE=epilogue, HAS_BIAS=bias is not None, SUMS=sums_code,
+            m, n, k, out.stride(0), out.stride(1), extra.stride(0),
+            extra.stride(1), act, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
             A_T=a_t, B_T=b_t, BF16_INTERPRETED=bf16_interpreted(a.dtype))
         return out
     _matmul_kernel[grid](
         a, b, or_out(a2), or_out(b2), or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1),
-        or_out(e2), or_out(sums), m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        or_out(e2), m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         out.stride(0), out.stride(1), extra.stride(0), extra.stride(1), act,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, SECOND_PAIR=b2 is not None,
-        SUMS=sums_code, BF16_INTERPRETED=bf16_interpreted(a.dtype))
+        BF16_INTERPRETED=bf16_interpreted(a.dtype))
     return out
 
 
@@ -472,6 +439,47 @@ def _descriptor(t: torch.Tensor):
     return TensorDescriptor.from_tensor(matrix, [16, 16]), transposed
 
 
+@triton.jit
+def _column_sum_kernel(x_ptr, out_ptr, R, C, stride_r, rows_per_program,
+                       BF16_INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """out[p, c] = sum of x[r, c] over rows r of chunk p (fp32, fixed order)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    rows = tl.arange(0, BLOCK_R)
+    first = pid_r * rows_per_program
+    last = tl.minimum(first + rows_per_program, R)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(first, last, BLOCK_R):
+        mask = ((r0 + rows) < last)[:, None] & c_ok[None, :]
+        ptrs = x_ptr + (r0 + rows)[:, None].to(tl.int64) * stride_r + cols[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), axis=0)
+    tl.store(out_ptr + pid_r * C + cols,
+             to_dtype(acc, out_ptr.dtype.element_ty, BF16_INTERPRETED), mask=c_ok)
+
+
+ROWS_PER_PROGRAM = 256
+
+
+def column_sum(x: torch.Tensor) -> torch.Tensor:
+    """x (R, C) with a contiguous last dim -> (C,) column sums in x's dtype, deterministic:
+    fp32 partial sums over chunks of rows, then one pass over the partials."""
+    r, c = x.shape
+    block_r, block_c = (32, 64) if interpreting() else (32, 128)
+    chunks = cdiv(r, ROWS_PER_PROGRAM)
+    partial = torch.empty((chunks, c), dtype=torch.float32, device=x.device)  # (P, C)
+    _column_sum_kernel[(cdiv(c, block_c), chunks)](
+        x, partial, r, c, x.stride(0), ROWS_PER_PROGRAM, BF16_INTERPRETED=False,
+        BLOCK_R=block_r, BLOCK_C=block_c)
+    out = torch.empty((c,), dtype=x.dtype, device=x.device)
+    _column_sum_kernel[(cdiv(c, block_c), 1)](
+        partial, out, chunks, c, partial.stride(0), chunks,
+        BF16_INTERPRETED=bf16_interpreted(x.dtype), BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
 def _no_bias(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((0,))
 
@@ -500,10 +508,9 @@ def feed_forward_backward(grad_out, x, w1, b1, w2, b2, pre, activation: str):
     h = pre.new_empty(pre.shape)                                        # (N, d_ff)
     matmul(grad_out, w2, dpre, activation=activation, epilogue=EPI_ACT_GRAD.value, aux=h, e1=pre)
     dx = matmul(dpre, w1, x.new_empty(x.shape))                         # (N, d)
-    db1 = w1.new_empty(w1.shape[:1]) if b1 is not None else None        # (d_ff,)
-    dw1 = matmul(dpre.t(), x, w1.new_empty(w1.shape), row_sums=db1)     # (d_ff, d)
-    db2 = w2.new_empty(w2.shape[:1]) if b2 is not None else None        # (d_out,)
+    dw1 = matmul(dpre.t(), x, w1.new_empty(w1.shape))                   # (d_ff, d)
     dw2 = w2.new_empty(w2.shape)                                        # (d_out, d_ff)
-    matmul(h.t(), grad_out, dw2.t(), col_sums=db2)
-    return (dx, dw1, db1 if db1 is not None else _no_bias(x), dw2,
-            db2 if db2 is not None else _no_bias(x))
+    matmul(h.t(), grad_out, dw2.t())
+    db1 = column_sum(dpre) if b1 is not None else _no_bias(x)           # (d_ff,)
+    db2 = column_sum(grad_out) if b2 is not None else _no_bias(x)       # (d_out,)
+    return dx, dw1, db1, dw2, db2

@@ -978,3 +978,22 @@ def test_env_var_restores_what_was_there(monkeypatch):
     with env_var("LK_TEST_SWITCH", "1"), env_var("LK_TEST_UNSET", "1"):
         assert os.environ["LK_TEST_SWITCH"] == os.environ["LK_TEST_UNSET"] == "1"
     assert os.environ["LK_TEST_SWITCH"] == "user" and "LK_TEST_UNSET" not in os.environ
+
+
+def test_standard_suite_items_picked_by_op_mode_and_provider():
+    """--suite standard with OPs, --modes and --providers runs those items of the suite only;
+    a selection with nothing in it is a usage error."""
+    def plan(*argv):
+        parser = argparse.ArgumentParser()
+        cli.add_arguments(parser)
+        args = parser.parse_args(["--suite", "standard", *argv])
+        return cli.build_plan(args, cli.options(args), torch.device("cuda"))
+
+    decode = plan("attention", "--modes", "decode", "--providers", "lk-cuda,sdpa-cudnn")
+    assert len(decode) == 2 and all(i.case.mode == "decode" for i in decode)
+    assert all(i.providers == ["lk-cuda", "sdpa-cudnn"] for i in decode)
+    both = plan("feed_forward", "gpt_train")
+    assert {i.module.NAME for i in both} == {"feed_forward", "gpt_train"}
+    assert len(plan()) == len(suite.standard_plan())
+    with pytest.raises(cli.UsageError, match="no item for softmax --modes decode"):
+        plan("softmax", "--modes", "decode")

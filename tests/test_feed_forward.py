@@ -210,21 +210,16 @@ def test_every_gate_up_config_cuda(index, monkeypatch):
     _check_swiglu(_swiglu_inputs((1000, 520), 1544, 500, dtype, "cuda"), dtype)
 
 
-@pytest.mark.parametrize("which", ["row_sums", "col_sums"])
-def test_matmul_sums_of_its_operands(which, device):
-    """matmul's K-sums of A's rows / B's columns (the bias gradients' path), several tiles in
-    both dims, against float64 by the pass rule; asking for both is an error."""
-    a, b = torch.randn(70, 45, device=device), torch.randn(45, 66, device=device)
-    out = torch.empty(70, 66, device=device)
-    sums = torch.empty(70 if which == "row_sums" else 66, device=device)
-    ff_kernels.matmul(a, b, out, **{which: sums})
-    dim = 1 if which == "row_sums" else 0
-    operand = a if which == "row_sums" else b
-    assert_close(sums, operand.double().sum(dim), operand.sum(dim), torch.float32, which)
-    assert_close(out, a.double() @ b.double(), a @ b, torch.float32, "matmul")
-    with pytest.raises(ValueError, match="one of row_sums and col_sums"):
-        ff_kernels.matmul(a, b, out, row_sums=torch.empty(70, device=device),
-                          col_sums=torch.empty(66, device=device))
+@pytest.mark.parametrize("shape", [(1, 7), (300, 129), (513, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_column_sum(shape, dtype, device):
+    """column_sum (the bias gradients) over one, two and three chunks of rows, a strided view
+    too, against float64 by the pass rule; the same bits twice."""
+    x = torch.randn(shape[0], shape[1] + 3, device=device).to(dtype)[:, 2:-1]    # strided rows
+    out = ff_kernels.column_sum(x)
+    assert out.dtype == dtype and out.shape == (shape[1],)
+    assert_close(out, x.double().sum(0), x.sum(0), dtype, "column sums")
+    assert torch.equal(out, ff_kernels.column_sum(x))
 
 
 # ---- the matmul reading its operands through TMA descriptors ($LLM_KERNELS_MATMUL_TMA=1) ----
@@ -301,3 +296,17 @@ def test_feed_forward_tma_autotuned_cuda(tma_only):
         pytest.skip("TMA needs a Hopper or newer GPU")
     dtype = torch.bfloat16
     _check_ff(_ff_inputs((2048, 1024), 4096, 1024, dtype, "cuda"), "gelu", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("index", range(len(ff_kernels.MATMUL_TILES)))
+def test_matmul_aligned_transposed_cuda(index, monkeypatch):
+    """Each 16-bit config alone on dw1's layout (A a transposed view) at sizes that are
+    multiples of every tile, so the loads are vectorized as in a GPT backward, against
+    float64 (triton-lang/triton#6691 broke this product when A was also summed in the loop)."""
+    _only_config(monkeypatch, ff_kernels._matmul_kernel, ff_kernels.MATMUL_TILES, index)
+    dtype = torch.bfloat16
+    a = torch.randn(2048, 1024, device="cuda").to(dtype).t()             # (1024, 2048) transposed
+    b = torch.randn(2048, 512, device="cuda").to(dtype)
+    out = ff_kernels.matmul(a, b, torch.empty(1024, 512, device="cuda", dtype=dtype))
+    assert_close(out, a.double() @ b.double(), a @ b, dtype, "matmul")
