@@ -124,13 +124,16 @@ say "gpu_check ($MODE) on ${GPU:-no GPU found}, commit $COMMIT, budget ${BUDGET}
 # ------------------------------------------------------------------------------ precompile
 # Triton kernels compiled ahead into the cache the tests and the bench read (through the real
 # launchers with a fake driver: no GPU involved), in the background on the cores the build
-# leaves idle (its nvcc jobs are few); stopped before the steps that time anything.
+# leaves idle (its nvcc jobs are few); stopped before the steps that time anything. The
+# package is not installed yet when they start (the build installs it), hence PYTHONPATH:
+# without it every case failed to import llm_kernels and nothing was precompiled.
 PRECOMPILE_PIDS=()
 precompile_start() {
   local k n=${PRECOMPILE_SHARDS:-8}
   [ -e llm_kernels/kernels ] || ln -sfn ../kernels llm_kernels/kernels
   for k in $(seq 0 $(( n - 1 ))); do
-    env -u TRITON_INTERPRET nice -n 10 "$PY" scripts/check_triton_compile.py --no-usage \
+    env -u TRITON_INTERPRET PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
+      nice -n 10 "$PY" scripts/check_triton_compile.py --no-usage \
       --shard "$k/$n" > "/tmp/gpu-check-precompile-$k.log" 2>&1 &
     PRECOMPILE_PIDS+=("$!")
   done
@@ -145,6 +148,9 @@ precompile_stop() {
   compiled=$(cat /tmp/gpu-check-precompile-*.log 2> /dev/null | grep -c '^ok ')
   echo "@@info precompiled=$compiled" >> "$LOG"
   say "precompile stopped after $compiled Triton kernel variants"
+  if [ "$compiled" -eq 0 ]; then  # why: the first shard's last lines
+    tail -n 25 /tmp/gpu-check-precompile-0.log 2> /dev/null | sed 's/^/    precompile | /' | tee -a "$LOG"
+  fi
 }
 trap '[ "${#PRECOMPILE_PIDS[@]}" -gt 0 ] && kill "${PRECOMPILE_PIDS[@]}" 2> /dev/null' EXIT
 [ "$MODE" = full ] && precompile_start
