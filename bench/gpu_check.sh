@@ -12,15 +12,16 @@
 #                                        # overhead, then the benchmark with what is left
 #   BENCH_RESUME=gpu-resume/bench.json CUDA_RESUME=gpu-resume/cuda_finished.txt \
 #     bash bench/gpu_check.sh --bench    # call 2 (6 min): the build kept from call 1 (same
-#                                        # sources), the cuda tests call 1 did not finish, the
-#                                        # benchmark resumed from call 1's bench.json (both
+#                                        # sources), the cuda tests call 1 did not finish (both
 #                                        # files copied to gpu-resume/, which git ignores:
-#                                        # name it in the call's carry), the launch-parameter
-#                                        # sweeps (bench/sweep.py), the tests of what this
-#                                        # machine built (C++ ops on CPU tensors, the Triton
-#                                        # interpreter), memcheck and racecheck over the CUDA C++
-#                                        # kernels' small-shape tests, verify again (call 1's
-#                                        # may be cut short), then the rest of the tests
+#                                        # name it in the call's carry), memcheck and
+#                                        # racecheck over the CUDA C++ kernels' small-shape
+#                                        # tests, the benchmark resumed from call 1's
+#                                        # bench.json, the launch-parameter sweeps
+#                                        # (bench/sweep.py), the tests of what this machine
+#                                        # built (C++ ops on CPU tensors, the Triton
+#                                        # interpreter), verify again (call 1's may be cut
+#                                        # short), then the rest of the tests
 #   bash bench/gpu_check.sh --sanitize   # build, cuda tests, verify, then compute-sanitizer
 #                                        # (memcheck, racecheck) over a small subset of the
 #                                        # cuda tests instead of the benchmarks
@@ -341,11 +342,11 @@ case "$MODE" in
     native_rebuild
     bench_step 200 5 ;;
   bench)
-    cuda_leftover 60 300
-    bench_step 150 170
-    sweep_step 110 120
-    rest_core 60 90
-    sanitize_steps 50 45 40 35 "$SANITIZE_LITE"
+    cuda_leftover 60 290
+    sanitize_steps 70 220 50 170 "$SANITIZE_LITE"
+    bench_step 150 20
+    sweep_step 110 10
+    rest_core 60 5
     verify_step 60 5
     rest_tests --after-core 150 5 ;;
   sanitize)

@@ -823,9 +823,9 @@ while [ "${1#-}" != "$1" ]; do case "$1" in --tool|--error-exitcode|--print-limi
 
 def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
     """--bench with BENCH_RESUME: the earlier call's bench.json is copied into the output folder
-    and the bench resumes from it; no cuda tests or profile run; the tests of what the machine
-    built, memcheck and racecheck over the CUDA C++ kernels' small tests, verify and the rest
-    of the tests do."""
+    and the bench resumes from it; no cuda tests or profile run; memcheck and racecheck over the
+    CUDA C++ kernels' small tests (before the bench: the sweeps are cut first), the tests of
+    what the machine built, verify and the rest of the tests do."""
     earlier = tmp_path / "earlier.json"
     earlier.write_text('{"environment": {}, "rows": [], "skipped": [], "checks": []}')
     finished = tmp_path / "cuda_finished.txt"
@@ -851,6 +851,9 @@ def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
     for step in ("pytest-rest-core", "pytest-rest", "verify", "sweep"):
         assert steps[step] == "status=ok", step
     assert "pytest-cuda" not in steps and "profile" not in steps
+    order = [line.split(":")[0].split()[1] for line in log.splitlines()
+             if line.startswith("@@begin ")]
+    assert order.index("racecheck") < order.index("bench") < order.index("sweep")  # sanitizer first
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"]["memcheck"]["status"] == "ok"
     assert summary["sweep"] == ["== decode (stub): programs per SM", "Lk per_sm ms",
