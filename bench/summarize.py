@@ -348,6 +348,7 @@ def summarize(out_dir: str) -> dict:
         "mode": log["info"].get("mode", "full"),
         "versions": {k: log["info"].get(k) or env.get(k) for k in ("python", "torch", "triton")},
         "backends": log["info"].get("backends"),
+        "precompiled": log["info"].get("precompiled"),
         "steps": steps,
         "test_failures": failed_tests,
         "verify": verify_counts(verify) if verify is not None else None,
@@ -463,6 +464,8 @@ def step_lines(summary: dict) -> list[tuple[str, str]]:
                         f"{verify['skipped']} skipped")
     lines = [("build", _step_text(summary, "build")),
              ("backends", summary["backends"] or "unknown"),
+             ("Triton precompile", f"{summary['precompiled']} kernel variants"
+              if summary.get("precompiled") is not None else "not run"),
              ("pytest -m cuda", _step_text(summary, "pytest-cuda"))]
     if "pytest-cuda-rest" in summary["steps"]:
         lines.append(("pytest -m cuda, left over", _step_text(summary, "pytest-cuda-rest")))

@@ -778,7 +778,9 @@ case "$1 $2" in
   "-X faulthandler")
     if [ -n "${STUB_NATIVE_CRASH:-}" ]; then echo "PASS attention/ok"; kill -SEGV $$; fi
     echo "DONE 229 cases, 0 failed"; exit 0 ;;
-  "scripts/check_triton_compile.py --no-usage") echo "ok   _attn_fwd_kernel warps=4"; exit 0 ;;
+  "scripts/check_triton_compile.py --no-usage")  # the package is not installed yet
+    case ":${PYTHONPATH:-}:" in *":@REPO@:"*) echo "ok   _attn_fwd_kernel warps=4"; exit 0 ;; esac
+    echo "FAIL: No module named 'llm_kernels'"; exit 1 ;;
   "-c import torch, llm_kernels._C"*) exit 0 ;;
   "-c import torch"*) echo "torch: (stub)"; exit 0 ;;
   "-m llm_kernels.bench.sweep")
@@ -801,7 +803,7 @@ exec "@REAL@" "$@"
 def _dry_run(tmp_path, *args, **env_vars):
     """gpu_check.sh with the stub python: (stdout, the log, {step: status})."""
     stub = tmp_path / "python"
-    stub.write_text(STUB_PYTHON.replace("@REAL@", sys.executable))
+    stub.write_text(STUB_PYTHON.replace("@REAL@", sys.executable).replace("@REPO@", REPO))
     stub.chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(stub), OUT=str(out),
@@ -915,7 +917,7 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_summary(tmp_path, budg
     """gpu_check.sh end to end with the heavy commands stubbed: every step is run (or skipped for
     lack of time, with a note), the output folder stays small and the summary comes last."""
     stub = tmp_path / "python"
-    stub.write_text(STUB_PYTHON.replace("@REAL@", sys.executable))
+    stub.write_text(STUB_PYTHON.replace("@REAL@", sys.executable).replace("@REPO@", REPO))
     stub.chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(stub), OUT=str(out), GPU_CHECK_BUDGET=str(budget),
@@ -942,7 +944,7 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_the_summary(tmp_path, budg
         summary = json.loads((out / "summary.json").read_text())
         assert summary["profile"][2].startswith("_attn_bwd_dkdv_kernel")
         assert summary["host_overhead"][1].startswith("decode")
-        assert "@@info precompiled=8" in log
+        assert "@@info precompiled=8" in log and summary["precompiled"] == "8"
     assert len(list(out.iterdir())) <= 8
 
 
