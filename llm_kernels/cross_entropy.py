@@ -52,6 +52,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         return logits.detach(), None, None, None, None
 
 
+def _no_classes(logits, target) -> bool:
+    """V == 0 with rows to score: only ignored targets are valid, a case the kernels never see
+    (torch computes it), so the targets are read even on a GPU (outside torch.compile)."""
+    return logits.shape[1] == 0 and target.numel() > 0 and not torch.compiler.is_compiling()
+
+
 def _validate(logits, target, ignore_index, reduction, inplace_backward):
     _checks.tensor("logits", logits, ndim=2)
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64:
@@ -69,7 +75,7 @@ def _validate(logits, target, ignore_index, reduction, inplace_backward):
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     _checks.last_dim_contiguous("logits", logits)
-    if _checks.can_read_values(target):
+    if _checks.can_read_values(target) or _no_classes(logits, target):
         valid = (target == ignore_index) | ((target >= 0) & (target < logits.shape[1]))
         if not bool(valid.all()):
             raise ValueError(f"target values must be in [0, {logits.shape[1]}) or equal "
@@ -91,6 +97,11 @@ def cross_entropy(logits, target, *, ignore_index: int = -100, reduction: str = 
     first (the copy is overwritten). A memory hint only: ignored by the ``torch`` backend.
 
     Under autocast the loss is float32 (or float64), as torch's; the logits are not copied.
+
+    A target outside [0, V) that is not ``ignore_index`` raises a ValueError for CPU tensors.
+    GPU targets are not read on the host (that would stall the host until the device catches
+    up, each step): there the kernels give that row a NaN loss and gradient (they never read
+    past a row) and the ``torch`` backend raises torch's device-side assert.
     """
     if _amp.dtype_for(logits) is not None:
         with _amp.disabled(logits):

@@ -137,7 +137,8 @@ def softmax_ref(x, dim=-1, *, upcast=False):
     if upcast:
         return _safe_softmax(x.double().transpose(dim, -1)).transpose(dim, -1)
     # torch's own softmax in x's dtype (its backward reads the rounded output, as the kernels'
-    # do), with rows of all -inf set to zeros instead of NaN (checked only when x has an -inf).
+    # do), with rows of all -inf set to zeros instead of NaN (on a CPU only when x has an -inf;
+    # on a GPU always, as checking would wait for the device).
     if _checks.can_read_values(x) and not bool(torch.isneginf(x).any()):
         return torch.softmax(x, dim=dim)
     empty_rows = (x == float("-inf")).all(dim=dim, keepdim=True)

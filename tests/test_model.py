@@ -446,3 +446,33 @@ def test_gpu_autocast_and_cached_generation(backend):
         for _ in range(40):
             expected = torch.cat([expected, model(expected)[0][:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
+def test_gpu_training_step_never_waits_for_the_device(backend):
+    """Forward, loss and backward under bf16 autocast issue their work without one host-device
+    sync (torch's sync debug mode turns any into an error): the token ids and targets are not
+    read on the host, so the host can queue the next step while the device runs this one."""
+    if backend != "auto" and not lk.available_backends()[backend][0]:
+        pytest.skip(f"backend {backend} unavailable: {lk.available_backends()[backend][1]}")
+    config = GPTConfig(**{**GPU_CONFIG, **VARIANTS["gpt2"], "backend": backend})
+    model = randomize(GPT(config)).cuda()
+    idx, targets = (t.cuda() for t in batch(config, b=2, t=255))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        return loss.detach()
+    for _ in range(2):  # compilation, autotuning and one-time launch plans synchronize
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

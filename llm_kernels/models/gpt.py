@@ -352,7 +352,9 @@ def _init_gpt2(module: nn.Module) -> None:
 
 def _check_idx(idx, config: GPTConfig, pos: int) -> None:
     """idx is an int64 (B, T) tensor of token ids in [0, vocab_size) that fits in max_seq_len
-    after pos."""
+    after pos. The ids' range is checked on CPU tensors only: on a GPU that read would make
+    every step wait for the device, and the token embedding's own device-side assert catches
+    an id out of range instead (as in any torch model)."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be an int64 tensor (B, T), got a {type(idx).__name__}")
     if idx.dtype != torch.int64 or idx.dim() != 2:
@@ -363,9 +365,9 @@ def _check_idx(idx, config: GPTConfig, pos: int) -> None:
     if pos + idx.shape[1] > config.max_seq_len:
         raise ValueError(f"sequence length {pos + idx.shape[1]} exceeds max_seq_len="
                          f"{config.max_seq_len}")
-    if not _checks.can_read_values(idx):  # torch.compile tracing or CUDA graph capture
+    if not _checks.can_read_values(idx):  # on a GPU: the embedding's device-side assert
         return
-    low, high = torch.stack(torch.aminmax(idx)).tolist()  # one device sync
+    low, high = torch.stack(torch.aminmax(idx)).tolist()
     if low < 0 or high >= config.vocab_size:
         raise ValueError(f"idx holds token ids from {low} to {high}: they must be in "
                          f"[0, vocab_size={config.vocab_size})")
