@@ -215,10 +215,13 @@ native_rebuild() {
 sweep_step() {
   TAIL_LINES=80 step sweep "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.sweep
 }
-# The CPU time each public op takes per call around its kernels, next to plain torch.
+# The CPU time each public op takes per call around its kernels, next to plain torch: the ops
+# of a GPT training step first (its rows print as they are measured, so a cut keeps them), one
+# config per Triton kernel (no autotuning: its compiles would take the step's time).
+HOST_OVERHEAD_OPS=layer_norm,attention,feed_forward,cross_entropy,nn.LayerNorm,rms_norm,swiglu,softmax,decode,scaled_dot_product_attention
 host_overhead_step() {
-  TAIL_LINES=30 step host-overhead "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.host_overhead \
-    --repeat 5 --number 50
+  TAIL_LINES=30 step host-overhead "$(slot "$1" "$2")" env LLM_KERNELS_AUTOTUNE=0 "$PY" \
+    -m llm_kernels.bench.host_overhead --ops "$HOST_OVERHEAD_OPS" --repeat 5 --number 50
 }
 PYTEST_OPTS=(-q -rfE -p no:cacheprovider --continue-on-collection-errors)
 TIMEOUT_OPT=()

@@ -174,14 +174,15 @@ def _providers(device) -> dict[str, Optional[str]]:
     return providers
 
 
-def _table(rows: list[dict], providers) -> str:
+def _title(providers) -> list[str]:
     head = f"{'op':30} {'mode':8}" + "".join(f"{p:>11}" for p in providers)
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        cells = "".join(f"{row[p]:11.1f}" if row[p] is not None else f"{'-':>11}"
-                        for p in providers)
-        lines.append(f"{row['op']:30} {row['mode']:8}{cells}")
-    return "\n".join(lines)
+    return [head, "-" * len(head)]
+
+
+def _line(row: dict, providers) -> str:
+    cells = "".join(f"{row[p]:11.1f}" if row[p] is not None else f"{'-':>11}"
+                    for p in providers)
+    return f"{row['op']:30} {row['mode']:8}{cells}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -206,10 +207,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown ops/modes: {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
     providers = _providers(device)
-    rows = [{"op": op, "mode": mode, **measure(op, mode, providers, device, dtype, args.repeat,
-                                               args.number)}
-            for op in ops for mode in modes]
-    print(json.dumps(rows) if args.json else _table(rows, providers))
+    if not args.json:  # the table row by row, so that a run cut short keeps what it measured
+        print("\n".join(_title(providers)), flush=True)
+    rows = []
+    for op in ops:
+        for mode in modes:
+            rows.append({"op": op, "mode": mode, **measure(op, mode, providers, device, dtype,
+                                                         args.repeat, args.number)})
+            if not args.json:
+                print(_line(rows[-1], providers), flush=True)
+    if args.json:
+        print(json.dumps(rows))
     return 0
 
 
