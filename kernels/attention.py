@@ -214,13 +214,15 @@ def _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, KD, VD, b, hk, mask_
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOUNDARY: tl.constexpr,
                   HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                  TMA: tl.constexpr):
+                  TMA: tl.constexpr, SCALED_MAX: tl.constexpr):
     """Online softmax over the key tiles [start, end): returns the updated (acc, m2, l).
 
     q (BLOCK_M, BLOCK_D); offs_m the query index of each row; K/V tiles read by pointers from
     k_base/v_base (the head's row 0) or with TMA through the descriptors KD/VD at (b, hk);
     mask_rows (BLOCK_M, 1) pointers to the rows of the additive mask (rows past the end point
     at the last row). BOUNDARY tiles mask the key tail and, if CAUSAL, j > i + offset.
+    SCALED_MAX (qk_scale > 0, no mask): the scores stay unscaled, the row max is scaled
+    (max(c s) = c max(s) for c > 0) and exp2's argument c s - m is one FMA per score.
     """
     offs_n0 = tl.arange(0, BLOCK_N)
     for n0 in tl.range(start, end, BLOCK_N):
@@ -229,7 +231,8 @@ def _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, KD, VD, b, hk, mask_
         k = _load_tile(k_base, KD, b, hk, n0, stride_kn, cols_ok, D, BLOCK_D, BLOCK_N, BOUNDARY,
                        TMA)                                                 # (BLOCK_N, BLOCK_D)
         s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), acc.dtype), UPCAST, PRECISION)
-        s = s * qk_scale                                                    # (BLOCK_M, BLOCK_N)
+        if not SCALED_MAX:
+            s = s * qk_scale                                                # (BLOCK_M, BLOCK_N)
         if HAS_MASK:
             bias = _load_bias(mask_rows + offs_n[None, :] * stride_mn, cols_ok, BOUNDARY)
             s += _mask_log2(bias.to(s.dtype))
@@ -238,9 +241,17 @@ def _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, KD, VD, b, hk, mask_
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
-        p = tl.exp2(s - m_ref[:, None])
+        if SCALED_MAX:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
+        if BOUNDARY or HAS_MASK:  # rows with nothing seen yet (a full tile shows every row a key)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if SCALED_MAX:
+            p = tl.exp2(s * qk_scale - m_ref[:, None])
+        else:
+            p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, VD, b, hk, n0, stride_vn, cols_ok, D, BLOCK_D, BLOCK_N, BOUNDARY,
@@ -268,8 +279,8 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
                      H, GROUP, Lq, Lk, causal_offset, qk_scale,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                      HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     TMA: tl.constexpr = False):
+                     ACC_DTYPE: tl.constexpr, SCALED_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
     """out, lse of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H).
     With TMA, Q, K and V are 4-D TMA descriptors of those tensors (tiles of [1, 1, BLOCK_M or
     BLOCK_N, BLOCK_D]) instead of pointers; the strides then go unused."""
@@ -298,11 +309,11 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, K, V, b, hk,
                                   mask_rows, 0, full_end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
-                                  False, HAS_MASK, UPCAST, PRECISION, TMA)
+                                  False, HAS_MASK, UPCAST, PRECISION, TMA, SCALED_MAX)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, K, V, b, hk,
                                   mask_rows, full_end, end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
-                                  True, HAS_MASK, UPCAST, PRECISION, TMA)
+                                  True, HAS_MASK, UPCAST, PRECISION, TMA, SCALED_MAX)
     out, lse = _finish_rows(acc, m_i, l_i)
     rows = pid_bh.to(tl.int64) * Lq + offs_m                                # (B, H, Lq) index
     _store_rows(Out + rows[:, None] * D + offs_d[None, :],
@@ -319,7 +330,8 @@ def _attn_fwd_split_kernel(Q, K, V, Mask, PartO, PartM, PartL,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                            HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
                            PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           SCALED_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
     """Partial (acc, m2, l) of one key split for a tile of the GROUP * Lq rows (head g of the
     group, query i) of one (batch, kv head): grid (splits, row tiles, B * Hkv)."""
     pid_s = tl.program_id(0)
@@ -350,7 +362,7 @@ def _attn_fwd_split_kernel(Q, K, V, Mask, PartO, PartM, PartL,
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, offs_m, k_base, v_base, K, V, b, hk,
                                   mask_rows, start, end, Lk, stride_kn, stride_vn, stride_mn,
                                   causal_offset, qk_scale, D, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL,
-                                  True, HAS_MASK, UPCAST, PRECISION, False)
+                                  True, HAS_MASK, UPCAST, PRECISION, False, SCALED_MAX)
     rows = pid_s * n_rows + (b * H + h) * Lq + offs_m                       # (S, B, H, Lq) index
     _store_rows(PartO + rows[:, None] * D + offs_d[None, :], acc, rows_ok, D, BLOCK_D)
     tl.store(PartM + rows, m_i, mask=rows_ok)
@@ -819,8 +831,8 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty((b, h, lq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, lq), dtype=torch.float32, device=q.device)
-    common = _common(q, causal, mask)
     qk_scale = float(scale) * LOG2E
+    common = {**_common(q, causal, mask), "SCALED_MAX": qk_scale > 0 and mask is None}
     plan = split_plan(b, hkv, h // hkv, lq, lk, _device_sm_count(q.device))
     if plan is not None:
         _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan)

@@ -113,6 +113,16 @@ def test_head_dims(d, device):
     check_attention(q, k, v, causal=True, scale=0.7 / d ** 0.5)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_non_positive_scale(scale, causal, device):
+    """scale <= 0 (torch allows any float): the forward keeps the scores scaled before the row
+    max (max(c s) != c max(s) for c < 0, and 0 * -inf is NaN); at 0 every visible key weighs
+    the same. Lq = 37 over Lk = 50 keys: several tiles, a key tail, rows past the diagonal."""
+    q, k, v = make_qkv(2, 2, 1, 37, 50, 24, torch.float16, device)
+    check_attention(q, k, v, causal=causal, scale=scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_padding_mask(dtype, device):
     """Bool key-padding mask (B, 1, 1, Lk): batch 1 attends to its first 23 keys only."""

@@ -91,6 +91,13 @@ def test_cpu_head_dims(d):
     check_attention(q, k, v, causal=True, scale=0.7 / d ** 0.5)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_non_positive_scale(scale, causal):
+    q, k, v = make_qkv(2, 2, 1, 37, 50, 24, torch.float16, CPU)
+    check_attention(q, k, v, causal=causal, scale=scale)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_padding_mask(dtype):
     """Bool key-padding mask (B, 1, 1, Lk): batch 1 attends to its first 23 keys only, so the
