@@ -115,15 +115,36 @@ void from_float(const float* src, int64_t n, T* dst) {
   }
 }
 
-// A float32 row buffer for row_as_float / output_row: empty for float rows, which need none.
+// A float32 row buffer for row_as_float / output_row (empty for float rows, which need none).
+// Buffer `slot` starts at slot KB mod 4 KB: a loop that stores to one buffer and then loads
+// from another at the same address mod 4 KB waits for the store to retire (4K aliasing), which
+// buffers of whole rows would otherwise hit on every vector (their mallocs lie 4 KB + a header
+// apart when a row is 4 KB).
+class RowBuffer {
+ public:
+  RowBuffer(int64_t n, int slot) : storage_(n > 0 ? n + kPageFloats : 0) {
+    if (n > 0) {
+      const uintptr_t start = reinterpret_cast<uintptr_t>(storage_.data());
+      const uintptr_t wanted = static_cast<uintptr_t>(slot % 4) * 1024;
+      offset_ = static_cast<int64_t>(((wanted - start) & 4095) / sizeof(float));
+    }
+  }
+  float* data() { return storage_.data() + offset_; }
+
+ private:
+  static constexpr int64_t kPageFloats = 4096 / sizeof(float);
+  std::vector<float> storage_;
+  int64_t offset_ = 0;
+};
+
 template <typename T>
-std::vector<float> row_buffer(int64_t n) {
-  return std::vector<float>(std::is_same_v<T, float> ? 0 : n);
+RowBuffer row_buffer(int64_t n, int slot) {
+  return RowBuffer(std::is_same_v<T, float> ? 0 : n, slot);
 }
 
 // The float32 values of a row: the row itself for float, else converted into `buffer`.
 template <typename T>
-const float* row_as_float(const T* src, int64_t n, std::vector<float>& buffer) {
+const float* row_as_float(const T* src, int64_t n, RowBuffer& buffer) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
@@ -135,7 +156,7 @@ const float* row_as_float(const T* src, int64_t n, std::vector<float>& buffer) {
 // Where a kernel writes a float32 row bound for `dst`: dst itself for float, else `buffer`
 // (then stored with from_float).
 template <typename T>
-float* output_row(T* dst, std::vector<float>& buffer) {
+float* output_row(T* dst, RowBuffer& buffer) {
   if constexpr (std::is_same_v<T, float>) {
     return dst;
   } else {

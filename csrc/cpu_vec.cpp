@@ -335,26 +335,26 @@ LK_CLONES void norm_backward_row(const float* dy, const float* h, const float* w
   }
   const float c1 = static_cast<float>(sum_gx / n);
   const float c2 = rms ? 0.0f : static_cast<float>(sum_g / n);
+  // One output stream per loop: the rows are 4 KB apart, so a loop that stored dx, acc_w and
+  // acc_b together had its loads wait on stores to the same address mod 4 KB (4K aliasing).
   int64_t i = 0;
-  for (; i + kVecLanes <= n; i += kVecLanes) {  // dx and the dweight/dbias sums in one pass
-    const VecF g = load(dy + i);
+  for (; i + kVecLanes <= n; i += kVecLanes) {
     const VecF xhat = (load(h + i) - mean) * rstd;
-    VecF d = (g * load(w + i) - xhat * c1 - c2) * rstd;
+    VecF d = (load(dy + i) * load(w + i) - xhat * c1 - c2) * rstd;
     if (grad_h != nullptr) d += load(grad_h + i);
     store(dx + i, d);
-    if (acc_w != nullptr) {
-      store(acc_w + i, load(acc_w + i) + g * xhat);
-      store(acc_b + i, load(acc_b + i) + g);
-    }
   }
   for (; i < n; ++i) {
     const float xhat = (h[i] - mean) * rstd;
     dx[i] = (dy[i] * w[i] - xhat * c1 - c2) * rstd + (grad_h != nullptr ? grad_h[i] : 0.0f);
-    if (acc_w != nullptr) {
-      acc_w[i] += dy[i] * xhat;
-      acc_b[i] += dy[i];
-    }
   }
+  if (acc_w == nullptr) return;
+  for (i = 0; i + kVecLanes <= n; i += kVecLanes) {
+    store(acc_w + i, load(acc_w + i) + load(dy + i) * ((load(h + i) - mean) * rstd));
+  }
+  for (; i < n; ++i) acc_w[i] += dy[i] * ((h[i] - mean) * rstd);
+  for (i = 0; i + kVecLanes <= n; i += kVecLanes) store(acc_b + i, load(acc_b + i) + load(dy + i));
+  for (; i < n; ++i) acc_b[i] += dy[i];
 }
 
 // Vector max that propagates NaN: two 8-lane running maxima of the ordered values and a lane

@@ -31,7 +31,7 @@ void cross_entropy_forward_cpu(const CrossEntropyForwardArgs& a) {
   dispatch_cpu_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     parallel_rows(a.rows, a.cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(kChunk);  // the chunk as float32, then its exp values
+      RowBuffer buffer(kChunk, 0);  // the chunk as float32, then its exp values
       for (int64_t row = begin; row < end; ++row) {
         const T* x = static_cast<const T*>(a.logits) + row * a.cols;
         MaxSum stats{-INFINITY, 0.0f};
@@ -56,7 +56,7 @@ void cross_entropy_backward_cpu(const CrossEntropyBackwardArgs& a) {
   dispatch_cpu_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     parallel_rows(a.rows, a.cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer(kChunk);
+      RowBuffer buffer(kChunk, 0);
       for (int64_t row = begin; row < end; ++row) {
         const T* x = static_cast<const T*>(a.logits) + row * a.cols;
         T* g = static_cast<T*>(a.grad) + row * a.cols;

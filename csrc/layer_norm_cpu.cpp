@@ -23,8 +23,8 @@ void forward_rows(const NormForwardArgs& a, const float* w, const float* b, int6
                   int64_t end) {
   const int64_t cols = a.cols;
   const int64_t residual_cols = a.residual != nullptr ? cols : 0;
-  std::vector<float> xb = row_buffer<T>(cols), yb = row_buffer<T>(cols);
-  std::vector<float> rb = row_buffer<T>(residual_cols), hb = row_buffer<T>(residual_cols);
+  RowBuffer xb = row_buffer<T>(cols, 0), yb = row_buffer<T>(cols, 1);
+  RowBuffer rb = row_buffer<T>(residual_cols, 2), hb = row_buffer<T>(residual_cols, 3);
   populate_fresh_output(static_cast<T*>(a.y) + begin * cols, (end - begin) * cols, a.rows * cols);
   if (a.residual != nullptr) {
     populate_fresh_output(static_cast<T*>(a.h) + begin * cols, (end - begin) * cols,
@@ -62,8 +62,8 @@ template <typename T>
 void backward_rows(const NormBackwardArgs& a, const float* w, int64_t begin, int64_t end,
                    float* acc_w, float* acc_b) {
   const int64_t cols = a.cols;
-  std::vector<float> dyb = row_buffer<T>(cols), hb = row_buffer<T>(cols), dxb = row_buffer<T>(cols);
-  std::vector<float> ghb = row_buffer<T>(a.grad_h != nullptr ? cols : 0);
+  RowBuffer dyb = row_buffer<T>(cols, 0), hb = row_buffer<T>(cols, 1);
+  RowBuffer dxb = row_buffer<T>(cols, 2), ghb = row_buffer<T>(a.grad_h != nullptr ? cols : 0, 3);
   populate_fresh_output(static_cast<T*>(a.dx) + begin * cols, (end - begin) * cols,
                         a.rows * cols);
   for (int64_t row = begin; row < end; ++row) {

@@ -16,7 +16,7 @@ void softmax_forward_cpu(const SoftmaxForwardArgs& a) {
     using T = decltype(tag);
     const int64_t cols = a.cols;
     parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer = row_buffer<T>(cols);  // the row as float32, then y in place
+      RowBuffer buffer = row_buffer<T>(cols, 0);  // the row as float32, then y in place
       populate_fresh_output(static_cast<T*>(a.y) + begin * cols, (end - begin) * cols,
                             a.rows * cols);
       for (int64_t row = begin; row < end; ++row) {
@@ -42,8 +42,8 @@ void softmax_backward_cpu(const SoftmaxBackwardArgs& a) {
     using T = decltype(tag);
     const int64_t cols = a.cols;
     parallel_rows(a.rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> gb = row_buffer<T>(cols), yb = row_buffer<T>(cols);
-      std::vector<float> dxb = row_buffer<T>(cols);
+      RowBuffer gb = row_buffer<T>(cols, 0), yb = row_buffer<T>(cols, 1);
+      RowBuffer dxb = row_buffer<T>(cols, 2);
       populate_fresh_output(static_cast<T*>(a.dx) + begin * cols, (end - begin) * cols,
                             a.rows * cols);
       for (int64_t row = begin; row < end; ++row) {

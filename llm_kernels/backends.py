@@ -39,7 +39,8 @@ _AUTO_ORDER = {
 }
 # Per-op exceptions, measured with `llm-kernels bench` on the 2-core CPU machine (2026-11-26,
 # bench/results/2026-11-26-cpu-2core.md): torch's own CPU kernels beat the C++ ones for these
-# ops (layer_norm 0.72-0.92x, feed_forward 0.64x, swiglu 0.61x), while the C++ RMSNorm
+# ops (feed_forward 0.64x, swiglu 0.61x; layer_norm since its 4K-aliasing fix 1.06-1.17x
+# forward+backward at hidden 1024-4096 but level or 0.94x on small rows), while the C++ RMSNorm
 # (1.35-3.2x) and attention (1.03-1.23x) win, and since the vectorized exp (2026-11-27, fp32,
 # fwd and fwd+bwd, interleaved A/B) softmax (1.1-3.6x the torch backend, which checks for -inf
 # rows; 0.86-1.15x bare torch.softmax) and cross_entropy (1.3-6.1x F.cross_entropy) too.
