@@ -458,7 +458,7 @@ def test_gpu_training_step_never_waits_for_the_device(backend):
         pytest.skip(f"backend {backend} unavailable: {lk.available_backends()[backend][1]}")
     config = GPTConfig(**{**GPU_CONFIG, **VARIANTS["gpt2"], "backend": backend})
     model = randomize(GPT(config)).cuda()
-    idx, targets = (t.cuda() for t in batch(config, b=2, t=255))
+    idx, targets = (t.cuda() for t in batch(config, b=4, t=256))  # the shapes compiled above
 
     def step():
         model.zero_grad(set_to_none=True)
