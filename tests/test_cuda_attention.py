@@ -66,10 +66,12 @@ def test_cpu_self_attention(length, causal, d, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lq,lk_,causal", [(17, 97, True), (97, 17, True), (64, 33, False),
-                                           (1, 300, False), (1, 300, True), (200, 600, True)])
+                                           (1, 300, False), (1, 300, True), (200, 600, True),
+                                           (300, 600, False)])
 def test_cpu_cross_attention(lq, lk_, causal, dtype):
     """Lq != Lk both ways (causal is bottom-right aligned), decode (Lq = 1) over a cache, and
-    several key tiles (Lk = 600 > the CPU forward's 512-key tile)."""
+    several query and key tiles with tails (Lq 200 / 300 over the CPU forward's 128 causal /
+    256 query rows, Lk = 600 over its 512-key tile)."""
     q, k, v = make_qkv(2, 2, 1, lq, lk_, 40, dtype, CPU)
     out, dq, _, _ = check_attention(q, k, v, causal=causal)
     if causal and lq > lk_:
