@@ -106,6 +106,50 @@ def test_lse_and_row_losses_are_float32(device):
     assert torch.equal(loss[ignored], torch.zeros_like(loss[ignored]))
 
 
+def test_out_of_range_target_gives_nan_rows(device):
+    """The Triton kernels never read past a row: a target outside [0, V) gives that row a NaN
+    loss and gradient (what lk.cross_entropy returns for GPU targets, which it does not read
+    on the host), an ignored row 0; the other rows are exact. V = 5003: several chunks, the
+    out-of-range targets just past the end and far before the start."""
+    v = 5003
+    logits = torch.randn(5, v, device=device)
+    target = torch.tensor([3, v, IGNORE, -5, v - 1], device=device)
+    ops = _ops.triton_ops()
+    loss, lse = ops.cross_entropy_forward(logits, target, IGNORE)
+    assert torch.isnan(loss[1]) and torch.isnan(loss[3]) and loss[2] == 0
+    good = torch.tensor([0, 4], device=device)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    torch.testing.assert_close(loss[good], lse[good] - logits[good, target[good]])
+    grad = ops.cross_entropy_backward(torch.ones(5, device=device), logits, target, lse, IGNORE)
+    assert torch.isnan(grad[1]).all() and torch.isnan(grad[3]).all()
+    assert torch.equal(grad[2], torch.zeros_like(grad[2]))
+    expected = torch.softmax(logits[good], -1)
+    expected[torch.arange(2), target[good]] -= 1
+    torch.testing.assert_close(grad[good], expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=lambda b: f"{b}_backend")
+def test_out_of_range_gpu_target_gives_nan_loss_without_a_sync_cuda(backend, device):
+    """lk.cross_entropy on GPU tensors does not read the targets on the host: no sync, and a
+    target outside [0, V) gives a NaN loss instead of a ValueError."""
+    _kernel_backend(backend)
+    logits = torch.randn(37, 1025, device=device, requires_grad=True)
+    target = _targets(37, 1025, device)
+    target[5] = 1025
+    lk.cross_entropy(logits, target, backend=backend).backward()  # compiles, tunes: may sync
+    logits.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = lk.cross_entropy(logits, target, backend=backend)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isnan(loss) and torch.isnan(logits.grad[5]).all()
+    assert torch.isfinite(logits.grad[target == IGNORE]).all()
+
+
 def _kernel_backend(backend):
     """``backend`` ("triton" or "cuda"), or skip when the compiled extension is not built."""
     if backend == "cuda":
