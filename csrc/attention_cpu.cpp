@@ -160,7 +160,22 @@ LK_ROW_KERNEL void dot_tile(const float* a, int64_t lda, int64_t rows, int64_t d
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     const float* arow[kRows];
     for (int u = 0; u < kRows; ++u) arow[u] = a + std::min(r0 + u, rows - 1) * lda;
-    for (int64_t j = 0; j < cols; j += kLanes) {
+    int64_t j = 0;
+    for (; j + 2 * kLanes <= cols; j += 2 * kLanes) {  // 2 vectors of columns: 8 FMAs per 6 loads
+      VecF lo[kRows] = {}, hi[kRows] = {};
+      for (int64_t c = 0; c < d; ++c) {
+        const VecF b_lo = load_vec(bt + c * ldb + j), b_hi = load_vec(bt + c * ldb + j + kLanes);
+        for (int u = 0; u < kRows; ++u) {
+          lo[u] += arow[u][c] * b_lo;
+          hi[u] += arow[u][c] * b_hi;
+        }
+      }
+      for (int u = 0; u < kRows && r0 + u < rows; ++u) {
+        store_vec(out + (r0 + u) * ldo + j, lo[u]);
+        store_vec(out + (r0 + u) * ldo + j + kLanes, hi[u]);
+      }
+    }
+    for (; j < cols; j += kLanes) {
       VecF acc[kRows] = {};
       for (int64_t c = 0; c < d; ++c) {
         const VecF b = load_vec(bt + c * ldb + j);

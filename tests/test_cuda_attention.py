@@ -169,6 +169,18 @@ def test_cpu_non_contiguous_inputs(causal, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_single_key_row_has_exactly_zero_dq(dtype):
+    """Causal row 0 sees key 0 alone: its softmax has no gradient, and dP - delta is exactly 0
+    because dP and delta come from the same dot-product sequence (a key tile of 128 columns and
+    one of 44, the delta's single column)."""
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 64, dtype, CPU)
+    out = lk.attention(q, k, v, causal=True, backend="cuda")
+    dq, = torch.autograd.grad(out, (q,), torch.randn_like(out))
+    assert torch.equal(dq[:, :, 0], torch.zeros_like(dq[:, :, 0]))
+    assert dq[:, :, 1:].abs().amax() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_backward_deterministic(dtype):
     q, k, v = make_qkv(2, 4, 2, 200, 300, 64, dtype, CPU)
     first, second = backward_twice(q, k, v, causal=True)
