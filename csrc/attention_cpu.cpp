@@ -4,9 +4,12 @@
 // softmax (running max m and sum l per row, log2 domain), O += P V; out = O / l and
 // lse = m + log(l) (+inf for a row that sees no key, which makes every recomputed P zero).
 // Backward: delta = rowsum(dO * O); P = exp(S - lse); dP = dO V^T; dS = P * (dP - delta);
-// dQ = dS K * scale in one pass over query tiles, dK = dS^T Q * scale and dV = P^T dO in a pass
-// over key tiles that loops over the group's query heads (GQA without copies, no atomics: every
-// output element is written by one task in a fixed order, so the backward is deterministic).
+// dQ = dS K * scale, dK = dS^T Q * scale and dV = P^T dO. With enough (batch, kv head) pairs
+// for the threads, one pass: a task per pair loops over its key tiles and, per tile, over the
+// group's query heads and tiles, and accumulates their dQ in float32. Otherwise two passes that
+// split the work finer: dQ over query tiles, dK and dV over key tiles (each recomputing P and
+// dS). GQA without copies, no atomics: every output element is written by one task in a fixed
+// order, so the backward is deterministic.
 // Tiles are converted to float32 buffers; the tile products go through BLAS (sgemm) when torch
 // has one, and the softmax rows through vector code cloned for AVX2/AVX-512. O(L) memory.
 // dP and delta come from one dot-product routine, so a row that attends to a single key
@@ -577,6 +580,63 @@ void backward_dkdv(const Problem& p, const Rows& grad_out, const float* lse,
   });
 }
 
+// One pass, a task per (batch, kv head): each key tile's P and dS are computed once and feed
+// dV, dK and the dQ of the group's heads, which the task accumulates in float32 (group x Lq x
+// D) over the key tiles in order. 5 tile products per tile pair against the two passes' 7.
+template <typename T>
+void backward_one_pass(const Problem& p, const Rows& grad_out, const float* lse,
+                       const float* delta, T* dq, T* dk, T* dv) {
+  const Sizes& s = p.sizes;
+  const int64_t d = s.head_dim, group = p.group();
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    BackwardScratch w(d);
+    at::Tensor hold_dq, hold_dk, hold_dv;
+    float* dq_acc = scratch(hold_dq, group * s.q_len * d);  // (group, Lq, D)
+    float* dk_acc = scratch(hold_dk, kBwdBlockK * d);
+    float* dv_acc = scratch(hold_dv, kBwdBlockK * d);
+    for (int64_t bhk = begin; bhk < end; ++bhk) {
+      const int64_t b = bhk / s.kv_heads, hk = bhk % s.kv_heads;
+      std::fill(dq_acc, dq_acc + group * s.q_len * d, 0.0f);
+      for (int64_t k0 = 0; k0 < s.k_len; k0 += kBwdBlockK) {
+        const int64_t nk = std::min(kBwdBlockK, s.k_len - k0);
+        load_key_tile<T>(p, b, hk, k0, nk, w);
+        std::fill(dk_acc, dk_acc + nk * d, 0.0f);
+        std::fill(dv_acc, dv_acc + nk * d, 0.0f);
+        const int64_t first_tile = p.first_query(k0) / kBwdBlockQ;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hk * group + g;
+          for (int64_t q0 = first_tile * kBwdBlockQ; q0 < s.q_len; q0 += kBwdBlockQ) {
+            const int64_t nq = std::min(kBwdBlockQ, s.q_len - q0);
+            w.q = float_tile(p.q.row<T>(b, h, q0), p.q.row_stride, nq, d, w.q_buf);
+            w.dout = float_tile(grad_out.row<T>(b, h, q0), grad_out.row_stride, nq, d,
+                                w.dout_buf);
+            softmax_grads(p, lse, delta, b, h, q0, nq, k0, nk, w);
+            gemm(true, false, nk, d, nq, 1.0f, w.p, nk, w.dout.data, w.dout.ld, 1.0f, dv_acc,
+                 d);  // dV += P^T dO
+            gemm(true, false, nk, d, nq, p.scale, w.dp, nk, w.q.data, w.q.ld, 1.0f, dk_acc,
+                 d);  // dK += dS^T Q
+            gemm(false, false, nq, d, nk, p.scale, w.dp, nk, w.k.data, w.k.ld, 1.0f,
+                 dq_acc + (g * s.q_len + q0) * d, d);  // dQ += dS K
+          }
+        }
+        const int64_t offset = ((b * s.kv_heads + hk) * s.k_len + k0) * d;
+        store_tile(dk_acc, nk, d, dk + offset, d);
+        store_tile(dv_acc, nk, d, dv + offset, d);
+      }
+      store_tile(dq_acc, group * s.q_len, d, dq + (b * s.heads + hk * group) * s.q_len * d, d);
+    }
+  });
+}
+
+// The one-pass backward when it keeps every thread busy (a task per batch x kv head, at least
+// two per thread) and its dQ accumulator stays small; else the two passes, which split the
+// work per query tile and per key tile.
+bool one_pass_backward(const Sizes& s) {
+  constexpr int64_t kMaxAccumulatorFloats = int64_t{4} << 20;  // 16 MB
+  return s.batch * s.kv_heads >= 2 * at::get_num_threads() &&
+         (s.heads / s.kv_heads) * s.q_len * s.head_dim <= kMaxAccumulatorFloats;
+}
+
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   switch (dtype) {
@@ -630,6 +690,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     using T = decltype(tag);
     const Rows go_rows = rows_of(go);
     backward_delta<T>(s, go_rows, rows_of(o), delta.data_ptr<float>());
+    if (one_pass_backward(s)) {
+      backward_one_pass<T>(p, go_rows, lse_c.data_ptr<float>(), delta.data_ptr<float>(),
+                           dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>());
+      return;
+    }
     backward_dq<T>(p, go_rows, lse_c.data_ptr<float>(), delta.data_ptr<float>(),
                    dq.data_ptr<T>());
     backward_dkdv<T>(p, go_rows, lse_c.data_ptr<float>(), delta.data_ptr<float>(),

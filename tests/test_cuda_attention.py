@@ -168,6 +168,23 @@ def test_cpu_non_contiguous_inputs(causal, dtype):
     check_attention(q, k, v, causal=causal, grad_out=grad_out)
 
 
+@pytest.mark.parametrize("threads", [1, 64], ids=["one_pass", "two_passes"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_backward_schedules(threads, causal):
+    """The C++ backward runs in one pass (a task per batch x kv head) when there are at least
+    two such tasks per thread, else in two (per query tile, per key tile): both by the pass
+    rule, with GQA (group 3), a padding mask and tails of every tile."""
+    q, k, v = make_qkv(2, 6, 2, 200, 300, 40, torch.bfloat16, CPU)
+    keep = torch.ones(2, 1, 1, 300, dtype=torch.bool)
+    keep[1, ..., 250:] = False
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_attention(q, k, v, causal=causal, attn_mask=keep)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_single_key_row_has_exactly_zero_dq(dtype):
     """Causal row 0 sees key 0 alone: its softmax has no gradient, and dP - delta is exactly 0
