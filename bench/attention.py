@@ -126,6 +126,16 @@ def lk_tma_provider(case: Case, device: torch.device, opts: Options):
     return with_tma(lk_provider("lk-triton", case, device, opts), kernels, device)
 
 
+def lk_ws_provider(case: Case, device: torch.device, opts: Options):
+    """lk-triton with the warp-specialized forward ($LLM_KERNELS_ATTENTION_WS=1, opt-in;
+    Hopper and newer): dense forwards without causality only."""
+    from llm_kernels.kernels import attention as kernels
+    if case.mode != "fwd" or _causal(case):
+        raise Skip("the warp-specialized kernel is the non-causal forward only")
+    return with_tma(lk_provider("lk-triton", case, device, opts), kernels, device,
+                    kernels.WS_ENV)
+
+
 def torch_provider(case: Case, device: torch.device, opts: Options):
     """The eager reference (``backend="torch"``): materializes the scores."""
     import llm_kernels as lk
@@ -190,6 +200,7 @@ PROVIDERS = {
     "lk-triton": functools.partial(lk_provider, "lk-triton"),
     "lk-cuda": functools.partial(lk_provider, "lk-cuda"),
     "lk-triton-tma": lk_tma_provider,
+    "lk-triton-ws": lk_ws_provider,
     "torch": torch_provider,
     "sdpa-flash": functools.partial(sdpa_provider, "FLASH_ATTENTION"),
     "sdpa-efficient": functools.partial(sdpa_provider, "EFFICIENT_ATTENTION"),

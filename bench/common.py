@@ -139,14 +139,17 @@ def env_var(name: str, value: str) -> Iterator[None]:
             os.environ[name] = saved
 
 
-def with_tma(fn: Callable[[], object], kernels, device: torch.device) -> Callable[[], object]:
-    """``fn`` run with the opt-in TMA reads of the Triton kernels module ``kernels`` switched on
-    ($<kernels.TMA_ENV>=1 around each call); Skip where the device has no TMA."""
+def with_tma(fn: Callable[[], object], kernels, device: torch.device,
+             switch: str = "") -> Callable[[], object]:
+    """``fn`` run with an opt-in Hopper path of the Triton kernels module ``kernels`` switched
+    on (the environment variable ``switch``, by default its TMA reads' $<kernels.TMA_ENV>, set
+    to 1 around each call); Skip where the device has no TMA."""
     if device.type != "cuda" or not kernels.tma_device(torch.empty(0, device=device)):
         raise Skip("TMA needs a Hopper or newer GPU")
+    switch = switch or kernels.TMA_ENV
 
     def run():
-        with env_var(kernels.TMA_ENV, "1"):
+        with env_var(switch, "1"):
             return fn()
     return run
 

@@ -165,7 +165,7 @@ PROVIDER_COLORS = {
     "lk-triton-inplace": "#aec7e8", "lk-cuda-inplace": "#ffbb78", "torch-sdpa": "#98df8a",
     "lk-auto": "#ff9896", "lk-triton-graph": "#9edae5", "lk-cuda-graph": "#c49c94",
     "lk-auto-graph": "#f7b6d2", "torch-graph": "#dbdb8d", "torch-sdpa-graph": "#c5b0d5",
-    "lk-triton-tma": "#393b79",
+    "lk-triton-tma": "#393b79", "lk-triton-ws": "#637939",
 }
 UNKNOWN_PROVIDER_COLOR = "#c7c7c7"
 

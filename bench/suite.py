@@ -2,7 +2,8 @@
 sized to the issues' performance targets, and the bit-for-bit determinism check.
 
 - attention forward and backward, bf16, D = 128, H = 16, B*L = 16k, L in {4k, 8k, 16k},
-  causal and not (``lk-triton-tma``: lk-triton with the opt-in TMA reads); a decode step
+  causal and not (``lk-triton-tma``: lk-triton with the opt-in TMA reads; ``lk-triton-ws``: with
+  the opt-in warp-specialized forward, non-causal forwards only); a decode step
   B = 8, H = 32, Hkv = 8, Lk = 16k, issued from Python and replayed from a CUDA graph (the
   kernels' device time);
 - layer norm forward+backward, hidden 4096 and 8192, 16k rows (the copy bandwidth is measured
@@ -29,7 +30,7 @@ from llm_kernels.bench.runner import PlanItem
 
 DTYPE = torch.bfloat16
 ATTN_PROVIDERS = ["lk-triton", "lk-cuda", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
-                  "sdpa-math", "torch", "flash-attn", "lk-triton-tma"]
+                  "sdpa-math", "torch", "flash-attn", "lk-triton-tma", "lk-triton-ws"]
 ROW_PROVIDERS = ["lk-triton", "lk-cuda", "torch", "liger"]
 LAST = "torch-compile"
 DETERMINISM_SHAPE = {"B": 2, "H": 16, "L": 4096, "D": 128}

@@ -16,6 +16,9 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
 - ``decode``: flash-decoding (B 8, H 32, Hkv 8, D 128, bf16) over the programs per SM its split
   plan aims for and the KV length: ms, the ratio to reading the KV cache once at the copy
   bandwidth, and the host time one call takes (the launcher alone, then ``lk.attention``).
+- ``attention_ws``: the Triton forward without mask or causality (B 4, H 16, L 4096, bf16, D 64
+  and 128), autotuned, against the warp-specialized forward (``$LLM_KERNELS_ATTENTION_WS=1``)
+  autotuned and with each of its launch settings forced: TFLOP/s.
 - ``attention_fwd``: the Triton forward (D 128, bf16, L 4096) with each launch setting of its
   table forced, reading Q, K, V by pointer (the default) and through TMA descriptors
   (``$LLM_KERNELS_ATTENTION_TMA=1``): TFLOP/s.
@@ -41,9 +44,10 @@ from llm_kernels.bench import harness
 from llm_kernels.bench.common import env_var
 
 # In the order the GPU check runs them (it may be cut off): the opt-in switches awaiting a
-# decision first (CUDA rows per warp, then the Triton TMA reads), then the launch plans.
-SWEEPS = ("cuda_attention", "attention_fwd", "attention_bwd", "matmul_tma", "decode",
-          "layer_norm_bwd")
+# decision first (the warp-specialized Triton forward, CUDA rows per warp, the Triton TMA
+# reads), then the launch plans.
+SWEEPS = ("attention_ws", "cuda_attention", "attention_fwd", "attention_bwd", "matmul_tma",
+          "decode", "layer_norm_bwd")
 MAX_WARPS_PER_SM = 64
 
 
@@ -171,6 +175,36 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
     return _table(f"attention forward (B {b}, H {h}, L {l}, D {d}, bf16): each launch setting "
                   "(* = the first, used without autotuning), Q/K/V read by pointer (the "
                   "default) and by TMA", ["causal", "launch", "reads", "ms", "TFLOP/s"], rows)
+
+
+def attention_ws(device: torch.device, timer, quick: bool) -> list[str]:
+    from llm_kernels.bench.harness import attention_flops
+    from llm_kernels.kernels import attention as attn
+    gpu = device.type == "cuda"
+    b, h, l = (4, 16, 4096) if gpu else (1, 2, 64)
+    rows = []
+    for d in ((128,) if quick else (64, 128)):
+        q, k, v = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+        flops = attention_flops(b, h, l, l, d, causal=False, mode="fwd")
+
+        def run(q=q, k=k, v=v, d=d):
+            return attn.attention_forward(q, k, v, None, False, 0, d ** -0.5)
+        settings = [("default*", "0", None), ("ws autotuned", "1", None)]
+        settings += [("ws " + str(launch), "1", launch)
+                     for launch in (attn._TABLE["fwd_ws"][(d, 2)] if gpu else [])]
+        for name, switch, launch in settings:
+            forced = (_patched(attn, "launches", lambda *a, launch=launch, **kw: [launch])
+                      if launch is not None else contextlib.nullcontext())
+            with forced, env_var(attn.WS_ENV, switch):
+                try:
+                    t = _timed(run, device, timer)
+                except Exception as exc:  # e.g. a compiler without warp specialization
+                    rows.append([str(d), name, "-", type(exc).__name__])
+                    continue
+            rows.append([str(d), name, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
+    return _table(f"attention forward, no mask, not causal (B {b}, H {h}, L {l}, bf16): the "
+                  "Triton forward (* = the default) and the warp-specialized one",
+                  ["D", "forward", "ms", "TFLOP/s"], rows)
 
 
 def cuda_attention(device: torch.device, timer, quick: bool) -> list[str]:

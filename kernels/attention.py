@@ -13,6 +13,8 @@ Backward (dP = dO v^T, delta = rowsum(dO * out)):
 
 Kernels:
 - ``_attn_fwd_kernel``: a program per (query tile, batch x head), looping over key tiles.
+- ``_attn_fwd_ws_kernel`` (opt-in, ``$LLM_KERNELS_ATTENTION_WS=1``): the same without mask or
+  causality, as one warp-specialized loop (Hopper: a TMA producer warp group, two consumers).
 - ``_attn_fwd_split_kernel`` + ``_attn_fwd_combine_kernel`` (flash-decoding): for few queries
   against many keys, the rows of all query heads of a GQA group form one tile (each K/V tile is
   read once per group), the keys are split across programs, and the partial (acc, m2, l) are
@@ -29,6 +31,7 @@ the key tail; the dk/dv kernel masks every tile (one loop body keeps its registe
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llm_kernels.backends import interpreting
@@ -56,6 +60,9 @@ _MASK_FLOOR2 = tl.constexpr(-65536.0)
 AUTOTUNE_ENV = "LLM_KERNELS_AUTOTUNE"
 # "1": the dense forward reads Q, K and V through TMA descriptors (16-bit, Hopper and newer).
 TMA_ENV = "LLM_KERNELS_ATTENTION_TMA"
+# "1": the dense forward without mask or causality (16-bit, D of 64 or 128, Hopper and newer)
+# runs _attn_fwd_ws_kernel, warp-specialized.
+WS_ENV = "LLM_KERNELS_ATTENTION_WS"
 # Flash-decoding applies to at most this many queries per head...
 DECODE_MAX_LQ = 16
 # ...and splits the keys in chunks of a multiple of this many (a multiple of every BLOCK_N).
@@ -318,6 +325,55 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
     rows = pid_bh.to(tl.int64) * Lq + offs_m                                # (B, H, Lq) index
     _store_rows(Out + rows[:, None] * D + offs_d[None, :],
                 _to(out, Out.dtype.element_ty, UPCAST), rows_ok, D, BLOCK_D)
+    tl.store(Lse + rows, lse, mask=rows_ok)
+
+
+@triton.jit
+def _attn_fwd_ws_kernel(Q, K, V, Out, Lse, H, GROUP, Lq, Lk, qk_scale,
+                        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn,
+                        D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """out, lse of one query tile of one (batch, head), as _attn_fwd_kernel with neither mask
+    nor causality, 16-bit inputs, a power-of-2 D and qk_scale > 0, in one warp-specialized key
+    loop: on Hopper a producer warp group streams K/V tiles through TMA (device-side 2-D
+    descriptors of this program's heads) while two consumer warp groups each own half of the
+    query rows. Triton's warp specialization takes a single loop, so every tile masks the key
+    tail."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Lq, D], [stride_qm, 1],
+                                       [BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [Lk, D], [stride_kn, 1],
+                                       [BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, [Lk, D], [stride_vn, 1],
+                                       [BLOCK_N, D])
+    q = q_desc.load([m0, 0])                               # (BLOCK_M, D), rows past Lq zero
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for n0 in tl.range(0, Lk, BLOCK_N, warp_specialize=True):
+        k = k_desc.load([n0, 0])                           # (BLOCK_N, D), rows past Lk zero
+        s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, "tf32")
+        s = tl.where((n0 + offs_n0 < Lk)[None, :], s, float("-inf"))  # (BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([n0, 0])                                        # (BLOCK_N, D)
+        acc = _mma(_to(p, v.dtype, UPCAST), v, acc * alpha[:, None], UPCAST, "tf32")
+        m_i = m_new
+    out, lse = _finish_rows(acc, m_i, l_i)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rows_ok = offs_m < Lq
+    rows = pid_bh.to(tl.int64) * Lq + offs_m                                # (B, H, Lq) index
+    _store_rows(Out + rows[:, None] * D + tl.arange(0, D)[None, :],
+                _to(out, Out.dtype.element_ty, UPCAST), rows_ok, D, D)
     tl.store(Lse + rows, lse, mask=rows_ok)
 
 
@@ -609,6 +665,12 @@ _TABLE: dict[str, dict[tuple[int, int], list[Launch]]] = {
         (128, 4): [Launch(32, 16, 8, 2), Launch(16, 32, 8, 2)],
         (256, 4): [Launch(32, 16, 8, 2), Launch(16, 32, 8, 2)],
     },
+    # The warp-specialized forward (16-bit only): num_warps is each of its three warp groups'
+    # (a producer, two consumers of BLOCK_M / 2 rows each).
+    "fwd_ws": {
+        (64, 2): [Launch(128, 128, 4, 2), Launch(128, 64, 4, 3), Launch(128, 128, 4, 3)],
+        (128, 2): [Launch(128, 128, 4, 2), Launch(128, 64, 4, 3), Launch(128, 64, 4, 2)],
+    },
     # The forward with an additive mask (one more (BLOCK_M, BLOCK_N) tile per step): candidates
     # that do not spill on sm_90 with triton 3.6 (scripts/check_triton_compile.py); "fwd" for
     # the other keys.
@@ -837,6 +899,9 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
     if plan is not None:
         _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan)
         return out, lse
+    if use_warp_specialized(q, k, v, mask, causal, qk_scale):
+        _forward_ws(q, k, v, out, lse, qk_scale)
+        return out, lse
     mask_ptr, *mask_strides = _mask_args(mask, q)
     descriptors = _descriptors(Q=q, K=k, V=v) if use_tma(q, k, v) else None
     if descriptors is not None:
@@ -848,6 +913,47 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
             launches("fwd", d, q.dtype, masked=mask is not None), args, common,
             descriptors=descriptors)
     return out, lse
+
+
+def use_warp_specialized(q, k, v, mask, causal: bool, qk_scale: float) -> bool:
+    """Whether the dense forward runs _attn_fwd_ws_kernel: only when $LLM_KERNELS_ATTENTION_WS
+    is 1 (off by default until timed against _attn_fwd_kernel), without mask or causality,
+    for scale > 0 and 16-bit tensors of head dim 64 or 128 on a Hopper or newer GPU (or the
+    interpreter) that TMA can address."""
+    if os.environ.get(WS_ENV, "0") != "1" or mask is not None or causal or not qk_scale > 0:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    return tma_device(q) and all(_tma_readable(t) for t in (q, k, v))
+
+
+def _forward_ws(q, k, v, out, lse, qk_scale: float) -> None:
+    """out, lse by _attn_fwd_ws_kernel (see use_warp_specialized)."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    args = (q, k, v, out, lse, h, h // hkv, lq, lk, qk_scale, *_strides3(q), *_strides3(k),
+            *_strides3(v))
+    constexprs = {"D": d, "UPCAST": interpreting() and q.dtype == torch.bfloat16}
+    with _descriptor_scratch(q.device):
+        _launch(_attn_fwd_ws_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
+                launches("fwd_ws", d, q.dtype), args, constexprs)
+
+
+@contextlib.contextmanager
+def _descriptor_scratch(device: torch.device):
+    """Device-side TMA descriptors live in global scratch memory that triton asks its allocator
+    for at launch: torch's (stream-ordered) for the launches in this block, unless the caller
+    has set one (triton.set_allocator). Nothing to allocate under the interpreter."""
+    current = _allocation._allocator.get()
+    if device.type != "cuda" or not isinstance(current, _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def use_tma(*tensors: torch.Tensor) -> bool:

@@ -139,18 +139,24 @@ def attention_cases(dtypes, quick: bool):
                     cases.append((f"attention tma d={d} {dtype} causal={causal}",
                                   lambda d=d, dtype=dtype, c=causal: as_hopper(
                                       k, lambda: run(1, 4, 2, 256, 256, d, dtype, c, False))))
+                cases.append((f"attention ws d={d} {dtype}",  # the warp-specialized forward
+                              lambda d=d, dtype=dtype: as_hopper(
+                                  k, lambda: run(1, 4, 2, 300, 300, d, dtype, False, False),
+                                  k.WS_ENV)))
     return cases
 
 
-def as_hopper(module, thunk) -> None:
-    """thunk() with module's opt-in TMA reads switched on ($<module>.TMA_ENV) and its TMA device
-    check answering yes for the CPU tensors here, as on a Hopper GPU."""
-    os.environ[module.TMA_ENV] = "1"
+def as_hopper(module, thunk, switch: str = "") -> None:
+    """thunk() with an opt-in Hopper path of module switched on (the environment variable
+    ``switch``, by default its TMA reads' $<module>.TMA_ENV) and its TMA device check answering
+    yes for the CPU tensors here, as on a Hopper GPU."""
+    switch = switch or module.TMA_ENV
+    os.environ[switch] = "1"
     tma_device, module.tma_device = module.tma_device, lambda t: True
     try:
         thunk()
     finally:
-        del os.environ[module.TMA_ENV]
+        del os.environ[switch]
         module.tma_device = tma_device
 
 

@@ -441,6 +441,63 @@ def test_forward_through_tma_with_a_mask(device, tma_reads):
     check_attention(q, k, v, attn_mask=bias, causal=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# The warp-specialized dense forward ($LLM_KERNELS_ATTENTION_WS=1)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def warp_specialized(monkeypatch, device):
+    """The warp-specialized forward switched on and watched: the test fails unless every
+    forward took it."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("the warp-specialized forward needs a Hopper or newer GPU")
+    monkeypatch.setenv(kernels.WS_ENV, "1")
+    taken = []
+    use_ws = kernels.use_warp_specialized
+    monkeypatch.setattr(kernels, "use_warp_specialized",
+                        lambda *a: taken.append(use_ws(*a)) or taken[-1])
+    yield
+    assert taken and all(taken), taken
+
+
+def test_warp_specialized_forward_only_where_it_applies(monkeypatch, device):
+    """Off unless switched on; then only without mask or causality, for scale > 0 and 16-bit
+    tensors of head dim 64 or 128 that TMA can read."""
+    q, k, v = make_qkv(1, 4, 2, 17, 33, 64, torch.bfloat16, device, seq_major=True)
+    assert not kernels.use_warp_specialized(q, k, v, None, False, 1.0)
+    monkeypatch.setenv(kernels.WS_ENV, "1")
+    hopper = device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+    assert kernels.use_warp_specialized(q, k, v, None, False, 1.0) == hopper
+    mask = torch.zeros(1, 4, 17, 33, dtype=q.dtype, device=device)
+    assert not kernels.use_warp_specialized(q, k, v, mask, False, 1.0)
+    assert not kernels.use_warp_specialized(q, k, v, None, True, 1.0)
+    assert not kernels.use_warp_specialized(q, k, v, None, False, 0.0)
+    assert not kernels.use_warp_specialized(*(t.float() for t in (q, k, v)), None, False, 1.0)
+    assert not kernels.use_warp_specialized(*make_qkv(1, 2, 2, 17, 33, 80, torch.bfloat16,
+                                                       device), None, False, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,h,hkv,lq,lk_,d,seq_major", [
+    (2, 2, 2, 97, 97, 64, False), (1, 4, 2, 17, 45, 128, True), (2, 3, 1, 64, 33, 64, False),
+    (1, 2, 2, 1, 70, 128, False)])
+def test_warp_specialized_forward(b, h, hkv, lq, lk_, d, seq_major, dtype, device,
+                                  warp_specialized):
+    """Forward (then the usual backward) with tails in Lq and Lk, GQA, (B, L, H, D) views and
+    one query row, against fp64."""
+    q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, device, seq_major=seq_major)
+    check_attention(q, k, v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_warp_specialized_forward_autotuned(d, device, warp_specialized):
+    """The warp-specialized forward at a realistic size with autotuning on, bf16, against the
+    fp64 reference."""
+    q, k, v = make_qkv(1, 8, 2, 2049, 2049, d, torch.bfloat16, device)
+    check_attention(q, k, v)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_tma_reads_autotuned(causal, device, tma_reads):
