@@ -127,11 +127,12 @@ def lk_tma_provider(case: Case, device: torch.device, opts: Options):
 
 
 def lk_ws_provider(case: Case, device: torch.device, opts: Options):
-    """lk-triton with the warp-specialized forward ($LLM_KERNELS_ATTENTION_WS=1, opt-in;
-    Hopper and newer): dense forwards without causality only."""
+    """lk-triton with the warp-specialized forward and dK/dV kernels
+    ($LLM_KERNELS_ATTENTION_WS=1, opt-in; Hopper and newer): the non-causal forward, and the
+    backward."""
     from llm_kernels.kernels import attention as kernels
-    if case.mode != "fwd" or _causal(case):
-        raise Skip("the warp-specialized kernel is the non-causal forward only")
+    if case.mode == "decode" or (case.mode == "fwd" and _causal(case)):
+        raise Skip("the warp-specialized kernels serve the non-causal forward and the backward")
     return with_tma(lk_provider("lk-triton", case, device, opts), kernels, device,
                     kernels.WS_ENV)
 

@@ -16,9 +16,10 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
 - ``decode``: flash-decoding (B 8, H 32, Hkv 8, D 128, bf16) over the programs per SM its split
   plan aims for and the KV length: ms, the ratio to reading the KV cache once at the copy
   bandwidth, and the host time one call takes (the launcher alone, then ``lk.attention``).
-- ``attention_ws``: the Triton forward without mask or causality (B 4, H 16, L 4096, bf16, D 64
-  and 128), autotuned, against the warp-specialized forward (``$LLM_KERNELS_ATTENTION_WS=1``)
-  autotuned and with each of its launch settings forced: TFLOP/s.
+- ``attention_ws``: the Triton attention without mask (B 4, H 16, L 4096, bf16, D 64 and 128),
+  the non-causal forward and the backward (causal and not), autotuned, against the
+  warp-specialized forward and dK/dV kernel (``$LLM_KERNELS_ATTENTION_WS=1``) autotuned and with
+  each of its launch settings forced: TFLOP/s.
 - ``attention_fwd``: the Triton forward (D 128, bf16, L 4096) with each launch setting of its
   table forced, reading Q, K, V by pointer (the default) and through TMA descriptors
   (``$LLM_KERNELS_ATTENTION_TMA=1``): TFLOP/s.
@@ -182,29 +183,42 @@ def attention_ws(device: torch.device, timer, quick: bool) -> list[str]:
     from llm_kernels.kernels import attention as attn
     gpu = device.type == "cuda"
     b, h, l = (4, 16, 4096) if gpu else (1, 2, 64)
+    table_launches = attn.launches
     rows = []
     for d in ((128,) if quick else (64, 128)):
-        q, k, v = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16) for _ in range(3))
-        flops = attention_flops(b, h, l, l, d, causal=False, mode="fwd")
-
-        def run(q=q, k=k, v=v, d=d):
-            return attn.attention_forward(q, k, v, None, False, 0, d ** -0.5)
-        settings = [("default*", "0", None), ("ws autotuned", "1", None)]
-        settings += [("ws " + str(launch), "1", launch)
-                     for launch in (attn._TABLE["fwd_ws"][(d, 2)] if gpu else [])]
-        for name, switch, launch in settings:
-            forced = (_patched(attn, "launches", lambda *a, launch=launch, **kw: [launch])
-                      if launch is not None else contextlib.nullcontext())
-            with forced, env_var(attn.WS_ENV, switch):
-                try:
-                    t = _timed(run, device, timer)
-                except Exception as exc:  # e.g. a compiler without warp specialization
-                    rows.append([str(d), name, "-", type(exc).__name__])
-                    continue
-            rows.append([str(d), name, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
-    return _table(f"attention forward, no mask, not causal (B {b}, H {h}, L {l}, bf16): the "
-                  "Triton forward (* = the default) and the warp-specialized one",
-                  ["D", "forward", "ms", "TFLOP/s"], rows)
+        q, k, v, grad = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
+                         for _ in range(4))
+        out, lse = attn.attention_forward(q, k, v, None, False, 0, d ** -0.5)
+        calls = [("fwd", False, lambda q=q, k=k, v=v, d=d:
+                  attn.attention_forward(q, k, v, None, False, 0, d ** -0.5))]
+        for causal in ((False,) if quick else (False, True)):
+            o, m = (out, lse) if not causal else attn.attention_forward(q, k, v, None, True, 0,
+                                                                       d ** -0.5)
+            calls.append(("bwd", causal, lambda q=q, k=k, v=v, d=d, o=o, m=m, c=causal:
+                          attn.attention_backward(grad, q, k, v, o, m, None, c, 0, d ** -0.5)))
+        for mode, causal, run in calls:
+            flops = attention_flops(b, h, l, l, d, causal=causal, mode=mode)
+            table = "fwd_ws" if mode == "fwd" else "dkdv_ws"
+            settings = [("default*", "0", None), ("ws autotuned", "1", None)]
+            settings += [("ws " + str(launch), "1", launch)
+                         for launch in (attn._TABLE[table][(d, 2)] if gpu else [])]
+            for name, switch, launch in settings:
+                forced = (_patched(attn, "launches",
+                                   lambda kernel, *a, launch=launch, table=table, **kw:
+                                   [launch] if kernel == table
+                                   else table_launches(kernel, *a, **kw))
+                          if launch is not None else contextlib.nullcontext())
+                with forced, env_var(attn.WS_ENV, switch):
+                    try:
+                        t = _timed(run, device, timer)
+                    except Exception as exc:  # e.g. a compiler without warp specialization
+                        rows.append([str(d), mode, str(causal), name, "-", type(exc).__name__])
+                        continue
+                rows.append([str(d), mode, str(causal), name, f"{t.ms:.3f}",
+                             f"{harness.tflops(flops, t.ms):.0f}"])
+    return _table(f"attention, no mask (B {b}, H {h}, L {l}, bf16): the Triton forward and "
+                  "backward (* = the default) and the warp-specialized forward and dK/dV",
+                  ["D", "mode", "causal", "kernels", "ms", "TFLOP/s"], rows)
 
 
 def cuda_attention(device: torch.device, timer, quick: bool) -> list[str]:

@@ -22,6 +22,8 @@ Kernels:
 - ``_attn_bwd_delta_kernel``: delta = rowsum(dO * out).
 - ``_attn_bwd_dkdv_kernel``: a program per (key tile, batch x kv head), looping over the query
   heads of its group and the query tiles that see the key tile; dk, dv written once.
+- ``_attn_bwd_dkdv_ws_kernel`` (opt-in, ``$LLM_KERNELS_ATTENTION_WS=1``): the same without mask,
+  its loop warp-specialized (Hopper: a TMA producer warp group, two consumers).
 - ``_attn_bwd_dq_kernel``: a program per (query tile, batch x head), looping over key tiles.
 The backward uses no atomics: it is bit-identical from run to run.
 
@@ -61,8 +63,11 @@ AUTOTUNE_ENV = "LLM_KERNELS_AUTOTUNE"
 # "1": the dense forward reads Q, K and V through TMA descriptors (16-bit, Hopper and newer).
 TMA_ENV = "LLM_KERNELS_ATTENTION_TMA"
 # "1": the dense forward without mask or causality (16-bit, D of 64 or 128, Hopper and newer)
-# runs _attn_fwd_ws_kernel, warp-specialized.
+# runs _attn_fwd_ws_kernel, warp-specialized...
 WS_ENV = "LLM_KERNELS_ATTENTION_WS"
+# ...and the backward's dK/dV (no mask, 16-bit, D of 64 or 128) _attn_bwd_dkdv_ws_kernel when Lq
+# is a multiple of this (of every BLOCK_M of its launch table, and of the interpreter's).
+WS_DKDV_LQ_MULTIPLE = 64
 # Flash-decoding applies to at most this many queries per head...
 DECODE_MAX_LQ = 16
 # ...and splits the keys in chunks of a multiple of this many (a multiple of every BLOCK_N).
@@ -482,6 +487,33 @@ def _attn_bwd_delta_kernel(Out, dO, Delta, stride_ob, stride_oh, stride_om,
 
 
 @triton.jit
+def _key_tile(H, GROUP, BLOCK_N: tl.constexpr):
+    """This dK/dV program's (batch x kv head) index, batch b, kv head hk, first key n0 and key
+    indices (BLOCK_N,): grid (cdiv(Lk, BLOCK_N), B * Hkv)."""
+    pid_bk = tl.program_id(1)
+    hkv = H // GROUP
+    n0 = tl.program_id(0) * BLOCK_N
+    return (pid_bk, (pid_bk // hkv).to(tl.int64), (pid_bk % hkv).to(tl.int64), n0,
+            n0 + tl.arange(0, BLOCK_N))
+
+
+@triton.jit
+def _dkdv_update(dk, dv, s_t, q, do, v, lse, delta, offs_n, offs_m, causal_offset,
+                 CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv (BLOCK_N, BLOCK_D) plus one query tile's share, from its scores S2^T (s_t,
+    (BLOCK_N, BLOCK_M), log2 domain, mask added): P^T = exp2(S2^T - lse2), dv += P^T dO,
+    dS^T = P^T * (dP^T - delta) with dP^T = v dO^T, dk += dS^T q (scale applied by the caller)."""
+    p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])
+    if CAUSAL:
+        p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
+    dv = _mma(_to(p_t, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)
+    dp_t = _mma(v, tl.trans(do), tl.zeros(s_t.shape, dk.dtype), UPCAST, PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = _mma(_to(ds_t, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn,
@@ -501,13 +533,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
     (rows past Lq and, if CAUSAL, pairs j > i + offset masked) keeps the register use low.
     With TMA, Q, K, V and dO are 4-D TMA descriptors (see _attn_fwd_kernel).
     """
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    hkv = H // GROUP
-    b = (pid_bk // hkv).to(tl.int64)
-    hk = (pid_bk % hkv).to(tl.int64)
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    pid_bk, b, hk, n0, offs_n = _key_tile(H, GROUP, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     cols_ok = offs_n < Lk
@@ -538,16 +564,61 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, dO, Lse, Delta, dK, dV,
                              + _clamp(offs_m, Lq)[None, :] * stride_mm,
                              mask=cols_ok[:, None], other=0.0)
             s_t += _mask_log2(bias_t.to(s_t.dtype))
-        p_t = tl.exp2(s_t - (lse * _LOG2E)[None, :])
-        if CAUSAL:
-            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_offset, p_t, 0.0)
-        dv = _mma(_to(p_t, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)
-        dp_t = _mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), ACC_DTYPE), UPCAST, PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _mma(_to(ds_t, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)
+        dk, dv = _dkdv_update(dk, dv, s_t, q, do, v, lse, delta, offs_n, offs_m, causal_offset,
+                              CAUSAL, UPCAST, PRECISION)
     rows_kv = (pid_bk.to(tl.int64) * Lk + offs_n)[:, None] * D + offs_d[None, :]
     _store_rows(dK + rows_kv, _to(dk * scale, dK.dtype.element_ty, UPCAST), cols_ok, D, BLOCK_D)
     _store_rows(dV + rows_kv, _to(dv, dV.dtype.element_ty, UPCAST), cols_ok, D, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dkdv_ws_kernel(Q, K, V, dO, Lse, Delta, dK, dV,
+                             stride_qb, stride_qm, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn, stride_dob, stride_dom,
+                             H, GROUP, Lq, Lk, causal_offset, qk_scale, scale,
+                             D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dk, dv as _attn_bwd_dkdv_kernel without a mask, 16-bit, power-of-2 D, Lq a multiple of
+    BLOCK_M, Q and dO (B, H, Lq, D) with their heads' rows back to back: its one loop
+    warp-specialized. On Hopper a producer warp group streams the Q and dO tiles through TMA
+    (device-side 2-D descriptors of this batch's H * Lq rows: no tile straddles two heads)
+    while two consumer warp groups each own half of the key rows."""
+    pid_bk, b, hk, n0, offs_n = _key_tile(H, GROUP, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [Lk, D],
+                                       [stride_kn, 1], [BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, [Lk, D],
+                                       [stride_vn, 1], [BLOCK_N, D])
+    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb, [H * Lq, D], [stride_qm, 1],
+                                       [BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(dO + b * stride_dob, [H * Lq, D], [stride_dom, 1],
+                                        [BLOCK_M, D])
+    k = k_desc.load([n0, 0])                               # (BLOCK_N, D), rows past Lk zero
+    v = v_desc.load([n0, 0])
+    dk = tl.zeros((BLOCK_N, D), tl.float32)
+    dv = tl.zeros((BLOCK_N, D), tl.float32)
+    start = 0
+    if CAUSAL:  # the first query that sees key n0 is i = n0 - causal_offset
+        start = (tl.maximum(n0 - causal_offset, 0) // BLOCK_M) * BLOCK_M
+    n_tiles = tl.cdiv(tl.maximum(Lq - start, 0), BLOCK_M)
+    for it in tl.range(0, GROUP * n_tiles, warp_specialize=True):
+        g = it // n_tiles
+        m_start = start + (it - g * n_tiles) * BLOCK_M
+        offs_m = m_start + offs_m0
+        h = hk * GROUP + g
+        row0 = (h * Lq + m_start).to(tl.int32)
+        q = q_desc.load([row0, 0])                                          # (BLOCK_M, D)
+        do = do_desc.load([row0, 0])
+        rows = (b * H + h) * Lq + offs_m
+        lse = tl.load(Lse + rows)
+        delta = tl.load(Delta + rows)
+        s_t = _mma(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), UPCAST, "tf32")
+        dk, dv = _dkdv_update(dk, dv, s_t * qk_scale, q, do, v, lse, delta, offs_n, offs_m,
+                              causal_offset, CAUSAL, UPCAST, "tf32")
+    rows_kv = (pid_bk.to(tl.int64) * Lk + offs_n)[:, None] * D + tl.arange(0, D)[None, :]
+    cols_ok = offs_n < Lk
+    _store_rows(dK + rows_kv, _to(dk * scale, dK.dtype.element_ty, UPCAST), cols_ok, D, D)
+    _store_rows(dV + rows_kv, _to(dv, dV.dtype.element_ty, UPCAST), cols_ok, D, D)
 
 
 @triton.jit
@@ -631,6 +702,7 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
                 _to(dq * scale, dQ.dtype.element_ty, UPCAST), rows_ok, D, BLOCK_D)
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Launch settings
 # ----------------------------------------------------------------------------------------------
@@ -670,6 +742,12 @@ _TABLE: dict[str, dict[tuple[int, int], list[Launch]]] = {
     "fwd_ws": {
         (64, 2): [Launch(128, 128, 4, 2), Launch(128, 64, 4, 3), Launch(128, 128, 4, 3)],
         (128, 2): [Launch(128, 128, 4, 2), Launch(128, 64, 4, 3), Launch(128, 64, 4, 2)],
+    },
+    # The warp-specialized dK/dV kernel (16-bit only): BLOCK_M divides WS_DKDV_LQ_MULTIPLE (at
+    # D = 128, BLOCK_M = 64 spills).
+    "dkdv_ws": {
+        (64, 2): [Launch(64, 128, 4, 2), Launch(32, 128, 4, 2), Launch(64, 128, 4, 3)],
+        (128, 2): [Launch(32, 128, 4, 2), Launch(32, 128, 4, 3)],
     },
     # The forward with an additive mask (one more (BLOCK_M, BLOCK_N) tile per step): candidates
     # that do not spill on sm_90 with triton 3.6 (scripts/check_triton_compile.py); "fwd" for
@@ -939,6 +1017,38 @@ def _forward_ws(q, k, v, out, lse, qk_scale: float) -> None:
                 launches("fwd_ws", d, q.dtype), args, constexprs)
 
 
+def use_warp_specialized_dkdv(q, k, v, grad_out, mask) -> bool:
+    """Whether the backward's dK/dV run _attn_bwd_dkdv_ws_kernel: only when
+    $LLM_KERNELS_ATTENTION_WS is 1, without mask, for 16-bit tensors of head dim 64 or 128 on a
+    Hopper or newer GPU (or the interpreter) that TMA can address, Lq a multiple of
+    WS_DKDV_LQ_MULTIPLE (every BLOCK_M), q and grad_out with their heads' rows back to back."""
+    if os.environ.get(WS_ENV, "0") != "1" or mask is not None:
+        return False
+    b, h, lq, d = q.shape
+    if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128):
+        return False
+    if lq == 0 or lq % WS_DKDV_LQ_MULTIPLE:
+        return False
+    if h > 1 and any(t.stride(1) != lq * t.stride(2) for t in (q, grad_out)):
+        return False
+    return tma_device(q) and all(_tma_readable(t) for t in (q, k, v, grad_out))
+
+
+def _dkdv_ws(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, causal_offset: int,
+             scale: float) -> None:
+    """dk, dv by _attn_bwd_dkdv_ws_kernel (see use_warp_specialized_dkdv)."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    args = (q, k, v, grad_out, lse, delta, dk, dv, q.stride(0), q.stride(2), *_strides3(k),
+            *_strides3(v), grad_out.stride(0), grad_out.stride(2), h, h // hkv, lq, lk,
+            causal_offset, float(scale) * LOG2E, float(scale))
+    constexprs = {"D": d, "CAUSAL": bool(causal),
+                  "UPCAST": interpreting() and q.dtype == torch.bfloat16}
+    with _descriptor_scratch(q.device):
+        _launch(_attn_bwd_dkdv_ws_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * hkv),
+                launches("dkdv_ws", d, q.dtype), args, constexprs)
+
+
 @contextlib.contextmanager
 def _descriptor_scratch(device: torch.device):
     """Device-side TMA descriptors live in global scratch memory that triton asks its allocator
@@ -1006,14 +1116,18 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset,
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *mask_strides, *_strides3(grad_out),
                h, h // hkv, lq, lk, causal_offset, float(scale) * LOG2E, float(scale))
     operands = {"Q": q, "K": k, "V": v, "dO": grad_out}
+    ws = use_warp_specialized_dkdv(q, k, v, grad_out, mask)
     descriptors = _descriptors(**operands) if use_tma(*operands.values()) else None
     if descriptors is not None:
         common = {**common, "TMA": True}
         operands = descriptors
     inputs = (operands["Q"], operands["K"], operands["V"], mask_ptr, operands["dO"], lse, delta)
-    _launch(_attn_bwd_dkdv_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * hkv),
-            launches("dkdv", d, q.dtype), (*inputs, dk, dv, *strides), common,
-            descriptors=descriptors)
+    if ws:
+        _dkdv_ws(q, k, v, grad_out, lse, delta, dk, dv, causal, causal_offset, scale)
+    else:
+        _launch(_attn_bwd_dkdv_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * hkv),
+                launches("dkdv", d, q.dtype), (*inputs, dk, dv, *strides), common,
+                descriptors=descriptors)
     _launch(_attn_bwd_dq_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
             launches("dq", d, q.dtype), (*inputs, dq, *strides), common, descriptors=descriptors)
     return dq, dk, dv

@@ -139,10 +139,11 @@ def attention_cases(dtypes, quick: bool):
                     cases.append((f"attention tma d={d} {dtype} causal={causal}",
                                   lambda d=d, dtype=dtype, c=causal: as_hopper(
                                       k, lambda: run(1, 4, 2, 256, 256, d, dtype, c, False))))
-                cases.append((f"attention ws d={d} {dtype}",  # the warp-specialized forward
-                              lambda d=d, dtype=dtype: as_hopper(
-                                  k, lambda: run(1, 4, 2, 300, 300, d, dtype, False, False),
-                                  k.WS_ENV)))
+                for causal in (False, True):  # the warp-specialized forward and dK/dV
+                    cases.append((f"attention ws d={d} {dtype} causal={causal}",
+                                  lambda d=d, dtype=dtype, c=causal: as_hopper(
+                                      k, lambda: run(1, 4, 2, 256, 300, d, dtype, c, False),
+                                      k.WS_ENV)))
     return cases
 
 

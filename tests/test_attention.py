@@ -449,15 +449,22 @@ def test_forward_through_tma_with_a_mask(device, tma_reads):
 def warp_specialized(monkeypatch, device):
     """The warp-specialized forward switched on and watched: the test fails unless every
     forward took it."""
+    yield from _watched(monkeypatch, device, "use_warp_specialized")
+
+
+def _watched(monkeypatch, device, *choices: str):
+    """$LLM_KERNELS_ATTENTION_WS=1, and the kernels.<choice> functions recorded: fails the test
+    unless each was called and always answered yes (skips below Hopper)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
-        pytest.skip("the warp-specialized forward needs a Hopper or newer GPU")
+        pytest.skip("the warp-specialized kernels need a Hopper or newer GPU")
     monkeypatch.setenv(kernels.WS_ENV, "1")
-    taken = []
-    use_ws = kernels.use_warp_specialized
-    monkeypatch.setattr(kernels, "use_warp_specialized",
-                        lambda *a: taken.append(use_ws(*a)) or taken[-1])
+    taken = {choice: [] for choice in choices}
+    for choice in choices:
+        use_ws = getattr(kernels, choice)
+        monkeypatch.setattr(kernels, choice, lambda *a, use_ws=use_ws, seen=taken[choice]:
+                            seen.append(use_ws(*a)) or seen[-1])
     yield
-    assert taken and all(taken), taken
+    assert all(seen and all(seen) for seen in taken.values()), taken
 
 
 def test_warp_specialized_forward_only_where_it_applies(monkeypatch, device):
@@ -489,6 +496,57 @@ def test_warp_specialized_forward(b, h, hkv, lq, lk_, d, seq_major, dtype, devic
     check_attention(q, k, v)
 
 
+@pytest.fixture
+def warp_specialized_backward(monkeypatch, device):
+    """The warp-specialized kernels switched on; the test fails unless every backward's dK/dV
+    took its kernel."""
+    yield from _watched(monkeypatch, device, "use_warp_specialized_dkdv")
+
+
+def test_warp_specialized_backward_only_where_it_applies(monkeypatch, device):
+    """Off unless switched on; then only without mask, for 16-bit tensors of head dim 64 or
+    128 that TMA can read, Lq a multiple of 64, q and grad_out with their heads' rows back to
+    back."""
+    q, k, v = make_qkv(1, 4, 2, 128, 33, 64, torch.bfloat16, device)
+    g = torch.randn_like(q)
+    assert not kernels.use_warp_specialized_dkdv(q, k, v, g, None)
+    monkeypatch.setenv(kernels.WS_ENV, "1")
+    hopper = device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+    assert kernels.use_warp_specialized_dkdv(q, k, v, g, None) == hopper
+    mask = torch.zeros(1, 4, 128, 33, dtype=q.dtype, device=device)
+    assert not kernels.use_warp_specialized_dkdv(q, k, v, g, mask)
+    assert not kernels.use_warp_specialized_dkdv(*(t.float() for t in (q, k, v, g)), None)
+    q_seq, k_seq, v_seq = make_qkv(1, 4, 2, 128, 33, 64, torch.bfloat16, device,
+                                   seq_major=True)
+    assert not kernels.use_warp_specialized_dkdv(q_seq, k_seq, v_seq, g, None)  # (B, L, H, D)
+    q97, k97, v97 = make_qkv(1, 4, 2, 97, 33, 64, torch.bfloat16, device)
+    assert not kernels.use_warp_specialized_dkdv(q97, k97, v97, torch.randn_like(q97), None)
+    q80, k80, v80 = make_qkv(1, 2, 2, 128, 33, 80, torch.bfloat16, device)
+    assert not kernels.use_warp_specialized_dkdv(q80, k80, v80, torch.randn_like(q80), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,h,hkv,lq,lk_,d,causal", [
+    (2, 2, 2, 64, 97, 64, False), (1, 4, 2, 128, 45, 128, True), (2, 3, 1, 64, 64, 64, True),
+    (1, 2, 2, 128, 150, 128, False)])
+def test_warp_specialized_backward(b, h, hkv, lq, lk_, d, causal, dtype, device,
+                                   warp_specialized_backward):
+    """dK/dV by the warp-specialized kernel (with the forward's where it applies): key tails,
+    GQA summed over the group's heads, causal with Lk != Lq, against fp64."""
+    q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, device)
+    check_attention(q, k, v, causal=causal)
+
+
+def test_warp_specialized_backward_with_tiny_row_sums(device, warp_specialized_backward):
+    """Scores near -128 in every row (lse about -125): the zero rows a key tile reads past Lk
+    get P = exp(-lse) = inf, which must stay in those rows (never stored)."""
+    q, k, v = make_qkv(1, 2, 1, 64, 45, 64, torch.bfloat16, device)
+    with torch.no_grad():
+        q.mul_(0.1).add_(4.0)
+        k.mul_(0.1).sub_(4.0)
+    check_attention(q, k, v)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [64, 128])
 def test_cuda_warp_specialized_forward_autotuned(d, device, warp_specialized):
@@ -496,6 +554,15 @@ def test_cuda_warp_specialized_forward_autotuned(d, device, warp_specialized):
     fp64 reference."""
     q, k, v = make_qkv(1, 8, 2, 2049, 2049, d, torch.bfloat16, device)
     check_attention(q, k, v)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_warp_specialized_backward_autotuned(causal, device, warp_specialized_backward):
+    """The warp-specialized dK/dV at a realistic size with autotuning on, bf16, D 128, against
+    the fp64 reference."""
+    q, k, v = make_qkv(1, 8, 2, 2048, 2049, 128, torch.bfloat16, device)
+    check_attention(q, k, v, causal=causal)
 
 
 @pytest.mark.cuda

@@ -30,10 +30,11 @@ def test_every_sweep_prints_its_table():
     out = _run("--quick")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     titles = [line for line in out.stdout.splitlines() if line.startswith("== ")]
-    assert [t.split()[1] for t in titles] == ["attention", "CUDA", "attention", "attention",
+    assert [t.split()[1] for t in titles] == ["attention,", "CUDA", "attention", "attention",
                                               "feed-forward", "decode", "layer_norm"]
-    assert [row[:2] for row in _table_rows(out.stdout, "attention forward, no mask")] == [
-        ["128", "default*"], ["128", "ws"]]
+    assert [row[:4] for row in _table_rows(out.stdout, "attention, no mask")] == [
+        ["128", mode, "False", kernels] for mode in ("fwd", "bwd")
+        for kernels in ("default*", "ws")]
     assert [row[:4] for row in _table_rows(out.stdout, "CUDA attention")] == [
         ["128", causal, mode, rows] for causal in ("False", "True") for mode in ("fwd", "bwd")
         for rows in ("16*", "32")]
