@@ -127,7 +127,7 @@ def lk_tma_provider(case: Case, device: torch.device, opts: Options):
 
 
 def lk_ws_provider(case: Case, device: torch.device, opts: Options):
-    """lk-triton with the warp-specialized forward and dK/dV kernels
+    """lk-triton with the warp-specialized forward, dK/dV and dQ kernels
     ($LLM_KERNELS_ATTENTION_WS=1, opt-in; Hopper and newer): the non-causal forward, and the
     backward."""
     from llm_kernels.kernels import attention as kernels

@@ -3,7 +3,7 @@ sized to the issues' performance targets, and the bit-for-bit determinism check.
 
 - attention forward and backward, bf16, D = 128, H = 16, B*L = 16k, L in {4k, 8k, 16k},
   causal and not (``lk-triton-tma``: lk-triton with the opt-in TMA reads; ``lk-triton-ws``:
-  with the opt-in warp-specialized forward and dK/dV, the non-causal forward and the
+  with the opt-in warp-specialized kernels, the non-causal forward and the
   backward); a decode step B = 8, H = 32, Hkv = 8, Lk = 16k, issued from Python and replayed
   from a CUDA graph (the kernels' device time);
 - layer norm forward+backward, hidden 4096 and 8192, 16k rows (the copy bandwidth is measured

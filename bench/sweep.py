@@ -18,8 +18,8 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
   bandwidth, and the host time one call takes (the launcher alone, then ``lk.attention``).
 - ``attention_ws``: the Triton attention without mask (B 4, H 16, L 4096, bf16, D 64 and 128),
   the non-causal forward and the backward (causal and not), autotuned, against the
-  warp-specialized forward and dK/dV kernel (``$LLM_KERNELS_ATTENTION_WS=1``) autotuned and with
-  each of its launch settings forced: TFLOP/s.
+  warp-specialized forward, dK/dV and dQ kernels (``$LLM_KERNELS_ATTENTION_WS=1``) autotuned
+  and with each dK/dV or forward launch setting forced: TFLOP/s.
 - ``attention_fwd``: the Triton forward (D 128, bf16, L 4096) with each launch setting of its
   table forced, reading Q, K, V by pointer (the default) and through TMA descriptors
   (``$LLM_KERNELS_ATTENTION_TMA=1``): TFLOP/s.
@@ -217,7 +217,7 @@ def attention_ws(device: torch.device, timer, quick: bool) -> list[str]:
                 rows.append([str(d), mode, str(causal), name, f"{t.ms:.3f}",
                              f"{harness.tflops(flops, t.ms):.0f}"])
     return _table(f"attention, no mask (B {b}, H {h}, L {l}, bf16): the Triton forward and "
-                  "backward (* = the default) and the warp-specialized forward and dK/dV",
+                  "backward (* = the default) and the warp-specialized kernels",
                   ["D", "mode", "causal", "kernels", "ms", "TFLOP/s"], rows)
 
 

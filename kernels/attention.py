@@ -25,6 +25,8 @@ Kernels:
 - ``_attn_bwd_dkdv_ws_kernel`` (opt-in, ``$LLM_KERNELS_ATTENTION_WS=1``): the same without mask,
   its loop warp-specialized (Hopper: a TMA producer warp group, two consumers).
 - ``_attn_bwd_dq_kernel``: a program per (query tile, batch x head), looping over key tiles.
+- ``_attn_bwd_dq_ws_kernel`` (opt-in, ``$LLM_KERNELS_ATTENTION_WS=1``): the same without mask, as
+  one warp-specialized loop that masks every tile.
 The backward uses no atomics: it is bit-identical from run to run.
 
 Causal: every loop is bounded to the tiles that some row can see (about half the work). In the
@@ -65,8 +67,9 @@ TMA_ENV = "LLM_KERNELS_ATTENTION_TMA"
 # "1": the dense forward without mask or causality (16-bit, D of 64 or 128, Hopper and newer)
 # runs _attn_fwd_ws_kernel, warp-specialized...
 WS_ENV = "LLM_KERNELS_ATTENTION_WS"
-# ...and the backward's dK/dV (no mask, 16-bit, D of 64 or 128) _attn_bwd_dkdv_ws_kernel when Lq
-# is a multiple of this (of every BLOCK_M of its launch table, and of the interpreter's).
+# ...and the backward (no mask, 16-bit, D of 64 or 128) _attn_bwd_dq_ws_kernel (Lq a multiple of
+# 4), and _attn_bwd_dkdv_ws_kernel when Lq is a multiple of this (of every BLOCK_M of its launch
+# table, and of the interpreter's).
 WS_DKDV_LQ_MULTIPLE = 64
 # Flash-decoding applies to at most this many queries per head...
 DECODE_MAX_LQ = 16
@@ -176,6 +179,17 @@ def _query_tile(CAUSAL: tl.constexpr):
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     return pid_m
+
+
+@triton.jit
+def _query_head_tile(H, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(pid_bh, b, h, hk, m0) of a program of grid (query tiles, B * H): its (batch x head)
+    index, batch, query head, kv head (GQA groups of GROUP) and first query row (the tile by
+    _query_tile)."""
+    pid_bh = tl.program_id(1)
+    h = (pid_bh % H).to(tl.int64)
+    return (pid_bh, (pid_bh // H).to(tl.int64), h, h // GROUP,
+            _query_tile(CAUSAL) * BLOCK_M)
 
 
 @triton.jit
@@ -296,12 +310,7 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
     """out, lse of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H).
     With TMA, Q, K and V are 4-D TMA descriptors of those tensors (tiles of [1, 1, BLOCK_M or
     BLOCK_N, BLOCK_D]) instead of pointers; the strides then go unused."""
-    pid_m = _query_tile(CAUSAL)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, m0 = _query_head_tile(H, GROUP, BLOCK_M, CAUSAL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < Lq
@@ -345,12 +354,7 @@ def _attn_fwd_ws_kernel(Q, K, V, Out, Lse, H, GROUP, Lq, Lk, qk_scale,
     descriptors of this program's heads) while two consumer warp groups each own half of the
     query rows. Triton's warp specialization takes a single loop, so every tile masks the key
     tail."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, m0 = _query_head_tile(H, GROUP, BLOCK_M, False)
     q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Lq, D], [stride_qm, 1],
                                        [BLOCK_M, D])
     k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [Lk, D], [stride_kn, 1],
@@ -668,12 +672,7 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
                         TMA: tl.constexpr = False):
     """dq of one query tile of one (batch, head): grid (cdiv(Lq, BLOCK_M), B * H). With TMA,
     Q, K, V and dO are 4-D TMA descriptors (see _attn_fwd_kernel)."""
-    pid_m = _query_tile(CAUSAL)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    m0 = pid_m * BLOCK_M
+    pid_bh, b, h, hk, m0 = _query_head_tile(H, GROUP, BLOCK_M, CAUSAL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows_ok = offs_m < Lq
@@ -702,6 +701,56 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, dO, Lse, Delta, dQ,
                 _to(dq * scale, dQ.dtype.element_ty, UPCAST), rows_ok, D, BLOCK_D)
 
 
+
+
+@triton.jit
+def _attn_bwd_dq_ws_kernel(Q, K, V, dO, Lse, Delta, dQ,
+                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                           H, GROUP, Lq, Lk, causal_offset, qk_scale, scale,
+                           D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq as _attn_bwd_dq_kernel without a mask, 16-bit, power-of-2 D, Lq a multiple of 4, in
+    one warp-specialized key loop (every tile masks the key tail and, if CAUSAL, j > i +
+    offset): on Hopper a producer warp group streams K/V tiles through TMA while two consumer
+    warp groups each own half of the query rows. Every operand, lse and delta too, is read
+    through device-side descriptors: triton 3.6's warp specialization fails to compile next to
+    pointer loads."""
+    pid_bh, b, h, hk, m0 = _query_head_tile(H, GROUP, BLOCK_M, CAUSAL)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Lq, D],
+                                       [stride_qm, 1], [BLOCK_M, D])
+    do_desc = tl.make_tensor_descriptor(dO + b * stride_dob + h * stride_doh, [Lq, D],
+                                        [stride_dom, 1], [BLOCK_M, D])
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [Lk, D],
+                                       [stride_kn, 1], [BLOCK_N, D])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, [Lk, D],
+                                       [stride_vn, 1], [BLOCK_N, D])
+    lse_desc = tl.make_tensor_descriptor(Lse + pid_bh.to(tl.int64) * Lq, [Lq], [1], [BLOCK_M])
+    delta_desc = tl.make_tensor_descriptor(Delta + pid_bh.to(tl.int64) * Lq, [Lq], [1],
+                                           [BLOCK_M])
+    q = q_desc.load([m0, 0])                               # (BLOCK_M, D), rows past Lq zero
+    do = do_desc.load([m0, 0])
+    lse2 = lse_desc.load([m0]) * _LOG2E                    # (BLOCK_M,), past Lq 0
+    delta = delta_desc.load([m0])
+    dq = tl.zeros((BLOCK_M, D), tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    _, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    for n0 in tl.range(0, end, BLOCK_N, warp_specialize=True):
+        offs_n = n0 + offs_n0
+        k = k_desc.load([n0, 0])                           # (BLOCK_N, D), rows past Lk zero
+        v = v_desc.load([n0, 0])
+        s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, "tf32")
+        keep = (offs_n < Lk)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        p = tl.where(keep, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)    # (BLOCK_M, BLOCK_N)
+        dp = _mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, "tf32")
+        ds = p * (dp - delta[:, None])
+        dq = _mma(_to(ds, k.dtype, UPCAST), k, dq, UPCAST, "tf32")
+    rows = pid_bh.to(tl.int64) * Lq + offs_m
+    _store_rows(dQ + rows[:, None] * D + tl.arange(0, D)[None, :],
+                _to(dq * scale, dQ.dtype.element_ty, UPCAST), offs_m < Lq, D, D)
 
 # ----------------------------------------------------------------------------------------------
 # Launch settings
@@ -748,6 +797,11 @@ _TABLE: dict[str, dict[tuple[int, int], list[Launch]]] = {
     "dkdv_ws": {
         (64, 2): [Launch(64, 128, 4, 2), Launch(32, 128, 4, 2), Launch(64, 128, 4, 3)],
         (128, 2): [Launch(32, 128, 4, 2), Launch(32, 128, 4, 3)],
+    },
+    # The warp-specialized dQ kernel (16-bit only).
+    "dq_ws": {
+        (64, 2): [Launch(128, 64, 4, 2), Launch(128, 128, 4, 2), Launch(128, 64, 4, 3)],
+        (128, 2): [Launch(128, 64, 4, 2), Launch(128, 64, 4, 3), Launch(128, 128, 4, 2)],
     },
     # The forward with an additive mask (one more (BLOCK_M, BLOCK_N) tile per step): candidates
     # that do not spill on sm_90 with triton 3.6 (scripts/check_triton_compile.py); "fwd" for
@@ -1034,6 +1088,37 @@ def use_warp_specialized_dkdv(q, k, v, grad_out, mask) -> bool:
     return tma_device(q) and all(_tma_readable(t) for t in (q, k, v, grad_out))
 
 
+def use_warp_specialized_dq(q, k, v, grad_out, lse, mask) -> bool:
+    """Whether the backward's dQ runs _attn_bwd_dq_ws_kernel: only when $LLM_KERNELS_ATTENTION_WS
+    is 1, without mask, for 16-bit tensors of head dim 64 or 128 on a Hopper or newer GPU (or
+    the interpreter) that TMA can address, Lq a multiple of 4 and lse 16-byte aligned (its
+    (B * H, Lq) rows read by TMA)."""
+    if os.environ.get(WS_ENV, "0") != "1" or mask is not None:
+        return False
+    lq, d = q.shape[2], q.shape[3]
+    if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128):
+        return False
+    if lq == 0 or lq % 4 or lse.data_ptr() % 16:
+        return False
+    return tma_device(q) and all(_tma_readable(t) for t in (q, k, v, grad_out))
+
+
+def _dq_ws(q, k, v, grad_out, lse, delta, dq, causal: bool, causal_offset: int,
+           scale: float) -> None:
+    """dq by _attn_bwd_dq_ws_kernel (see use_warp_specialized_dq); lse and delta (B, H, Lq)
+    contiguous float32."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    args = (q, k, v, grad_out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v),
+            *_strides3(grad_out), h, h // hkv, lq, lk, causal_offset, float(scale) * LOG2E,
+            float(scale))
+    constexprs = {"D": d, "CAUSAL": bool(causal),
+                  "UPCAST": interpreting() and q.dtype == torch.bfloat16}
+    with _descriptor_scratch(q.device):
+        _launch(_attn_bwd_dq_ws_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
+                launches("dq_ws", d, q.dtype), args, constexprs)
+
+
 def _dkdv_ws(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, causal_offset: int,
              scale: float) -> None:
     """dk, dv by _attn_bwd_dkdv_ws_kernel (see use_warp_specialized_dkdv)."""
@@ -1128,8 +1213,12 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, causal, causal_offset,
         _launch(_attn_bwd_dkdv_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * hkv),
                 launches("dkdv", d, q.dtype), (*inputs, dk, dv, *strides), common,
                 descriptors=descriptors)
-    _launch(_attn_bwd_dq_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
-            launches("dq", d, q.dtype), (*inputs, dq, *strides), common, descriptors=descriptors)
+    if use_warp_specialized_dq(q, k, v, grad_out, lse, mask):
+        _dq_ws(q, k, v, grad_out, lse, delta, dq, causal, causal_offset, scale)
+    else:
+        _launch(_attn_bwd_dq_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
+                launches("dq", d, q.dtype), (*inputs, dq, *strides), common,
+                descriptors=descriptors)
     return dq, dk, dv
 
 

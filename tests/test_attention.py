@@ -499,14 +499,15 @@ def test_warp_specialized_forward(b, h, hkv, lq, lk_, d, seq_major, dtype, devic
 @pytest.fixture
 def warp_specialized_backward(monkeypatch, device):
     """The warp-specialized kernels switched on; the test fails unless every backward's dK/dV
-    took its kernel."""
-    yield from _watched(monkeypatch, device, "use_warp_specialized_dkdv")
+    and dQ took them."""
+    yield from _watched(monkeypatch, device, "use_warp_specialized_dkdv",
+                        "use_warp_specialized_dq")
 
 
 def test_warp_specialized_backward_only_where_it_applies(monkeypatch, device):
     """Off unless switched on; then only without mask, for 16-bit tensors of head dim 64 or
-    128 that TMA can read, Lq a multiple of 64, q and grad_out with their heads' rows back to
-    back."""
+    128 that TMA can read; dK/dV's needs Lq a multiple of 64 and q and grad_out with their
+    heads' rows back to back, dQ's Lq a multiple of 4 and a 16-byte aligned lse."""
     q, k, v = make_qkv(1, 4, 2, 128, 33, 64, torch.bfloat16, device)
     g = torch.randn_like(q)
     assert not kernels.use_warp_specialized_dkdv(q, k, v, g, None)
@@ -523,6 +524,14 @@ def test_warp_specialized_backward_only_where_it_applies(monkeypatch, device):
     assert not kernels.use_warp_specialized_dkdv(q97, k97, v97, torch.randn_like(q97), None)
     q80, k80, v80 = make_qkv(1, 2, 2, 128, 33, 80, torch.bfloat16, device)
     assert not kernels.use_warp_specialized_dkdv(q80, k80, v80, torch.randn_like(q80), None)
+    lse = torch.zeros(1, 4, 128, device=device)
+    assert kernels.use_warp_specialized_dq(q_seq, k_seq, v_seq, g, lse, None) == hopper
+    assert not kernels.use_warp_specialized_dq(q, k, v, g, lse, mask)
+    assert not kernels.use_warp_specialized_dq(q, k, v, g, lse.view(-1)[1:].view(1, 1, 511),
+                                               None)                     # lse 4-byte aligned
+    q5, k5, v5 = make_qkv(1, 4, 2, 5, 33, 64, torch.bfloat16, device)
+    assert not kernels.use_warp_specialized_dq(q5, k5, v5, torch.randn_like(q5), lse, None)
+    assert not kernels.use_warp_specialized_dq(q80, k80, v80, torch.randn_like(q80), lse, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -531,20 +540,38 @@ def test_warp_specialized_backward_only_where_it_applies(monkeypatch, device):
     (1, 2, 2, 128, 150, 128, False)])
 def test_warp_specialized_backward(b, h, hkv, lq, lk_, d, causal, dtype, device,
                                    warp_specialized_backward):
-    """dK/dV by the warp-specialized kernel (with the forward's where it applies): key tails,
-    GQA summed over the group's heads, causal with Lk != Lq, against fp64."""
+    """dK/dV and dQ by the warp-specialized kernels (with the forward's where it applies): key
+    tails, GQA summed over the group's heads, causal with Lk != Lq, against fp64."""
     q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, device)
     check_attention(q, k, v, causal=causal)
 
 
 def test_warp_specialized_backward_with_tiny_row_sums(device, warp_specialized_backward):
     """Scores near -128 in every row (lse about -125): the zero rows a key tile reads past Lk
-    get P = exp(-lse) = inf, which must stay in those rows (never stored)."""
+    get P = exp(-lse) = inf, which dQ's kernel must mask and dK/dV's keep in those rows (never
+    stored)."""
     q, k, v = make_qkv(1, 2, 1, 64, 45, 64, torch.bfloat16, device)
     with torch.no_grad():
         q.mul_(0.1).add_(4.0)
         k.mul_(0.1).sub_(4.0)
     check_attention(q, k, v)
+
+
+@pytest.fixture
+def warp_specialized_dq(monkeypatch, device):
+    """The warp-specialized kernels switched on; the test fails unless every backward's dQ
+    took its kernel."""
+    yield from _watched(monkeypatch, device, "use_warp_specialized_dq")
+
+
+@pytest.mark.parametrize("b,h,hkv,lq,lk_,d,causal", [
+    (1, 4, 2, 100, 45, 64, True), (2, 2, 1, 4, 70, 128, False), (1, 2, 2, 36, 36, 128, True)])
+def test_warp_specialized_dq_any_length(b, h, hkv, lq, lk_, d, causal, device,
+                                        warp_specialized_dq):
+    """dQ by its warp-specialized kernel at query lengths dK/dV's does not take (query tails,
+    causal rows that see no key), bf16, against fp64."""
+    q, k, v = make_qkv(b, h, hkv, lq, lk_, d, torch.bfloat16, device)
+    check_attention(q, k, v, causal=causal)
 
 
 @pytest.mark.cuda
@@ -559,8 +586,8 @@ def test_cuda_warp_specialized_forward_autotuned(d, device, warp_specialized):
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_warp_specialized_backward_autotuned(causal, device, warp_specialized_backward):
-    """The warp-specialized dK/dV at a realistic size with autotuning on, bf16, D 128, against
-    the fp64 reference."""
+    """The warp-specialized dK/dV and dQ at a realistic size with autotuning on, bf16, D 128,
+    against the fp64 reference."""
     q, k, v = make_qkv(1, 8, 2, 2048, 2049, 128, torch.bfloat16, device)
     check_attention(q, k, v, causal=causal)
 

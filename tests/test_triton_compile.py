@@ -12,7 +12,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "check_triton_compile.py")
 KERNELS = ("_attn_fwd_kernel", "_attn_fwd_ws_kernel", "_attn_fwd_split_kernel",
            "_attn_fwd_combine_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
-           "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_ws_kernel",
+           "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_ws_kernel", "_attn_bwd_dq_ws_kernel",
            "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_softmax_fwd_kernel",
            "_softmax_bwd_kernel", "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
            "_matmul_kernel", "_matmul_tma_kernel", "_column_sum_kernel", "_gate_up_kernel")
