@@ -250,10 +250,6 @@ def targets(bench: dict) -> list[Target]:
             value, detail = vs_best_sdpa(rows, provider, "fwd", variant)
             out.append(Target(issue, f"attn fwd {variant} {provider} / best SDPA", value, goal,
                               detail=detail))
-    for mode, variant in (("fwd", "non-causal"), ("bwd", "non-causal"), ("bwd", "causal")):
-        value, detail = vs_best_sdpa(rows, "lk-triton-ws", mode, variant)
-        out.append(Target("#3", f"attn {mode} {variant} lk-triton-ws (opt-in) / best SDPA", value,
-                          None, detail=detail))
     for provider, goal in (("lk-triton", 0.9), ("lk-cuda", None)):
         for variant in ("non-causal", "causal"):
             value, detail = vs_best_sdpa(rows, provider, "bwd", variant)
