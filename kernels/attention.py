@@ -64,12 +64,11 @@ _MASK_FLOOR2 = tl.constexpr(-65536.0)
 AUTOTUNE_ENV = "LLM_KERNELS_AUTOTUNE"
 # "1": the dense forward reads Q, K and V through TMA descriptors (16-bit, Hopper and newer).
 TMA_ENV = "LLM_KERNELS_ATTENTION_TMA"
-# "1": the dense forward without mask or causality (16-bit, D of 64 or 128, Hopper and newer)
-# runs _attn_fwd_ws_kernel, warp-specialized...
+# "1": the warp-specialized kernels where they apply (16-bit, D of 64 or 128, no mask, Hopper and
+# newer): _attn_fwd_ws_kernel for the non-causal forward, _attn_bwd_dq_ws_kernel for dQ (Lq a
+# multiple of 4) and _attn_bwd_dkdv_ws_kernel for dK/dV (Lq a multiple of WS_DKDV_LQ_MULTIPLE,
+# of every BLOCK_M of its launch table and of the interpreter's).
 WS_ENV = "LLM_KERNELS_ATTENTION_WS"
-# ...and the backward (no mask, 16-bit, D of 64 or 128) _attn_bwd_dq_ws_kernel (Lq a multiple of
-# 4), and _attn_bwd_dkdv_ws_kernel when Lq is a multiple of this (of every BLOCK_M of its launch
-# table, and of the interpreter's).
 WS_DKDV_LQ_MULTIPLE = 64
 # Flash-decoding applies to at most this many queries per head...
 DECODE_MAX_LQ = 16
@@ -714,8 +713,8 @@ def _attn_bwd_dq_ws_kernel(Q, K, V, dO, Lse, Delta, dQ,
     one warp-specialized key loop (every tile masks the key tail and, if CAUSAL, j > i +
     offset): on Hopper a producer warp group streams K/V tiles through TMA while two consumer
     warp groups each own half of the query rows. Every operand, lse and delta too, is read
-    through device-side descriptors: triton 3.6's warp specialization fails to compile next to
-    pointer loads."""
+    through device-side descriptors (lse and delta read by pointer make triton 3.6's warp
+    specialization fail to compile)."""
     pid_bh, b, h, hk, m0 = _query_head_tile(H, GROUP, BLOCK_M, CAUSAL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Lq, D],
