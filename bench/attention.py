@@ -128,11 +128,10 @@ def lk_tma_provider(case: Case, device: torch.device, opts: Options):
 
 def lk_ws_provider(case: Case, device: torch.device, opts: Options):
     """lk-triton with the warp-specialized forward, dK/dV and dQ kernels
-    ($LLM_KERNELS_ATTENTION_WS=1, opt-in; Hopper and newer): the non-causal forward, and the
-    backward."""
+    ($LLM_KERNELS_ATTENTION_WS=1, opt-in; Hopper and newer)."""
     from llm_kernels.kernels import attention as kernels
-    if case.mode == "decode" or (case.mode == "fwd" and _causal(case)):
-        raise Skip("the warp-specialized kernels serve the non-causal forward and the backward")
+    if case.mode == "decode":
+        raise Skip("the decode (split-key) kernel is not warp-specialized")
     return with_tma(lk_provider("lk-triton", case, device, opts), kernels, device,
                     kernels.WS_ENV)
 

@@ -17,7 +17,7 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
   plan aims for and the KV length: ms, the ratio to reading the KV cache once at the copy
   bandwidth, and the host time one call takes (the launcher alone, then ``lk.attention``).
 - ``attention_ws``: the Triton attention without mask (B 4, H 16, L 4096, bf16, D 64 and 128),
-  the non-causal forward and the backward (causal and not), autotuned, against the
+  forward and backward, causal and not, autotuned, against the
   warp-specialized forward, dK/dV and dQ kernels (``$LLM_KERNELS_ATTENTION_WS=1``) autotuned
   and with each dK/dV or forward launch setting forced: TFLOP/s.
 - ``attention_fwd``: the Triton forward (D 128, bf16, L 4096) with each launch setting of its
@@ -188,12 +188,11 @@ def attention_ws(device: torch.device, timer, quick: bool) -> list[str]:
     for d in ((128,) if quick else (64, 128)):
         q, k, v, grad = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
                          for _ in range(4))
-        out, lse = attn.attention_forward(q, k, v, None, False, 0, d ** -0.5)
-        calls = [("fwd", False, lambda q=q, k=k, v=v, d=d:
-                  attn.attention_forward(q, k, v, None, False, 0, d ** -0.5))]
+        calls = []
         for causal in ((False,) if quick else (False, True)):
-            o, m = (out, lse) if not causal else attn.attention_forward(q, k, v, None, True, 0,
-                                                                       d ** -0.5)
+            o, m = attn.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
+            calls.append(("fwd", causal, lambda q=q, k=k, v=v, d=d, c=causal:
+                          attn.attention_forward(q, k, v, None, c, 0, d ** -0.5)))
             calls.append(("bwd", causal, lambda q=q, k=k, v=v, d=d, o=o, m=m, c=causal:
                           attn.attention_backward(grad, q, k, v, o, m, None, c, 0, d ** -0.5)))
         for mode, causal, run in calls:

@@ -13,8 +13,8 @@ Backward (dP = dO v^T, delta = rowsum(dO * out)):
 
 Kernels:
 - ``_attn_fwd_kernel``: a program per (query tile, batch x head), looping over key tiles.
-- ``_attn_fwd_ws_kernel`` (opt-in, ``$LLM_KERNELS_ATTENTION_WS=1``): the same without mask or
-  causality, as one warp-specialized loop (Hopper: a TMA producer warp group, two consumers).
+- ``_attn_fwd_ws_kernel`` (opt-in, ``$LLM_KERNELS_ATTENTION_WS=1``): the same without mask, as
+  one warp-specialized loop (Hopper: a TMA producer warp group, two consumers).
 - ``_attn_fwd_split_kernel`` + ``_attn_fwd_combine_kernel`` (flash-decoding): for few queries
   against many keys, the rows of all query heads of a GQA group form one tile (each K/V tile is
   read once per group), the keys are split across programs, and the partial (acc, m2, l) are
@@ -65,7 +65,7 @@ AUTOTUNE_ENV = "LLM_KERNELS_AUTOTUNE"
 # "1": the dense forward reads Q, K and V through TMA descriptors (16-bit, Hopper and newer).
 TMA_ENV = "LLM_KERNELS_ATTENTION_TMA"
 # "1": the warp-specialized kernels where they apply (16-bit, D of 64 or 128, no mask, Hopper and
-# newer): _attn_fwd_ws_kernel for the non-causal forward, _attn_bwd_dq_ws_kernel for dQ (Lq a
+# newer): _attn_fwd_ws_kernel for the forward, _attn_bwd_dq_ws_kernel for dQ (Lq a
 # multiple of 4) and _attn_bwd_dkdv_ws_kernel for dK/dV (Lq a multiple of WS_DKDV_LQ_MULTIPLE,
 # of every BLOCK_M of its launch table and of the interpreter's).
 WS_ENV = "LLM_KERNELS_ATTENTION_WS"
@@ -342,18 +342,19 @@ def _attn_fwd_kernel(Q, K, V, Mask, Out, Lse,
 
 
 @triton.jit
-def _attn_fwd_ws_kernel(Q, K, V, Out, Lse, H, GROUP, Lq, Lk, qk_scale,
+def _attn_fwd_ws_kernel(Q, K, V, Out, Lse, H, GROUP, Lq, Lk, causal_offset, qk_scale,
                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                         stride_vb, stride_vh, stride_vn,
-                        D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """out, lse of one query tile of one (batch, head), as _attn_fwd_kernel with neither mask
-    nor causality, 16-bit inputs, a power-of-2 D and qk_scale > 0, in one warp-specialized key
-    loop: on Hopper a producer warp group streams K/V tiles through TMA (device-side 2-D
-    descriptors of this program's heads) while two consumer warp groups each own half of the
-    query rows. Triton's warp specialization takes a single loop, so every tile masks the key
-    tail."""
-    pid_bh, b, h, hk, m0 = _query_head_tile(H, GROUP, BLOCK_M, False)
+                        D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out, lse of one query tile of one (batch, head), as _attn_fwd_kernel without a mask,
+    16-bit inputs, a power-of-2 D and qk_scale > 0, in one warp-specialized key loop: on Hopper
+    a producer warp group streams K/V tiles through TMA (device-side 2-D descriptors of this
+    program's heads) while two consumer warp groups each own half of the query rows. Triton's
+    warp specialization takes a single loop, so every tile masks the key tail and, if CAUSAL,
+    the pairs j > i + offset."""
+    pid_bh, b, h, hk, m0 = _query_head_tile(H, GROUP, BLOCK_M, CAUSAL)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, [Lq, D], [stride_qm, 1],
                                        [BLOCK_M, D])
     k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, [Lk, D], [stride_kn, 1],
@@ -365,19 +366,26 @@ def _attn_fwd_ws_kernel(Q, K, V, Out, Lse, H, GROUP, Lq, Lk, qk_scale,
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
-    for n0 in tl.range(0, Lk, BLOCK_N, warp_specialize=True):
+    _, end = _key_range(m0, Lk, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    for n0 in tl.range(0, end, BLOCK_N, warp_specialize=True):
+        offs_n = n0 + offs_n0
         k = k_desc.load([n0, 0])                           # (BLOCK_N, D), rows past Lk zero
         s = _mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), UPCAST, "tf32")
-        s = tl.where((n0 + offs_n0 < Lk)[None, :], s, float("-inf"))  # (BLOCK_M, BLOCK_N)
+        keep = (offs_n < Lk)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        s = tl.where(keep, s, float("-inf"))                               # (BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_ref = m_new
+        if CAUSAL:  # rows that have seen no key yet
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = v_desc.load([n0, 0])                                        # (BLOCK_N, D)
         acc = _mma(_to(p, v.dtype, UPCAST), v, acc * alpha[:, None], UPCAST, "tf32")
         m_i = m_new
     out, lse = _finish_rows(acc, m_i, l_i)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < Lq
     rows = pid_bh.to(tl.int64) * Lq + offs_m                                # (B, H, Lq) index
     _store_rows(Out + rows[:, None] * D + tl.arange(0, D)[None, :],
@@ -1030,8 +1038,8 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
     if plan is not None:
         _forward_split(q, k, v, mask, out, lse, causal_offset, qk_scale, common, plan)
         return out, lse
-    if use_warp_specialized(q, k, v, mask, causal, qk_scale):
-        _forward_ws(q, k, v, out, lse, qk_scale)
+    if use_warp_specialized(q, k, v, mask, qk_scale):
+        _forward_ws(q, k, v, out, lse, causal, causal_offset, qk_scale)
         return out, lse
     mask_ptr, *mask_strides = _mask_args(mask, q)
     descriptors = _descriptors(Q=q, K=k, V=v) if use_tma(q, k, v) else None
@@ -1046,28 +1054,46 @@ def attention_forward(q, k, v, mask, causal, causal_offset, scale):
     return out, lse
 
 
-def use_warp_specialized(q, k, v, mask, causal: bool, qk_scale: float) -> bool:
+def use_warp_specialized(q, k, v, mask, qk_scale: float) -> bool:
     """Whether the dense forward runs _attn_fwd_ws_kernel: only when $LLM_KERNELS_ATTENTION_WS
-    is 1 (off by default until timed against _attn_fwd_kernel), without mask or causality,
-    for scale > 0 and 16-bit tensors of head dim 64 or 128 on a Hopper or newer GPU (or the
+    is 1 (off by default until timed against _attn_fwd_kernel), without mask, for scale > 0
+    and 16-bit tensors of head dim 64 or 128 (Lq, Lk > 0) on a Hopper or newer GPU (or the
     interpreter) that TMA can address."""
-    if os.environ.get(WS_ENV, "0") != "1" or mask is not None or causal or not qk_scale > 0:
+    if os.environ.get(WS_ENV, "0") != "1" or mask is not None or not qk_scale > 0:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    if q.shape[2] == 0 or k.shape[2] == 0:
         return False
     return tma_device(q) and all(_tma_readable(t) for t in (q, k, v))
 
 
-def _forward_ws(q, k, v, out, lse, qk_scale: float) -> None:
+def _forward_ws(q, k, v, out, lse, causal: bool, causal_offset: int, qk_scale: float) -> None:
     """out, lse by _attn_fwd_ws_kernel (see use_warp_specialized)."""
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    args = (q, k, v, out, lse, h, h // hkv, lq, lk, qk_scale, *_strides3(q), *_strides3(k),
-            *_strides3(v))
-    constexprs = {"D": d, "UPCAST": interpreting() and q.dtype == torch.bfloat16}
+    args = (q, k, v, out, lse, h, h // hkv, lq, lk, causal_offset, qk_scale, *_strides3(q),
+            *_strides3(k), *_strides3(v))
+    constexprs = {"D": d, "CAUSAL": bool(causal),
+                  "UPCAST": interpreting() and q.dtype == torch.bfloat16}
     with _descriptor_scratch(q.device):
         _launch(_attn_fwd_ws_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
                 launches("fwd_ws", d, q.dtype), args, constexprs)
+
+
+def use_warp_specialized_dq(q, k, v, grad_out, lse, mask) -> bool:
+    """Whether the backward's dQ runs _attn_bwd_dq_ws_kernel: only when $LLM_KERNELS_ATTENTION_WS
+    is 1, without mask, for 16-bit tensors of head dim 64 or 128 on a Hopper or newer GPU (or
+    the interpreter) that TMA can address, Lq a multiple of 4 and lse 16-byte aligned (its
+    (B * H, Lq) rows read by TMA)."""
+    if os.environ.get(WS_ENV, "0") != "1" or mask is not None:
+        return False
+    lq, d = q.shape[2], q.shape[3]
+    if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128):
+        return False
+    if lq == 0 or k.shape[2] == 0 or lq % 4 or lse.data_ptr() % 16:
+        return False
+    return tma_device(q) and all(_tma_readable(t) for t in (q, k, v, grad_out))
 
 
 def use_warp_specialized_dkdv(q, k, v, grad_out, mask) -> bool:
@@ -1083,21 +1109,6 @@ def use_warp_specialized_dkdv(q, k, v, grad_out, mask) -> bool:
     if lq == 0 or lq % WS_DKDV_LQ_MULTIPLE:
         return False
     if h > 1 and any(t.stride(1) != lq * t.stride(2) for t in (q, grad_out)):
-        return False
-    return tma_device(q) and all(_tma_readable(t) for t in (q, k, v, grad_out))
-
-
-def use_warp_specialized_dq(q, k, v, grad_out, lse, mask) -> bool:
-    """Whether the backward's dQ runs _attn_bwd_dq_ws_kernel: only when $LLM_KERNELS_ATTENTION_WS
-    is 1, without mask, for 16-bit tensors of head dim 64 or 128 on a Hopper or newer GPU (or
-    the interpreter) that TMA can address, Lq a multiple of 4 and lse 16-byte aligned (its
-    (B * H, Lq) rows read by TMA)."""
-    if os.environ.get(WS_ENV, "0") != "1" or mask is not None:
-        return False
-    lq, d = q.shape[2], q.shape[3]
-    if q.dtype not in (torch.float16, torch.bfloat16) or d not in (64, 128):
-        return False
-    if lq == 0 or lq % 4 or lse.data_ptr() % 16:
         return False
     return tma_device(q) and all(_tma_readable(t) for t in (q, k, v, grad_out))
 

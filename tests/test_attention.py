@@ -468,32 +468,32 @@ def _watched(monkeypatch, device, *choices: str):
 
 
 def test_warp_specialized_forward_only_where_it_applies(monkeypatch, device):
-    """Off unless switched on; then only without mask or causality, for scale > 0 and 16-bit
-    tensors of head dim 64 or 128 that TMA can read."""
+    """Off unless switched on; then only without mask, for scale > 0 and 16-bit tensors of
+    head dim 64 or 128 that TMA can read."""
     q, k, v = make_qkv(1, 4, 2, 17, 33, 64, torch.bfloat16, device, seq_major=True)
-    assert not kernels.use_warp_specialized(q, k, v, None, False, 1.0)
+    assert not kernels.use_warp_specialized(q, k, v, None, 1.0)
     monkeypatch.setenv(kernels.WS_ENV, "1")
     hopper = device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
-    assert kernels.use_warp_specialized(q, k, v, None, False, 1.0) == hopper
+    assert kernels.use_warp_specialized(q, k, v, None, 1.0) == hopper
     mask = torch.zeros(1, 4, 17, 33, dtype=q.dtype, device=device)
-    assert not kernels.use_warp_specialized(q, k, v, mask, False, 1.0)
-    assert not kernels.use_warp_specialized(q, k, v, None, True, 1.0)
-    assert not kernels.use_warp_specialized(q, k, v, None, False, 0.0)
-    assert not kernels.use_warp_specialized(*(t.float() for t in (q, k, v)), None, False, 1.0)
+    assert not kernels.use_warp_specialized(q, k, v, mask, 1.0)
+    assert not kernels.use_warp_specialized(q, k, v, None, 0.0)
+    assert not kernels.use_warp_specialized(*(t.float() for t in (q, k, v)), None, 1.0)
     assert not kernels.use_warp_specialized(*make_qkv(1, 2, 2, 17, 33, 80, torch.bfloat16,
-                                                       device), None, False, 1.0)
+                                                       device), None, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("b,h,hkv,lq,lk_,d,seq_major", [
-    (2, 2, 2, 97, 97, 64, False), (1, 4, 2, 17, 45, 128, True), (2, 3, 1, 64, 33, 64, False),
-    (1, 2, 2, 1, 70, 128, False)])
-def test_warp_specialized_forward(b, h, hkv, lq, lk_, d, seq_major, dtype, device,
+@pytest.mark.parametrize("b,h,hkv,lq,lk_,d,causal,seq_major", [
+    (2, 2, 2, 97, 97, 64, False, False), (1, 4, 2, 17, 45, 128, False, True),
+    (2, 3, 1, 64, 33, 64, False, False), (1, 2, 2, 1, 70, 128, False, False),
+    (2, 2, 1, 97, 97, 128, True, False), (1, 4, 2, 70, 33, 64, True, True)])
+def test_warp_specialized_forward(b, h, hkv, lq, lk_, d, causal, seq_major, dtype, device,
                                   warp_specialized):
-    """Forward (then the usual backward) with tails in Lq and Lk, GQA, (B, L, H, D) views and
-    one query row, against fp64."""
+    """Forward (then the backward) with tails in Lq and Lk, GQA, (B, L, H, D) views, one query
+    row, causal with Lk < Lq (rows that see no key), against fp64."""
     q, k, v = make_qkv(b, h, hkv, lq, lk_, d, dtype, device, seq_major=seq_major)
-    check_attention(q, k, v)
+    check_attention(q, k, v, causal=causal)
 
 
 @pytest.fixture
