@@ -18,7 +18,9 @@
 #                                        # racecheck over the CUDA C++ kernels' small-shape
 #                                        # tests, the benchmark resumed from call 1's
 #                                        # bench.json, the launch-parameter sweeps
-#                                        # (bench/sweep.py), the tests of what this machine
+#                                        # (bench/sweep.py; the warp-specialized attention
+#                                        # kernels' first, in a step of their own), the
+#                                        # tests of what this machine
 #                                        # built (C++ ops on CPU tensors, the Triton
 #                                        # interpreter), verify again (call 1's may be cut
 #                                        # short), then the rest of the tests
@@ -211,9 +213,17 @@ native_rebuild() {
   TAIL_LINES=30 step native-probe-system-gxx "$(slot 40 0)" bash scripts/native_probe.sh "$PY"
 }
 # Launch-parameter sweeps (the CUDA attention's rows per warp, the Triton TMA reads, the decode
-# split plan, the layer norm backward's grid): the data that chooses the kernels' settings.
+# split plan, the layer norm backward's grid): the data that chooses the kernels' settings. The
+# warp-specialized attention kernels' sweep runs as a step of its own: they have never run on a
+# GPU, and a hang there must not cost the other sweeps.
+WS_SWEEP=attention_ws
+sweep_ws_step() {
+  TAIL_LINES=40 step sweep-ws "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.sweep --sweeps "$WS_SWEEP"
+}
 sweep_step() {
-  TAIL_LINES=80 step sweep "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.sweep
+  local rest
+  rest=$("$PY" -c "from llm_kernels.bench.sweep import SWEEPS; print(','.join(s for s in SWEEPS if s != '$WS_SWEEP'))")
+  TAIL_LINES=80 step sweep "$(slot "$1" "$2")" "$PY" -m llm_kernels.bench.sweep ${rest:+--sweeps "$rest"}
 }
 # The CPU time each public op takes per call around its kernels, next to plain torch: the ops
 # of a GPT training step first (its rows print as they are measured, so a cut keeps them), one
@@ -348,6 +358,7 @@ case "$MODE" in
     cuda_leftover 60 290
     sanitize_steps 70 220 50 170 "$SANITIZE_LITE"
     bench_step 150 20
+    sweep_ws_step 70 60
     sweep_step 110 10
     rest_core 60 5
     verify_step 60 5

@@ -358,7 +358,8 @@ def summarize(out_dir: str) -> dict:
         "targets": [dict(asdict(t), status=t.status) for t in targets(bench)],
         "profile": profile_lines(steps_output(log["steps"], "profile")),
         "host_overhead": host_overhead_lines(steps_output(log["steps"], "host-overhead")),
-        "sweep": sweep_lines(steps_output(log["steps"], "sweep")),
+        "sweep": sweep_lines(steps_output(log["steps"], "sweep-ws"))
+        + sweep_lines(steps_output(log["steps"], "sweep")),
         "native": native_lines(log["steps"]),
         "autotune": bench.get("autotune", {}),
     }

@@ -784,6 +784,8 @@ case "$1 $2" in
   "-c import torch, llm_kernels._C"*) exit 0 ;;
   "-c import torch"*) echo "torch: (stub)"; exit 0 ;;
   "-m llm_kernels.bench.sweep")
+    case " $* " in *" --sweeps attention_ws "*)
+      echo "== attention, no mask (stub)"; echo "D mode causal kernels ms"; echo "128 fwd False ws 1.0"; exit 0 ;; esac
     echo "== decode (stub): programs per SM"; echo "Lk per_sm ms"; echo "16384 4* 0.201"; exit 0 ;;
   "-m llm_kernels.bench.host_overhead")
     echo "op                             mode          torch   lk-triton"
@@ -850,16 +852,20 @@ def test_gpu_check_bench_call_resumes_the_first_calls_benchmark(tmp_path):
         assert f"--tool {tool}" in begins[tool]
         assert "-k test_cuda_attention and (tiny_shapes or " in begins[tool]
         assert steps[tool] == "status=ok"
-    for step in ("pytest-rest-core", "pytest-rest", "verify", "sweep"):
+    for step in ("pytest-rest-core", "pytest-rest", "verify", "sweep-ws", "sweep"):
         assert steps[step] == "status=ok", step
     assert "pytest-cuda" not in steps and "profile" not in steps
     order = [line.split(":")[0].split()[1] for line in log.splitlines()
              if line.startswith("@@begin ")]
     assert order.index("racecheck") < order.index("bench") < order.index("sweep")  # sanitizer first
+    assert order.index("sweep-ws") < order.index("sweep")
+    assert "--sweeps attention_ws" in begins["sweep-ws"]
+    assert "attention_ws" not in begins["sweep"] and "--sweeps cuda_attention," in begins["sweep"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"]["memcheck"]["status"] == "ok"
-    assert summary["sweep"] == ["== decode (stub): programs per SM", "Lk per_sm ms",
-                                "16384 4* 0.201"]
+    assert summary["sweep"] == ["== attention, no mask (stub)", "D mode causal kernels ms",
+                                "128 fwd False ws 1.0", "== decode (stub): programs per SM",
+                                "Lk per_sm ms", "16384 4* 0.201"]
     assert stdout.splitlines()[-1].startswith("targets: ")
 
 
