@@ -574,7 +574,13 @@ def test_warp_specialized_dq_any_length(b, h, hkv, lq, lk_, d, causal, device,
     check_attention(q, k, v, causal=causal)
 
 
+# Kernels never run on a GPU yet: a hang ends the test (its worker) after 2 minutes, not the
+# GPU check's whole cuda step.
+WS_GPU_TIMEOUT = pytest.mark.timeout(120, method="thread")
+
+
 @pytest.mark.cuda
+@WS_GPU_TIMEOUT
 @pytest.mark.parametrize("d", [64, 128])
 def test_cuda_warp_specialized_forward_autotuned(d, device, warp_specialized):
     """The warp-specialized forward at a realistic size with autotuning on, bf16, against the
@@ -584,6 +590,7 @@ def test_cuda_warp_specialized_forward_autotuned(d, device, warp_specialized):
 
 
 @pytest.mark.cuda
+@WS_GPU_TIMEOUT
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_warp_specialized_backward_autotuned(causal, device, warp_specialized_backward):
     """The warp-specialized dK/dV and dQ at a realistic size with autotuning on, bf16, D 128,
