@@ -1,9 +1,11 @@
-"""Integer arithmetic for the launchers' host code (grids, block sizes, split plans).
+"""Host code shared by the launchers: integer arithmetic (grids, block sizes, split plans) and
+the replay of autotuned configs.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: each call goes through
 their wrapper (about 2 us), and a launch takes several of them. These are the same values by
 plain integer arithmetic.
 """
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -15,3 +17,30 @@ def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n for n >= 1; n itself for n <= 1
     (``triton.next_power_of_2``)."""
     return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
+_CHOSEN: dict = {}  # (autotuner, key) -> (its chosen config's launch kwargs, the config's pre-hook)
+
+
+def launch_tuned(tuner, grid, args: tuple, constexprs: dict, key: tuple) -> None:
+    """``tuner[grid](*args, **constexprs)`` for a ``triton.autotune``'d kernel, replaying the
+    config the tuner chose for ``key`` without its ``run`` (which rebuilds its tuning key from
+    every argument: ~25 us a launch). ``key`` must determine the tuner's own key (its key
+    arguments and the dtype of every tensor argument). A new key goes through the tuner:
+    pruning, benchmarking and its cache as before."""
+    chosen = _CHOSEN.get((tuner, key))
+    if chosen is None:
+        tuner[grid](*args, **constexprs)
+        config = tuner.best_config
+        _CHOSEN[(tuner, key)] = (config.all_kwargs(), config.pre_hook)
+        return
+    meta, pre_hook = chosen
+    if pre_hook is not None:
+        pre_hook({**dict(zip(tuner.arg_names, args)), **constexprs, **meta})
+    tuner.fn[grid](*args, **constexprs, **meta)
+
+
+def dtypes(args: tuple) -> tuple:
+    """The dtypes of the tensors among ``args``, in order: the part of a triton autotuner's key
+    that comes from the arguments' dtypes."""
+    return tuple(a.dtype for a in args if isinstance(a, torch.Tensor))

@@ -48,7 +48,7 @@ from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llm_kernels.backends import interpreting
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, dtypes, launch_tuned, next_power_of_2
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -921,7 +921,11 @@ def _launch(kernel, grid: Callable[[dict], tuple], candidates: list[Launch], arg
     for the launch's blocks."""
     tma = descriptors is not None
     if _autotune_enabled() and len(candidates) > 1:
-        _tuned(kernel, tuple(candidates), tune_block_m, tma)[grid](*args, **constexprs)
+        key = tuple(constexprs[k] for k in _TUNE_KEYS) + dtypes(args)
+        if not tune_block_m:
+            key += (constexprs["BLOCK_M"],)
+        launch_tuned(_tuned(kernel, tuple(candidates), tune_block_m, tma), grid, args,
+                     constexprs, key)
         return
     launch = candidates[0]
     meta = launch.meta() if tune_block_m else {"BLOCK_N": launch.block_n}

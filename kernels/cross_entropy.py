@@ -9,8 +9,6 @@ not even that with ``cross_entropy_backward_inplace``, which writes dlogits over
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -76,29 +74,23 @@ def _cross_entropy_bwd_kernel(GRAD_LOSS, LOGITS, TARGET, LSE, DLOGITS, V, ignore
     tl.store(DLOGITS + offs, to_dtype(d, DLOGITS.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def cross_entropy_forward(logits, target, ignore_index):
     """(loss, lse), both (N,) float32; loss is 0 on rows whose target is ignore_index."""
     logits, target = logits.contiguous(), target.contiguous()
     n, v = logits.shape
     loss = torch.empty((n,), dtype=torch.float32, device=logits.device)
     lse = torch.empty((n,), dtype=torch.float32, device=logits.device)
-    with _device(logits):
-        _cross_entropy_fwd_kernel[(n,)](logits, target, loss, lse, v, ignore_index,
-                                        BLOCK=BLOCK_V, num_warps=NUM_WARPS)
+    _cross_entropy_fwd_kernel[(n,)](logits, target, loss, lse, v, ignore_index,
+                                    BLOCK=BLOCK_V, num_warps=NUM_WARPS)
     return loss, lse
 
 
 def _backward_into(dlogits, grad_loss, logits, target, lse, ignore_index):
     """Launch the backward writing into dlogits (N, V), contiguous, possibly logits itself."""
     n, v = logits.shape
-    with _device(logits):
-        _cross_entropy_bwd_kernel[(n, cdiv(v, BLOCK_V))](
-            grad_loss.float().contiguous(), logits, target.contiguous(), lse, dlogits, v,
-            ignore_index, BLOCK=BLOCK_V, INTERPRET=interpreting(), num_warps=NUM_WARPS)
+    _cross_entropy_bwd_kernel[(n, cdiv(v, BLOCK_V))](
+        grad_loss.float().contiguous(), logits, target.contiguous(), lse, dlogits, v,
+        ignore_index, BLOCK=BLOCK_V, INTERPRET=interpreting(), num_warps=NUM_WARPS)
 
 
 def cross_entropy_backward(grad_loss, logits, target, lse, ignore_index):

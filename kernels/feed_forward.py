@@ -31,7 +31,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from llm_kernels.backends import interpreting
 
 from ._rounding import to_dtype
-from ._host import cdiv
+from ._host import cdiv, dtypes, launch_tuned
 
 # Activation codes: a run-time kernel argument (one compiled kernel serves every activation;
 # the branch is uniform across the program).
@@ -293,7 +293,8 @@ MATMUL_TILES = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8)
 MATMUL_CONFIGS = tile_configs(tensor_core=MATMUL_TILES, fp32=[(64, 64, 32, 3, 4)])
 
 
-@triton.autotune(configs=MATMUL_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bk"],
+@triton.autotune(configs=MATMUL_CONFIGS,
+                 key=["M", "N", "K", "stride_am", "stride_bk", "EPILOGUE"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit(do_not_specialize=["act"])
 def _matmul_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr,
@@ -334,7 +335,7 @@ TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c
                for c in tile_configs(tensor_core=MATMUL_TILES, fp32=[])]
 
 
-@triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K", "A_T", "B_T"],
+@triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K", "A_T", "B_T", "EPILOGUE"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit(do_not_specialize=["act"])
 def _matmul_tma_kernel(a_desc, b_desc, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr, e2_ptr,
@@ -387,18 +388,21 @@ def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, au
     if a2 is None and use_tma(a, b):
         a_desc, a_t = _descriptor(a)
         b_desc, b_t = _descriptor(b)
-        _matmul_tma_kernel[grid](
-            a_desc, b_desc, or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1), or_out(e2),
-            m, n, k, out.stride(0), out.stride(1), extra.stride(0),
-            extra.stride(1), act, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
-            A_T=a_t, B_T=b_t, BF16_INTERPRETED=bf16_interpreted(a.dtype))
+        args = (a_desc, b_desc, or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1),
+                or_out(e2), m, n, k, out.stride(0), out.stride(1), extra.stride(0),
+                extra.stride(1), act)
+        constexprs = dict(EPILOGUE=epilogue, HAS_BIAS=bias is not None, A_T=a_t, B_T=b_t,
+                          BF16_INTERPRETED=bf16_interpreted(a.dtype))
+        key = (m, n, k, a_t, b_t, epilogue, a.dtype) + dtypes(args)
+        launch_tuned(_matmul_tma_kernel, grid, args, constexprs, key)
         return out
-    _matmul_kernel[grid](
-        a, b, or_out(a2), or_out(b2), or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1),
-        or_out(e2), m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), extra.stride(0), extra.stride(1), act,
-        EPILOGUE=epilogue, HAS_BIAS=bias is not None, SECOND_PAIR=b2 is not None,
-        BF16_INTERPRETED=bf16_interpreted(a.dtype))
+    args = (a, b, or_out(a2), or_out(b2), or_out(bias), out, or_out(aux), or_out(aux2),
+            or_out(e1), or_out(e2), m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1), extra.stride(0), extra.stride(1), act)
+    constexprs = dict(EPILOGUE=epilogue, HAS_BIAS=bias is not None, SECOND_PAIR=b2 is not None,
+                      BF16_INTERPRETED=bf16_interpreted(a.dtype))
+    key = (m, n, k, a.stride(0), b.stride(0), epilogue) + dtypes(args)
+    launch_tuned(_matmul_kernel, grid, args, constexprs, key)
     return out
 
 

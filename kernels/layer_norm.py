@@ -16,8 +16,6 @@ deterministically: each backward program sums a fixed set of rows into its own f
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -255,10 +253,6 @@ def _backward_warps(block: int) -> int:
     return min(max(block // 256, 1), BWD_WARPS_PER_SM)
 
 
-def _device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # (device index, compile-time key) -> (warps per program, programs per SM) of the backward.
 _backward_plans: dict = {}
 
@@ -321,14 +315,13 @@ def layer_norm_forward(x, weight, bias, residual, eps, rms):
     mean = x.new_empty((0 if rms else n,), dtype=torch.float32)
     rstd = x.new_empty((n,), dtype=torch.float32)
     block, single, num_warps = _config(c)
-    with _device(x):
-        _layer_norm_fwd_kernel[(n,)](
-            x, residual.contiguous() if residual is not None else x,
-            weight if weight is not None else x, bias if bias is not None else x,
-            y, h if residual is not None else y, mean if not rms else rstd, rstd, c, eps,
-            HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            RMS=rms, BLOCK=block, SINGLE=single, INTERPRET=interpreting(),
-            num_warps=num_warps)
+    _layer_norm_fwd_kernel[(n,)](
+        x, residual.contiguous() if residual is not None else x,
+        weight if weight is not None else x, bias if bias is not None else x,
+        y, h if residual is not None else y, mean if not rms else rstd, rstd, c, eps,
+        HAS_R=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        RMS=rms, BLOCK=block, SINGLE=single, INTERPRET=interpreting(),
+        num_warps=num_warps)
     return y, h, mean, rstd
 
 
@@ -346,15 +339,14 @@ def layer_norm_backward(grad_y, grad_h, h, weight, bias, mean, rstd, rms):
     grad_h = grad_h.contiguous() if grad_h is not None else grad_y
     head = (grad_y, grad_h, h, weight if weight is not None else h, mean if not rms else rstd,
             rstd, dx)
-    with _device(h):
-        num_warps, programs = _backward_launch(n, head + (rstd, rstd, n, c), constexprs, block,
-                                               h.device)
-        partial_w = _partial_buffer(programs, c, h.device, single) if weight is not None else None
-        partial_b = _partial_buffer(programs, c, h.device, single) if bias is not None else None
-        _layer_norm_bwd_kernel[(programs,)](
-            *head, partial_w if partial_w is not None else rstd,
-            partial_b if partial_b is not None else rstd, n, c, **constexprs,
-            num_warps=num_warps)
+    num_warps, programs = _backward_launch(n, head + (rstd, rstd, n, c), constexprs, block,
+                                           h.device)
+    partial_w = _partial_buffer(programs, c, h.device, single) if weight is not None else None
+    partial_b = _partial_buffer(programs, c, h.device, single) if bias is not None else None
+    _layer_norm_bwd_kernel[(programs,)](
+        *head, partial_w if partial_w is not None else rstd,
+        partial_b if partial_b is not None else rstd, n, c, **constexprs,
+        num_warps=num_warps)
     dweight = partial_w.sum(0).to(h.dtype) if partial_w is not None else h.new_empty((0,))
     dbias = partial_b.sum(0).to(h.dtype) if partial_b is not None else h.new_empty((0,))
     return dx, dweight, dbias

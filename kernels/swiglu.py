@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .feed_forward import (EPI_SWIGLU_GRAD, _store_tile, _tile_position,
                            bf16_interpreted, matmul, prune_configs, tile_configs)
-from ._host import cdiv
+from ._host import cdiv, dtypes, launch_tuned
 
 
 GATE_UP_TILES = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 128, 64, 4, 4)]
@@ -81,9 +81,10 @@ def _gate_up(x, w_gate, w_up):
     def grid(meta):
         return (cdiv(n, meta["BLOCK_M"]) * cdiv(d_ff, meta["BLOCK_N"]),)
 
-    _gate_up_kernel[grid](x, bg, bu, gate, up, h, n, d_ff, d, x.stride(0), x.stride(1),
-                          bg.stride(0), bg.stride(1), gate.stride(0), gate.stride(1),
-                          BF16_INTERPRETED=bf16_interpreted(x.dtype))
+    args = (x, bg, bu, gate, up, h, n, d_ff, d, x.stride(0), x.stride(1),
+            bg.stride(0), bg.stride(1), gate.stride(0), gate.stride(1))
+    launch_tuned(_gate_up_kernel, grid, args, dict(BF16_INTERPRETED=bf16_interpreted(x.dtype)),
+                 (n, d_ff, d) + dtypes(args))
     return gate, up, h
 
 

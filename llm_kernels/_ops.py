@@ -203,10 +203,25 @@ _lock = threading.Lock()
 _triton_library = None
 
 
+def on_device(device: torch.device, fn, *args):
+    """``fn(*args)`` with ``device`` current: triton launches on the current CUDA device, so a
+    call on tensors of another GPU switches to theirs for its duration."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return fn(*args)
+    return fn(*args)
+
+
 def _launcher(op: str):
+    """The CPU/CUDA implementation of triton op ``op``: its launcher in ``llm_kernels.kernels``
+    (imported on the first call), run on the device of its first argument (a tensor in every
+    schema)."""
+    resolved = []
+
     def launch(*args):
-        module = importlib.import_module(kernel_module_name(op))
-        return getattr(module, op)(*args)
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(kernel_module_name(op)), op))
+        return on_device(args[0].device, resolved[0], *args)
     launch.__name__ = op
     return launch
 

@@ -113,3 +113,34 @@ def test_pass_rule_never_passes_nan_and_caps_fp32():
     assert not numerics.compare(out, ref, ref.float(), torch.float32).passed
     sloppy = (ref * (1 + 2e-5)).float()
     assert not numerics.compare(sloppy, ref, sloppy, torch.float32).passed  # over 1e-5
+
+
+def test_triton_ops_run_on_their_tensors_gpu(monkeypatch):
+    """A triton launch goes to the current CUDA device: an op on tensors of another GPU makes
+    theirs current for the call (and only then), then restores the previous one."""
+    from llm_kernels import _ops
+    current = [0]
+    switches = []
+
+    class Switch:
+        def __init__(self, device):
+            self.index = device.index
+
+        def __enter__(self):
+            switches.append(self.index)
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", Switch)
+
+    def seen(x):
+        return current[0], x
+
+    assert _ops.on_device(torch.device("cuda", 1), seen, "a") == (1, "a")
+    assert current[0] == 0 and switches == [1]
+    assert _ops.on_device(torch.device("cuda", 0), seen, "b") == (0, "b")
+    assert _ops.on_device(torch.device("cpu"), seen, "c") == (0, "c")
+    assert switches == [1]
