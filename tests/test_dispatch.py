@@ -115,6 +115,59 @@ def test_pass_rule_never_passes_nan_and_caps_fp32():
     assert not numerics.compare(sloppy, ref, sloppy, torch.float32).passed  # over 1e-5
 
 
+def _direct_comparison(out, ref, torch_out, dtype):
+    """The pass rule's numbers computed on whole float64 tensors in one go."""
+    out64, ref64, torch64 = (t.double() for t in (out, ref, torch_out))
+    both = torch.isfinite(out64) & torch.isfinite(ref64)
+    diff = torch.where(both, (out64 - ref64).abs(), 0.0)
+    clean = [torch.nan_to_num(t, 0, 0, 0) for t in (out64, ref64, torch64)]
+    norm = clean[1].norm().item()
+    rel, torch_rel = ((c - clean[1]).norm().item() / (norm or 1.0) for c in (clean[0], clean[2]))
+    bound = 2 * torch_rel + numerics.FLOOR[dtype]
+    if dtype == torch.float32:
+        bound = min(bound, numerics.FP32_MAX_REL)
+    nonfinite = ~torch.isfinite(out64)
+    finite = not nonfinite.any() or (torch.equal(nonfinite, ~torch.isfinite(ref64)) and
+                                     torch.equal(out64[nonfinite], ref64[nonfinite]))
+    passed = finite and not torch.isnan(out64).any() and rel <= bound
+    return diff.max().item(), diff.mean().item(), rel, torch_rel, bound, bool(passed)
+
+
+@pytest.mark.parametrize("case", ["clean", "out_nan", "shared_inf", "inf_mismatch", "zero_ref",
+                                  "fail"])
+@pytest.mark.parametrize("chunk", [1, 7, 1000, numerics.CHUNK])
+def test_pass_rule_streams_in_chunks_with_the_same_numbers(case, chunk):
+    """compare() over chunks gives the numbers and verdict of the whole-tensor computation:
+    NaN in the output, infinities where the reference has them (and where it has not), an
+    all-zero reference, an output over the bound."""
+    gen = torch.Generator().manual_seed(len(case) * 1000 + chunk % 1000)
+    ref = torch.randn(37, 29, generator=gen, dtype=torch.float64)
+    if case == "zero_ref":
+        ref.zero_()
+    torch_out = ref.to(torch.bfloat16)
+    noise = 0.05 if case == "fail" else 0.002
+    out = (ref + noise * torch.randn(ref.shape, generator=gen, dtype=torch.float64)).bfloat16()
+    if case == "out_nan":
+        out[5, 3] = math.nan
+    if case in ("shared_inf", "inf_mismatch"):
+        ref[2, 2], out[2, 2], torch_out[2, 2] = math.inf, math.inf, math.inf
+        ref[30, 1], out[30, 1] = -math.inf, -math.inf
+    if case == "inf_mismatch":
+        out[11, 7] = math.inf
+    got = numerics.compare(out, ref, torch_out, torch.bfloat16, chunk=chunk)
+    want = _direct_comparison(out, ref, torch_out, torch.bfloat16)
+    assert got.passed == want[5]
+    assert got.passed == (case in ("clean", "shared_inf"))  # zero_ref: absolute error 0.06
+    assert [got.max_abs, got.mean_abs, got.rel, got.torch_rel, got.bound] == pytest.approx(
+        want[:5], rel=1e-12, abs=1e-300)
+
+
+def test_pass_rule_on_empty_outputs():
+    empty = torch.empty(0, 3, dtype=torch.float64)
+    result = numerics.compare(empty.float(), empty, empty.float(), torch.float32)
+    assert result.passed and result.rel == 0 and result.max_abs == 0 and result.mean_abs == 0
+
+
 def test_triton_ops_run_on_their_tensors_gpu(monkeypatch):
     """A triton launch goes to the current CUDA device: an op on tensors of another GPU makes
     theirs current for the call (and only then), then restores the previous one."""
