@@ -19,22 +19,24 @@ def next_power_of_2(n: int) -> int:
     return n if n <= 1 else 1 << (n - 1).bit_length()
 
 
-_CHOSEN: dict = {}  # (autotuner, key) -> (its chosen config's launch kwargs, the config's pre-hook)
+# (autotuner, key) -> (its cache and configs then, the chosen config's launch kwargs, its pre-hook)
+_CHOSEN: dict = {}
 
 
 def launch_tuned(tuner, grid, args: tuple, constexprs: dict, key: tuple) -> None:
     """``tuner[grid](*args, **constexprs)`` for a ``triton.autotune``'d kernel, replaying the
     config the tuner chose for ``key`` without its ``run`` (which rebuilds its tuning key from
     every argument: ~25 us a launch). ``key`` must determine the tuner's own key (its key
-    arguments and the dtype of every tensor argument). A new key goes through the tuner:
-    pruning, benchmarking and its cache as before."""
+    arguments and the dtype of every tensor argument). A new key, or a tuner whose cache or
+    configs have been replaced since it chose, goes through the tuner: pruning, benchmarking
+    and its cache as before."""
     chosen = _CHOSEN.get((tuner, key))
-    if chosen is None:
+    if chosen is None or chosen[0] is not tuner.cache or chosen[1] is not tuner.configs:
         tuner[grid](*args, **constexprs)
         config = tuner.best_config
-        _CHOSEN[(tuner, key)] = (config.all_kwargs(), config.pre_hook)
+        _CHOSEN[(tuner, key)] = (tuner.cache, tuner.configs, config.all_kwargs(), config.pre_hook)
         return
-    meta, pre_hook = chosen
+    meta, pre_hook = chosen[2:]
     if pre_hook is not None:
         pre_hook({**dict(zip(tuner.arg_names, args)), **constexprs, **meta})
     tuner.fn[grid](*args, **constexprs, **meta)

@@ -78,3 +78,21 @@ def test_new_key_goes_through_the_autotuner():
 def test_key_holds_every_tensor_dtype_in_order():
     a, b = torch.zeros(2, dtype=torch.float16), torch.zeros(2, dtype=torch.int64)
     assert _host.dtypes((a, 3, None, b, 2.0, a)) == (torch.float16, torch.int64, torch.float16)
+
+
+def test_replaced_configs_or_cache_are_obeyed(monkeypatch):
+    """A test that makes an autotuner run one config alone (new ``configs``, empty ``cache``)
+    gets that config, not the one chosen before; restoring them restores the earlier choice."""
+    benched, hooked = [], []
+    tuner = _tuner({4: 3.0, 8: 1.0, 16: 2.0}, benched, hooked)
+    assert _launch(tuner, 37, 1).tolist() == [1008] * 37
+    with monkeypatch.context() as patch:
+        patch.setattr(tuner, "configs", [tuner.configs[2]])
+        patch.setattr(tuner, "cache", {})
+        assert _launch(tuner, 37, 2).tolist() == [2016] * 37
+        assert _launch(tuner, 37, 3).tolist() == [3016] * 37
+    assert _launch(tuner, 37, 4).tolist() == [4008] * 37
+    with monkeypatch.context() as patch:
+        patch.setattr(tuner, "cache", {})
+        assert _launch(tuner, 37, 5).tolist() == [5008] * 37
+        assert len(benched) == 6  # benchmarked again
