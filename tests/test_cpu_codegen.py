@@ -10,8 +10,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
-
 from llm_kernels.backends import load_extension
 
 # function -> packed instructions its loop must use in every vector clone
