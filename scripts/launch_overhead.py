@@ -64,8 +64,7 @@ def launcher_cases() -> dict:
 
 
 def per_call_us(fn, number: int, repeat: int) -> float:
-    """Median over ``repeat`` blocks of the microseconds per call of ``fn``."""
-    fn()
+    """Median over ``repeat`` blocks of the microseconds per call of ``fn`` (warmed up)."""
     blocks = []
     for _ in range(repeat):
         start = time.perf_counter()
