@@ -1,7 +1,7 @@
 """Host-side cost per call of the public lk ops: ``python -m llm_kernels.bench.host_overhead``.
 
-The inputs are tiny, so what is timed is the work around the kernels (Python, validation,
-dispatch, autograd, the torch dispatcher), not the kernels. Per op, two modes: ``fwd`` (the
+The inputs are small (``CPU_DIMS``, ``GPU_DIMS``), so what is timed is the work around the
+kernels (Python, validation, dispatch, autograd, the torch dispatcher), not the kernels. Per op, two modes: ``fwd`` (the
 forward under ``torch.no_grad``) and ``fwd+bwd`` (the forward, then ``torch.autograd.grad``
 of every input). Providers: ``torch`` (the plain torch equivalent, e.g. ``F.layer_norm``),
 ``lk-torch``, ``lk-cuda`` (on CPU tensors the C++ kernels) and, on a GPU, ``lk-triton``.
@@ -26,9 +26,31 @@ import llm_kernels as lk
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "fwd+bwd")
-ROWS, C, D_FF = 4, 64, 128
-B, H, L, D = 1, 2, 16, 16
 DECODE_LK = 512
+
+
+class Dims(NamedTuple):
+    """Rows and widths of the row ops, attention's (B, H, L, D)."""
+
+    rows: int
+    c: int
+    d_ff: int
+    b: int
+    h: int
+    l: int
+    d: int
+
+
+# Tiny on a CPU (its kernels compute there). On a GPU, GPT-2 small's widths on 16 rows: the
+# device time is still a few microseconds, and the Triton kernels that the training-step
+# profile compiled just before (the same widths, block sizes and divisibility) come from the
+# cache instead of being compiled inside this step's time limit.
+CPU_DIMS = Dims(rows=4, c=64, d_ff=128, b=1, h=2, l=16, d=16)
+GPU_DIMS = Dims(rows=16, c=768, d_ff=3072, b=1, h=12, l=64, d=64)
+
+
+def _dims(device) -> Dims:
+    return GPU_DIMS if device.type == "cuda" else CPU_DIMS
 
 
 class Case(NamedTuple):
@@ -44,47 +66,53 @@ def _randn(device, dtype, *shape, grad=True):
 
 
 def _layer_norm(device, dtype):
-    x, w, b = _randn(device, dtype, ROWS, C), _randn(device, dtype, C), _randn(device, dtype, C)
-    return Case((x, w, b), lambda: F.layer_norm(x, (C,), w, b, 1e-5),
+    n, c = _dims(device).rows, _dims(device).c
+    x, w, b = _randn(device, dtype, n, c), _randn(device, dtype, c), _randn(device, dtype, c)
+    return Case((x, w, b), lambda: F.layer_norm(x, (c,), w, b, 1e-5),
                 lambda name: lk.layer_norm(x, w, b, 1e-5, backend=name))
 
 
 def _rms_norm(device, dtype):
-    x, w = _randn(device, dtype, ROWS, C), _randn(device, dtype, C)
-    return Case((x, w), lambda: F.rms_norm(x, (C,), w, 1e-6),
+    n, c = _dims(device).rows, _dims(device).c
+    x, w = _randn(device, dtype, n, c), _randn(device, dtype, c)
+    return Case((x, w), lambda: F.rms_norm(x, (c,), w, 1e-6),
                 lambda name: lk.rms_norm(x, w, 1e-6, backend=name))
 
 
 def _softmax(device, dtype):
-    x = _randn(device, dtype, ROWS, C)
+    x = _randn(device, dtype, _dims(device).rows, _dims(device).c)
     return Case((x,), lambda: torch.softmax(x, -1), lambda name: lk.softmax(x, -1, backend=name))
 
 
 def _cross_entropy(device, dtype):
-    logits = _randn(device, dtype, ROWS, C)
-    target = torch.randint(C, (ROWS,), device=device)
+    n, c = _dims(device).rows, _dims(device).c
+    logits = _randn(device, dtype, n, c)
+    target = torch.randint(c, (n,), device=device)
     return Case((logits,), lambda: F.cross_entropy(logits, target),
                 lambda name: lk.cross_entropy(logits, target, backend=name))
 
 
 def _feed_forward(device, dtype):
-    x = _randn(device, dtype, ROWS, C)
-    w1, b1 = _randn(device, dtype, D_FF, C), _randn(device, dtype, D_FF)
-    w2, b2 = _randn(device, dtype, C, D_FF), _randn(device, dtype, C)
+    n, c, d_ff = _dims(device)[:3]
+    x = _randn(device, dtype, n, c)
+    w1, b1 = _randn(device, dtype, d_ff, c), _randn(device, dtype, d_ff)
+    w2, b2 = _randn(device, dtype, c, d_ff), _randn(device, dtype, c)
     return Case((x, w1, b1, w2, b2), lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
                 lambda name: lk.feed_forward(x, w1, b1, w2, b2, backend=name))
 
 
 def _swiglu(device, dtype):
-    x = _randn(device, dtype, ROWS, C)
-    wg, wu, wd = (_randn(device, dtype, D_FF, C), _randn(device, dtype, D_FF, C),
-                  _randn(device, dtype, C, D_FF))
+    n, c, d_ff = _dims(device)[:3]
+    x = _randn(device, dtype, n, c)
+    wg, wu, wd = (_randn(device, dtype, d_ff, c), _randn(device, dtype, d_ff, c),
+                  _randn(device, dtype, c, d_ff))
     return Case((x, wg, wu, wd), lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd),
                 lambda name: lk.swiglu(x, wg, wu, wd, backend=name))
 
 
 def _qkv(device, dtype):
-    return tuple(_randn(device, dtype, B, H, L, D) for _ in range(3))
+    s = _dims(device)
+    return tuple(_randn(device, dtype, s.b, s.h, s.l, s.d) for _ in range(3))
 
 
 def _attention(device, dtype):
@@ -96,8 +124,9 @@ def _attention(device, dtype):
 def _decode(device, dtype):
     """One query per head against DECODE_LK cached keys (GQA 4:1): the flash-decoding path
     (a split kernel and a combine kernel)."""
-    q = _randn(device, dtype, B, 4, 1, D)
-    k, v = (_randn(device, dtype, B, 1, DECODE_LK, D) for _ in range(2))
+    s = _dims(device)
+    q = _randn(device, dtype, s.b, 4, 1, s.d)
+    k, v = (_randn(device, dtype, s.b, 1, DECODE_LK, s.d) for _ in range(2))
     return Case((q, k, v), lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                 lambda name: lk.attention(q, k, v, backend=name))
 
@@ -109,8 +138,9 @@ def _sdpa(device, dtype):
 
 
 def _layer_norm_module(device, dtype):
-    x = _randn(device, dtype, ROWS, C)
-    plain = torch.nn.LayerNorm(C, device=device, dtype=dtype)
+    n, c = _dims(device).rows, _dims(device).c
+    x = _randn(device, dtype, n, c)
+    plain = torch.nn.LayerNorm(c, device=device, dtype=dtype)
     modules = {name: lk.nn.LayerNorm.from_torch(plain, backend=name) for name in lk.BACKENDS}
     return Case((x, plain.weight, plain.bias), lambda: plain(x), lambda name: modules[name](x))
 
