@@ -3,8 +3,9 @@
 The inputs are small (``CPU_DIMS``, ``GPU_DIMS``), so what is timed is the work around the
 kernels (Python, validation, dispatch, autograd, the torch dispatcher), not the kernels. Per
 op, two modes: ``fwd`` (the forward under ``torch.no_grad``) and ``fwd+bwd`` (the forward,
-then ``torch.autograd.grad`` of every input). Providers: ``torch`` (the plain torch equivalent, e.g. ``F.layer_norm``),
-``lk-torch``, ``lk-cuda`` (on CPU tensors the C++ kernels) and, on a GPU, ``lk-triton``.
+then ``torch.autograd.grad`` of every input). Providers: ``torch`` (the plain torch
+equivalent, e.g. ``F.layer_norm``), ``lk-torch``, ``lk-cuda`` (on CPU tensors the C++
+kernels) and, on a GPU, ``lk-triton``.
 Each provider's loop runs inside ``lk.use_backend(<its backend>)``; the ops that take
 ``backend=`` get it too. The providers of one row run interleaved, ``--repeat`` blocks of
 ``--number`` calls each (a block ends with a CUDA synchronize on a GPU); the table shows the
