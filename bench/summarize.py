@@ -370,8 +370,10 @@ def steps_output(steps: dict[str, list[dict]], name: str) -> str:
     return steps[name][-1]["output"] if name in steps else ""
 
 
-PROFILE_ROW = re.compile(r"^(== .*|host waits for the device \d+ times a step|  \d+ x \S+|host time .*|"
-                         r"(kernel|host op .*\))\s+calls\s+ms/step\s+share|.+\s\d+\s+[\d.]+\s+[\d.]+%)$")
+PROFILE_ROW = re.compile(
+    r"^(== .*|host waits for the device \d+ times a step|  \d+ x \S+|host time .*|"
+    r"(kernel|host op .*\))\s+calls\s+ms/step\s+share|.+\s\d+\s+[\d.]+\s+[\d.]+%|"
+    r"kernel ms/step by category .*|  [a-z][a-z /]*?(\s+[\d.]+)+)$")
 
 
 def profile_lines(output: str) -> list[str]:

@@ -82,6 +82,65 @@ def test_profile_step_lists_the_kernels_of_a_step(capsys):
     host_ms = [float(row.split()[-2]) for row in host_ops]
     assert host_ms == sorted(host_ms, reverse=True) and host_ms[-1] > 0
     assert "== lk-triton: skipped (the Triton interpreter is not benchmarked" in out
+    table = out.split("kernel ms/step by category")[1].strip().splitlines()
+    assert table[0].split() == ["torch-sdpa"]  # the skipped provider has no column
+    cells = {row.rsplit(None, 1)[0].strip(): float(row.split()[-1]) for row in table[1:]}
+    assert list(cells)[-2:] == ["other", "total"] and cells["matmul"] > 0
+    assert cells["total"] == pytest.approx(sum(list(cells.values())[:-1]), abs=0.01)
+    total = float(re.search(r"kernels ([\d.]+) ms/step", sdpa[0]).group(1))
+    assert cells["total"] == pytest.approx(total, abs=0.01)
+    from llm_kernels.bench import summarize
+    kept = summarize.profile_lines(out)
+    assert kept[-len(table) - 1:] == [line.rstrip() for line in out.strip().splitlines()[
+        -len(table) - 1:]]
+
+
+# Kernel names from the H100 profiles of bench/results/ (GPT-2 small step, three providers).
+H100_KERNELS = {
+    "void lk::attn::attention_backward_dkdv_tc<__nv_bfloat16, 64, 64, 4, true>(l...": "attention",
+    "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x6...": "attention",
+    "_attn_fwd_kernel": "attention",
+    "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT": "matmul",
+    "_matmul_kernel": "matmul",
+    "void lk::(anonymous namespace)::layer_norm_backward_fused_kernel<__nv_bfloa...": "layer norm",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::B...": "layer norm",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, f": "softmax / loss",
+    "void lk::(anonymous namespace)::cross_entropy_forward_kernel<__nv_bf": "softmax / loss",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKe": "activation",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::nativ...": "optimizer",
+    "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy...": "cast / copy",
+    "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16, ...": "other",
+}
+
+
+def test_profile_categories_of_real_kernel_names():
+    from llm_kernels.bench import profile_step
+    assert {name: profile_step.category(name) for name in H100_KERNELS} == H100_KERNELS
+
+
+class _Event:
+    def __init__(self, key, device_us, annotation=False, device=torch.autograd.DeviceType.CUDA):
+        self.key, self.count, self.self_device_time_total = key, 2, device_us
+        self.self_cpu_time_total, self.device_type = 0, device
+        self.is_user_annotation = annotation
+
+
+def test_profile_kernel_rows_leave_out_user_annotations():
+    """The span torch's profiler records on the GPU for ``Optimizer.step`` covers the
+    optimizer's kernels: counting it too would count them twice."""
+    from llm_kernels.bench import profile_step
+
+    class Prof:
+        def key_averages(self):
+            return [_Event("Optimizer.step#AdamW.step", 3000, annotation=True),
+                    _Event("multi_tensor_apply_kernel", 2800), _Event("_matmul_kernel", 8000),
+                    _Event("aten::mm", 500, device=torch.autograd.DeviceType.CPU)]
+    rows = profile_step.kernel_rows(Prof(), steps=2, on_gpu=True)
+    assert rows == [("_matmul_kernel", 1.0, 4.0), ("multi_tensor_apply_kernel", 1.0, 1.4)]
+    totals = profile_step.category_ms(rows)
+    assert totals["matmul"] == 4.0 and totals["optimizer"] == 1.4 and sum(totals.values()) == 5.4
+    lines = profile_step.category_table({"a": totals, "b": totals})
+    assert lines[-1].split() == ["total", "5.400", "5.400"]
 
 
 def test_sync_points_count_each_waiting_call_by_source_line(monkeypatch):
