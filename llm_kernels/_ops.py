@@ -94,6 +94,30 @@ class _NotDifferentiable(torch.autograd.Function):
                            "backend='torch'")
 
 
+class _ForwardOnly:
+    """The autograd context a Function's ``forward`` gets from ``apply`` when no gradient can
+    flow: what it saves or marks is not needed."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value: bool):
+        pass
+
+
+def apply(function, *args):
+    """``function.apply(*args)`` where a gradient can flow (grad mode on and a tensor argument
+    requiring grad), else ``function.forward`` alone: the same outputs without recording an
+    autograd node (a few microseconds a call, which decode steps and inference pay per op)."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in args):
+        return function.apply(*args)
+    return function.forward(_ForwardOnly(), *args)
+
+
 def first_order_backward(backward):
     """Decorates an autograd Function's ``backward(ctx, *grads)`` that runs kernels: with
     ``create_graph=True`` its gradients come out attached to a node that raises when they are

@@ -118,8 +118,8 @@ def _attention(q, k, v, *, causal_offset: Optional[int], scale: float, attn_mask
         return torch_fn()
     b, h, lq, _ = q.shape
     mask = kernel_mask(attn_mask, (b, h, lq, k.shape[2]))
-    return AttentionFunction.apply(q, k, v, mask, causal_offset is not None, causal_offset or 0,
-                                   float(scale), name)
+    return _ops.apply(AttentionFunction, q, k, v, mask, causal_offset is not None,
+                      causal_offset or 0, float(scale), name)
 
 
 def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, attn_mask=None,

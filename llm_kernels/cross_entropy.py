@@ -123,8 +123,8 @@ def _cross_entropy(logits, target, ignore_index, reduction, backend, inplace_bac
     if name == "torch":
         return cross_entropy_ref(logits.to(loss_dtype), target, ignore_index=ignore_index,
                                  reduction=reduction)
-    loss = CrossEntropyFunction.apply(logits.contiguous(), target.contiguous(), ignore_index, name,
-                                      inplace_backward)
+    loss = _ops.apply(CrossEntropyFunction, logits.contiguous(), target.contiguous(),
+                      ignore_index, name, inplace_backward)
     if reduction == "none":
         return loss.to(loss_dtype)
     total = loss.sum()

@@ -93,8 +93,8 @@ def feed_forward(x, w1, b1, w2, b2, *, activation: str = "gelu",
                   empty=_checks.empty_reason(x=x, w1=w1, w2=w2))
     if name == "torch":
         return feed_forward_ref(x, w1, b1, w2, b2, activation=activation)
-    out = FeedForwardFunction.apply(_ops.rows(x), w1.contiguous(), _ops.contiguous(b1),
-                                    w2.contiguous(), _ops.contiguous(b2), activation, name)
+    out = _ops.apply(FeedForwardFunction, _ops.rows(x), w1.contiguous(), _ops.contiguous(b1),
+                     w2.contiguous(), _ops.contiguous(b2), activation, name)
     return _ops.unrows(out, x)
 
 
@@ -117,6 +117,6 @@ def swiglu(x, w_gate, w_up, w_down, *, backend: Optional[str] = None) -> torch.T
                   empty=_checks.empty_reason(x=x, w_gate=w_gate, w_down=w_down))
     if name == "torch":
         return swiglu_ref(x, w_gate, w_up, w_down)
-    out = SwiGLUFunction.apply(_ops.rows(x), w_gate.contiguous(), w_up.contiguous(),
-                               w_down.contiguous(), name)
+    out = _ops.apply(SwiGLUFunction, _ops.rows(x), w_gate.contiguous(), w_up.contiguous(),
+                     w_down.contiguous(), name)
     return _ops.unrows(out, x)

@@ -74,8 +74,8 @@ def _norm(op, x, weight, bias, eps, residual, backend, rms, torch_fn):
         return torch_fn()
     rows = _ops.rows(x)  # (N, C)
     r_rows = None if residual is None else _ops.rows(residual)
-    y, h = NormFunction.apply(rows, _ops.contiguous(weight), _ops.contiguous(bias), r_rows,
-                              float(eps), rms, name)
+    y, h = _ops.apply(NormFunction, rows, _ops.contiguous(weight), _ops.contiguous(bias),
+                      r_rows, float(eps), rms, name)
     y = _ops.unrows(y, x)
     return y if residual is None else (y, _ops.unrows(h, x))
 

@@ -44,7 +44,7 @@ def softmax(x, dim: int = -1, *, backend: Optional[str] = None) -> torch.Tensor:
     if name == "torch":
         return softmax_ref(x, dim)
     if dim in (-1, ndim - 1):
-        return _ops.unrows(SoftmaxFunction.apply(_ops.rows(x), name), x)  # on (N, C) rows
+        return _ops.unrows(_ops.apply(SoftmaxFunction, _ops.rows(x), name), x)  # (N, C) rows
     moved = x.movedim(dim, -1)
-    y = _ops.unrows(SoftmaxFunction.apply(_ops.rows(moved), name), moved)
+    y = _ops.unrows(_ops.apply(SoftmaxFunction, _ops.rows(moved), name), moved)
     return y.movedim(-1, dim).contiguous()

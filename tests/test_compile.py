@@ -180,6 +180,19 @@ def test_compiled_block_matches_eager_without_graph_break(backend):
         assert torch.equal(got, want), f"{name} differs between compiled and eager"
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"], **BACKEND_IDS)
+def test_compiled_block_without_gradients(backend):
+    """Under no_grad the ops run their forward kernels without an autograd node; that path
+    compiles with fullgraph as well, to eager's bits."""
+    inputs = [t.detach() for t in block_inputs("cpu", 2, 9, 32, 48)]
+    run_eager_or_skip([t.clone().requires_grad_() for t in inputs], backend)
+    with torch.no_grad():
+        expected = block(*inputs, backend=backend)
+        torch._dynamo.reset()
+        got = torch.compile(block, fullgraph=True, backend="aot_eager")(*inputs, backend=backend)
+    assert got.grad_fn is None and torch.equal(got, expected)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"], **BACKEND_IDS)
 def test_compiled_block_on_gpu_with_inductor(backend):

@@ -197,3 +197,53 @@ def test_triton_ops_run_on_their_tensors_gpu(monkeypatch):
     assert _ops.on_device(torch.device("cuda", 0), seen, "b") == (0, "b")
     assert _ops.on_device(torch.device("cpu"), seen, "c") == (0, "c")
     assert switches == [1]
+
+
+def _op_calls(backend: str, gen: torch.Generator) -> dict:
+    """Each public op's call on fresh inputs with odd sizes (results as a tuple of tensors)."""
+    from reference_check import randn
+    x, r = randn(gen, 5, 37), randn(gen, 5, 37)
+    w, b = randn(gen, 37), randn(gen, 37)
+    w1, w2, w3 = randn(gen, 19, 37), randn(gen, 23, 19), randn(gen, 19, 37)
+    q, kv = randn(gen, 2, 4, 7, 16), randn(gen, 2, 2, 9, 16)
+    target = torch.randint(0, 37, (5,), generator=gen)
+    return {
+        "layer_norm": (lambda: lk.layer_norm(x, w, b, 1e-5, residual=r, backend=backend),
+                       (x, w, b, r)),
+        "rms_norm": (lambda: lk.rms_norm(x, w, 1e-6, backend=backend), (x, w)),
+        "softmax": (lambda: lk.softmax(x, dim=0, backend=backend), (x,)),
+        "cross_entropy": (lambda: lk.cross_entropy(x, target, backend=backend), (x,)),
+        "feed_forward": (lambda: lk.feed_forward(x, w1, None, w2, None, backend=backend),
+                         (x, w1, w2)),
+        "swiglu": (lambda: lk.swiglu(x, w1, w3, w2, backend=backend), (x, w1, w3, w2)),
+        "attention": (lambda: lk.attention(q, kv, kv, causal=True, backend=backend), (q, kv)),
+    }
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ops_without_gradients_skip_the_autograd_node(backend):
+    """Where no gradient can flow (no_grad, inference_mode, or no input requiring grad) an op
+    runs its kernels without recording a node: the same bits as with the node, no grad_fn."""
+    from reference_check import require_cpu_backend
+    require_cpu_backend(backend)
+    calls = _op_calls(backend, torch.Generator().manual_seed(7))
+    for name, (call, inputs) in calls.items():
+        plain = _as_tuple(call())
+        assert all(t.grad_fn is None for t in plain), name
+        with torch.no_grad():
+            no_grad = _as_tuple(call())
+        with torch.inference_mode():
+            inference = _as_tuple(call())
+        for t in inputs:
+            t.requires_grad_(True)
+        tracked = _as_tuple(call())
+        assert tracked[0].grad_fn is not None, name
+        for t in inputs:
+            t.requires_grad_(False)
+        for outs in (plain, no_grad, inference):
+            assert all(o.grad_fn is None and not o.requires_grad for o in outs), name
+            assert all(torch.equal(o, t.detach()) for o, t in zip(outs, tracked)), name
