@@ -82,7 +82,8 @@ def cases(opts: Options, device: torch.device) -> list[Case]:
                 continue
             h = max(1, 2048 // d) if gpu else 8
             b = max(1, TOKENS_GPU // seq_len) if gpu else 1
-            out.extend(dense_case(mode, b, h, seq_len, d, causal, dtype) for causal in _variants(opts))
+            out.extend(dense_case(mode, b, h, seq_len, d, causal, dtype)
+                       for causal in _variants(opts))
     return out
 
 

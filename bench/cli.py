@@ -83,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention variants: causal only (--causal) or non-causal only "
                              "(--no-causal); default both")
     parser.add_argument("--head-dim", type=int, help="attention head dim (default 128 GPU, 64 CPU)")
-    parser.add_argument("--seq-lens", type=_int_list, help="attention sequence lengths, e.g. 1024,4096")
+    parser.add_argument("--seq-lens", type=_int_list,
+                        help="attention sequence lengths, e.g. 1024,4096")
     parser.add_argument("--hidden-sizes", type=_int_list,
                         help="hidden sizes of the row-wise and feed-forward ops (vocab sizes "
                              "for cross_entropy)")
@@ -111,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to ``llm-kernels``' subparsers."""
-    parser = subparsers.add_parser("bench", help="microbenchmarks against torch and other baselines",
+    parser = subparsers.add_parser("bench",
+                                   help="microbenchmarks against torch and other baselines",
                                    description=DESCRIPTION)
     add_arguments(parser)
     parser.set_defaults(func=run)
@@ -289,7 +291,8 @@ def run(args) -> int:
     env = runner.results.environment
     print(f"llm-kernels bench on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['commit']}), {len(plan)} cases"
-          + (f", resuming after {len(runner.results.rows)} rows" if args.resume else ""), flush=True)
+          + (f", resuming after {len(runner.results.rows)} rows" if args.resume else ""),
+          flush=True)
     if device.type != "cuda":
         print(INTERPRETER_NOTE, flush=True)
     code = 0

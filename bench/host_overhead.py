@@ -38,7 +38,7 @@ class Dims(NamedTuple):
     d_ff: int
     b: int
     h: int
-    l: int
+    seq_len: int
     d: int
 
 
@@ -46,8 +46,8 @@ class Dims(NamedTuple):
 # device time is still a few microseconds, and the Triton kernels that the training-step
 # profile compiled just before (the same widths, block sizes and divisibility) come from the
 # cache instead of being compiled inside this step's time limit.
-CPU_DIMS = Dims(rows=4, c=64, d_ff=128, b=1, h=2, l=16, d=16)
-GPU_DIMS = Dims(rows=16, c=768, d_ff=3072, b=1, h=12, l=64, d=64)
+CPU_DIMS = Dims(rows=4, c=64, d_ff=128, b=1, h=2, seq_len=16, d=16)
+GPU_DIMS = Dims(rows=16, c=768, d_ff=3072, b=1, h=12, seq_len=64, d=64)
 
 
 def _dims(device) -> Dims:
@@ -113,7 +113,7 @@ def _swiglu(device, dtype):
 
 def _qkv(device, dtype):
     s = _dims(device)
-    return tuple(_randn(device, dtype, s.b, s.h, s.l, s.d) for _ in range(3))
+    return tuple(_randn(device, dtype, s.b, s.h, s.seq_len, s.d) for _ in range(3))
 
 
 def _attention(device, dtype):

@@ -150,8 +150,8 @@ def verify_counts(data) -> Optional[dict]:
         for block in (data, data.get("summary"), data.get("counts")):
             if isinstance(block, dict) and isinstance(block.get("passed"), int):
                 return {k: int(block.get(k, 0)) for k in ("passed", "failed", "skipped")}
-        items = next((data[k] for k in ("rows", "results", "checks") if isinstance(data.get(k), list)),
-                     None)
+        items = next((data[k] for k in ("rows", "results", "checks")
+                      if isinstance(data.get(k), list)), None)
     else:
         items = data if isinstance(data, list) else None
     if items is None:
@@ -499,7 +499,8 @@ def _problem_counts(problems: list[dict]) -> str:
 
 def problem_lines(summary: dict) -> list[str]:
     """Failed tests, failed step runs, device faults and provider errors, a few of each."""
-    lines = [f"test: {f['test']} ({f['phase']}, {f['secs']:.0f} s): {f['error'] or 'see test_failures.txt'}"
+    lines = [f"test: {f['test']} ({f['phase']}, {f['secs']:.0f} s): "
+             f"{f['error'] or 'see test_failures.txt'}"
              for f in summary.get("test_failures", [])[:12]]
     for name, step in summary["steps"].items():
         lines += [f"{name}: {line}" for line in step.get("failures", [])]

@@ -138,8 +138,8 @@ def decode(device: torch.device, timer, quick: bool) -> list[str]:
             with _patched(attn, "DECODE_PROGRAMS_PER_SM", per_sm), torch.no_grad():
                 plan = attn.split_plan(b, hkv, h // hkv, 1, lk_len, attn._device_sm_count(device))
                 t = _timed(launcher, device, timer)
-                host = (harness.host_time_ms(launcher, device), harness.host_time_ms(public, device)) \
-                    if gpu else (None, None)
+                host = (harness.host_time_ms(launcher, device),
+                        harness.host_time_ms(public, device)) if gpu else (None, None)
             rows.append([str(lk_len), str(per_sm) + ("*" if per_sm == default else ""),
                          str(plan.num_splits if plan else 1), f"{t.ms:.3f}",
                          f"{t.ms / kv_ms:.2f}" if kv_ms else "-",
@@ -153,12 +153,12 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
     from llm_kernels.bench.harness import attention_flops
     from llm_kernels.kernels import attention as attn
     gpu = device.type == "cuda"
-    b, h, l, d = (4, 16, 4096, 128) if gpu else (1, 2, 64, 16)
-    q, k, v = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    b, h, seq_len, d = (4, 16, 4096, 128) if gpu else (1, 2, 64, 16)
+    q, k, v = (torch.randn(b, h, seq_len, d, device=device, dtype=torch.bfloat16) for _ in range(3))
     candidates = attn._TABLE["fwd"][(attn.block_d(d), 2)]
     rows = []
     for causal in ((False,) if quick else (False, True)):
-        flops = attention_flops(b, h, l, l, d, causal=causal, mode="fwd")
+        flops = attention_flops(b, h, seq_len, seq_len, d, causal=causal, mode="fwd")
 
         def run(causal=causal):
             return attn.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
@@ -173,8 +173,8 @@ def attention_fwd(device: torch.device, timer, quick: bool) -> list[str]:
                         continue
                 rows.append([str(causal), str(launch) + ("*" if i == 0 else ""), reads,
                              f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
-    return _table(f"attention forward (B {b}, H {h}, L {l}, D {d}, bf16): each launch setting "
-                  "(* = the first, used without autotuning), Q/K/V read by pointer (the "
+    return _table(f"attention forward (B {b}, H {h}, L {seq_len}, D {d}, bf16): each launch "
+                  "setting (* = the first, used without autotuning), Q/K/V read by pointer (the "
                   "default) and by TMA", ["causal", "launch", "reads", "ms", "TFLOP/s"], rows)
 
 
@@ -182,11 +182,11 @@ def attention_ws(device: torch.device, timer, quick: bool) -> list[str]:
     from llm_kernels.bench.harness import attention_flops
     from llm_kernels.kernels import attention as attn
     gpu = device.type == "cuda"
-    b, h, l = (4, 16, 4096) if gpu else (1, 2, 64)
+    b, h, seq_len = (4, 16, 4096) if gpu else (1, 2, 64)
     table_launches = attn.launches
     rows = []
     for d in ((128,) if quick else (64, 128)):
-        q, k, v, grad = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
+        q, k, v, grad = (torch.randn(b, h, seq_len, d, device=device, dtype=torch.bfloat16)
                          for _ in range(4))
         calls = []
         for causal in ((False,) if quick else (False, True)):
@@ -196,7 +196,7 @@ def attention_ws(device: torch.device, timer, quick: bool) -> list[str]:
             calls.append(("bwd", causal, lambda q=q, k=k, v=v, d=d, o=o, m=m, c=causal:
                           attn.attention_backward(grad, q, k, v, o, m, None, c, 0, d ** -0.5)))
         for mode, causal, run in calls:
-            flops = attention_flops(b, h, l, l, d, causal=causal, mode=mode)
+            flops = attention_flops(b, h, seq_len, seq_len, d, causal=causal, mode=mode)
             table = "fwd_ws" if mode == "fwd" else "dkdv_ws"
             settings = [("default*", "0", None), ("ws autotuned", "1", None)]
             settings += [("ws " + str(launch), "1", launch)
@@ -215,7 +215,7 @@ def attention_ws(device: torch.device, timer, quick: bool) -> list[str]:
                         continue
                 rows.append([str(d), mode, str(causal), name, f"{t.ms:.3f}",
                              f"{harness.tflops(flops, t.ms):.0f}"])
-    return _table(f"attention, no mask (B {b}, H {h}, L {l}, bf16): the Triton forward and "
+    return _table(f"attention, no mask (B {b}, H {h}, L {seq_len}, bf16): the Triton forward and "
                   "backward (* = the default) and the warp-specialized kernels",
                   ["D", "mode", "causal", "kernels", "ms", "TFLOP/s"], rows)
 
@@ -228,11 +228,11 @@ def cuda_attention(device: torch.device, timer, quick: bool) -> list[str]:
     if not built:
         return [f"== CUDA attention: skipped ({why})"]
     gpu = device.type == "cuda"
-    b, h, l = (4, 16, 4096) if gpu else (1, 2, 64)
+    b, h, seq_len = (4, 16, 4096) if gpu else (1, 2, 64)
     ops = backend_ops("cuda")
     rows = []
     for d in ((128,) if quick else (64, 128)):
-        q, k, v, grad = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
+        q, k, v, grad = (torch.randn(b, h, seq_len, d, device=device, dtype=torch.bfloat16)
                          for _ in range(4))
         for causal in (False, True):
             out, lse = ops.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
@@ -243,13 +243,13 @@ def cuda_attention(device: torch.device, timer, quick: bool) -> list[str]:
                     ops.attention_backward(grad, q, k, v, out, lse, None, causal, 0, d ** -0.5),
             }
             for mode, run in calls.items():
-                flops = attention_flops(b, h, l, l, d, causal=causal, mode=mode)
+                flops = attention_flops(b, h, seq_len, seq_len, d, causal=causal, mode=mode)
                 for warp_rows in ("16*", "32"):
                     with env_var(CUDA_ATTENTION_WARP_ROWS_ENV, warp_rows.rstrip("*")):
                         t = _timed(run, device, timer)
                     rows.append([str(d), str(causal), mode, warp_rows, f"{t.ms:.3f}",
                                  f"{harness.tflops(flops, t.ms):.0f}"])
-    return _table(f"CUDA attention (B {b}, H {h}, L {l}, bf16): query rows per warp of the "
+    return _table(f"CUDA attention (B {b}, H {h}, L {seq_len}, bf16): query rows per warp of the "
                   "forward and dQ (* = the default)",
                   ["D", "causal", "mode", "rows/warp", "ms", "TFLOP/s"], rows)
 
@@ -283,13 +283,13 @@ def attention_bwd(device: torch.device, timer, quick: bool) -> list[str]:
     from llm_kernels.bench.harness import attention_flops
     from llm_kernels.kernels import attention as attn
     gpu = device.type == "cuda"
-    b, h, l, d = (4, 16, 4096, 128) if gpu else (1, 2, 64, 16)
-    q, k, v, grad = (torch.randn(b, h, l, d, device=device, dtype=torch.bfloat16)
+    b, h, seq_len, d = (4, 16, 4096, 128) if gpu else (1, 2, 64, 16)
+    q, k, v, grad = (torch.randn(b, h, seq_len, d, device=device, dtype=torch.bfloat16)
                      for _ in range(4))
     rows = []
     for causal in ((False,) if quick else (False, True)):
         out, lse = attn.attention_forward(q, k, v, None, causal, 0, d ** -0.5)
-        flops = attention_flops(b, h, l, l, d, causal=causal, mode="bwd")
+        flops = attention_flops(b, h, seq_len, seq_len, d, causal=causal, mode="bwd")
 
         def run(causal=causal, out=out, lse=lse):
             return attn.attention_backward(grad, q, k, v, out, lse, None, causal, 0, d ** -0.5)
@@ -297,8 +297,8 @@ def attention_bwd(device: torch.device, timer, quick: bool) -> list[str]:
             with env_var(attn.TMA_ENV, switch):
                 t = _timed(run, device, timer)
             rows.append([str(causal), reads, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
-    return _table(f"attention backward (B {b}, H {h}, L {l}, D {d}, bf16), autotuned: Q, K, V, "
-                  "dO read by pointer (* = the default) and by TMA",
+    return _table(f"attention backward (B {b}, H {h}, L {seq_len}, D {d}, bf16), autotuned: "
+                  "Q, K, V, dO read by pointer (* = the default) and by TMA",
                   ["causal", "reads", "ms", "TFLOP/s"], rows)
 
 

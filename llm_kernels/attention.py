@@ -56,7 +56,8 @@ def _validate(q, k, v, attn_mask, *, checked: bool = False):
         raise ValueError(f"q (B, H, Lq, D) = {tuple(q.shape)} and k (B, Hkv, Lk, D) = "
                          f"{tuple(k.shape)} must agree in B and D")
     if (h % hkv != 0) if hkv else h != 0:
-        raise ValueError(f"the query heads H={h} must be a multiple of the key/value heads Hkv={hkv}")
+        raise ValueError(f"the query heads H={h} must be a multiple of the key/value heads "
+                         f"Hkv={hkv}")
     if not checked:
         _checks.last_dim_contiguous("q", q)
         _checks.last_dim_contiguous("k", k)

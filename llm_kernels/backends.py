@@ -44,7 +44,8 @@ _AUTO_ORDER = {
 # (1.35-3.2x) and attention (1.03-1.23x) win, and since the vectorized exp (2026-11-27, fp32,
 # fwd and fwd+bwd, interleaved A/B) softmax (1.1-3.6x the torch backend, which checks for -inf
 # rows; 0.86-1.15x bare torch.softmax) and cross_entropy (1.3-6.1x F.cross_entropy) too.
-# On CUDA, measured on an H100 (2026-11-27, bf16, bench/results/2026-11-27-nvidia-h100-80gb-hbm3.md):
+# On CUDA, measured on an H100 (2026-11-27, bf16,
+# bench/results/2026-11-27-nvidia-h100-80gb-hbm3.md):
 # the CUDA C++ norms beat the Triton ones (layer norm fwd+bwd 0.50 / 0.70 ms against 1.12 / 1.21
 # at hidden 4096 / 8192, RMSNorm 0.69 against 0.98 ms at 8192), and torch's cuBLAS block beats
 # both feed-forward kernels (fwd 2.93 ms against 3.06 cuda and 3.69 triton; fwd+bwd 10.13
@@ -256,10 +257,10 @@ def select(op: str, backend: Optional[str], device: torch.device,
            empty: Optional[str] = None) -> str:
     """Choose the backend for one call of public function ``op``.
 
-    ``kernel`` names the kernel family it runs (``rms_norm`` runs ``layer_norm``); ``supports(name)``
-    returns None when kernel backend ``name`` can run the call's arguments, else the reason.
-    ``empty`` (which input is empty) means there is nothing for a kernel to do: torch computes
-    the empty or reduced result, whichever backend was asked for.
+    ``kernel`` names the kernel family it runs (``rms_norm`` runs ``layer_norm``);
+    ``supports(name)`` returns None when kernel backend ``name`` can run the call's arguments, else
+    the reason. ``empty`` (which input is empty) means there is nothing for a kernel to do: torch
+    computes the empty or reduced result, whichever backend was asked for.
     """
     kernel = kernel or op
     name = _check_name(backend) if backend is not None else default_backend()

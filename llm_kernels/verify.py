@@ -58,10 +58,12 @@ def _attention_cases(dtype, device, big):
     specs = [(2, 4, 2, 97, 97, 64, True, None), (1, 4, 1, 17, 33, 40, False, "pad"),
              (2, 2, 2, 1, 300, 128, True, None)]
     if big:
-        specs += [(2, 16, 16, 2048, 2048, 128, True, None), (1, 8, 2, 1025, 1025, 96, False, "bias"),
+        specs += [(2, 16, 16, 2048, 2048, 128, True, None),
+                  (1, 8, 2, 1025, 1025, 96, False, "bias"),
                   (4, 32, 8, 1, 8191, 128, True, None)]  # a decode step over a GQA cache
     for b, h, hkv, lq, lk_, d, causal, mask_kind in specs:
-        inputs = {"q": _rand((b, h, lq, d), dtype, device), "k": _rand((b, hkv, lk_, d), dtype, device),
+        inputs = {"q": _rand((b, h, lq, d), dtype, device),
+                  "k": _rand((b, hkv, lk_, d), dtype, device),
                   "v": _rand((b, hkv, lk_, d), dtype, device)}
         mask = None
         if mask_kind == "pad":
@@ -118,7 +120,8 @@ def _ffn_cases(dtype, device, big):
     scale = 1.0 / math.sqrt(d)
     for act in ("gelu", "silu"):
         inputs = {"x": _rand((n, d), dtype, device), "w1": _rand((dff, d), dtype, device, scale),
-                  "b1": _rand((dff,), dtype, device, 0.1), "w2": _rand((d, dff), dtype, device, scale),
+                  "b1": _rand((dff,), dtype, device, 0.1),
+                  "w2": _rand((d, dff), dtype, device, scale),
                   "b2": _rand((d,), dtype, device, 0.1)}
         yield Case("feed_forward", f"N{n} d{d} dff{dff} {act}", inputs,
                    lambda backend, act=act, **t: lk.feed_forward(
@@ -126,7 +129,8 @@ def _ffn_cases(dtype, device, big):
                    lambda upcast, act=act, **t: ref.feed_forward_ref(
                        t["x"], t["w1"], t["b1"], t["w2"], t["b2"], activation=act, upcast=upcast))
     inputs = {"x": _rand((n, d), dtype, device), "wg": _rand((dff, d), dtype, device, scale),
-              "wu": _rand((dff, d), dtype, device, scale), "wd": _rand((d, dff), dtype, device, scale)}
+              "wu": _rand((dff, d), dtype, device, scale),
+              "wd": _rand((d, dff), dtype, device, scale)}
     yield Case("swiglu", f"N{n} d{d} dff{dff}", inputs,
                lambda backend, x, wg, wu, wd: lk.swiglu(x, wg, wu, wd, backend=backend),
                lambda upcast, x, wg, wu, wd: ref.swiglu_ref(x, wg, wu, wd, upcast=upcast))
@@ -172,7 +176,8 @@ def _forward_backward(fn, inputs, grads_out):
 
 def run_case(case: Case, backend: str, dtype: torch.dtype) -> list[Row]:
     """Compare one case on one backend: outputs and gradients, each a Row."""
-    upcast = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in case.inputs.items()}
+    upcast = {k: v.detach().double().requires_grad_(v.requires_grad)
+              for k, v in case.inputs.items()}
     ref_outs, ref_grads, grads_out = _forward_backward(
         lambda **t: case.reference(True, **t), upcast, None)
     torch_outs, torch_grads, _ = _forward_backward(
@@ -231,8 +236,9 @@ class VerifyInterrupted(KeyboardInterrupt):
         self.rows = rows
 
 
-def verify(device: str = "cpu", ops: Optional[list[str]] = None, backends: Optional[list[str]] = None,
-           big: Optional[bool] = None, seed: int = 0, progress=print) -> list[Row]:
+def verify(device: str = "cpu", ops: Optional[list[str]] = None,
+           backends: Optional[list[str]] = None, big: Optional[bool] = None, seed: int = 0,
+           progress=print) -> list[Row]:
     """Run the verification matrix; returns every row (skipped cases carry a note).
 
     A case's inputs and output gradient depend on ``seed``, its dtype and its place among its

@@ -12,8 +12,9 @@ A fake CUDA driver reports the target GPU, and every launch becomes a compile-on
 The launchers get CPU tensors of the shapes, dtypes and flags a GPU run would see. Prints one
 line per compiled kernel variant (name, warps, stages, shared memory, registers and spill bytes
 from triton's bundled cuobjdump) and exits 1 when a case fails to compile or a kernel needs more
-shared memory than the GPU has (spills are reported, not failures: the autotuner weighs them). Relies on triton
-internals (``driver.set_active``, ``JITFunction.run``) present in triton 3.6 to 3.8.
+shared memory than the GPU has (spills are reported, not failures: the autotuner weighs them).
+Relies on triton internals (``driver.set_active``, ``JITFunction.run``) present in
+triton 3.6 to 3.8.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("b,h,lq,lk,d", [(1, 1, 17, 17, 8), (2, 3, 97, 97, 40), (3, 5, 1, 127, 64),
                                          (1, 2, 17, 1025, 16), (2, 1, 97, 300, 128)])
 def test_attention_flops_count_two_matmuls_per_visible_pair(b, h, lq, lk, d):
-    assert harness.attention_flops(b, h, lq, lk, d, causal=False, mode="fwd") == 4 * b * h * lq * lk * d
+    assert (harness.attention_flops(b, h, lq, lk, d, causal=False, mode="fwd")
+            == 4 * b * h * lq * lk * d)
     causal = harness.attention_flops(b, h, lq, lk, d, causal=True, mode="fwd")
     if lq == lk:  # the FlashAttention convention: half of the square
         assert causal == 4 * b * h * d * lq * lk / 2
@@ -77,7 +78,8 @@ def test_norm_and_softmax_bytes_count_each_tensor_once(dtype):
     assert softmax.bytes_moved("fwd+bwd", n, c, e) == _nbytes(x, y) + _nbytes(dy, y, x)
     target = torch.randint(0, c, (n,))
     # forward reads logits and targets; backward reads them again and writes the gradient
-    assert cross_entropy.bytes_moved("fwd+bwd", n, c, e) == _nbytes(x, target) + _nbytes(x, target, x)
+    assert (cross_entropy.bytes_moved("fwd+bwd", n, c, e)
+            == _nbytes(x, target) + _nbytes(x, target, x))
 
 
 def test_rates():
@@ -190,7 +192,8 @@ def test_autotuned_configs_lists_each_kernels_choices(monkeypatch):
     import triton
 
     from llm_kernels.kernels import attention, feed_forward
-    matmul = triton.autotune(configs=[triton.Config({"BLOCK_M": 64}), triton.Config({"BLOCK_M": 128})],
+    matmul = triton.autotune(configs=[triton.Config({"BLOCK_M": 64}),
+                                      triton.Config({"BLOCK_M": 128})],
                              key=["M"])(feed_forward._matmul_kernel.fn)
     block = random.choice([64, 128])
     matmul.cache[(8192, "torch.bfloat16")] = triton.Config({"BLOCK_M": block}, num_warps=8)
@@ -210,8 +213,9 @@ def test_autotuned_configs_lists_each_kernels_choices(monkeypatch):
 def test_a_failing_provider_is_recorded_and_the_run_goes_on():
     def broken(case, device, opts):
         raise ZeroDivisionError("kernel exploded")
-    module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"lk-triton": broken,
-                                                                "torch": layer_norm.PROVIDERS["torch"]})
+    module = types.SimpleNamespace(NAME="layer_norm",
+                                   PROVIDERS={"lk-triton": broken,
+                                              "torch": layer_norm.PROVIDERS["torch"]})
     opts, plan = _tiny_plan()
     results = _fast_runner(opts).run([PlanItem(module, plan[0].case, ["lk-triton", "torch"])])
     assert [r["provider"] for r in results.rows] == ["torch"]
@@ -224,7 +228,8 @@ def test_a_host_bound_row_notes_its_host_time(monkeypatch, host_ms, noted):
     """A GPU row whose call takes at least half its measured time to issue on the CPU says so."""
     timing = harness.Timing(ms=1.0, ms_p20=0.9, ms_p80=1.1, peak_mb=None, host_ms=host_ms)
     monkeypatch.setattr(harness, "measure", lambda fn, device, config, cuda_graph=False: timing)
-    module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"torch": layer_norm.PROVIDERS["torch"]})
+    module = types.SimpleNamespace(NAME="layer_norm",
+                                   PROVIDERS={"torch": layer_norm.PROVIDERS["torch"]})
     opts, plan = _tiny_plan()
     runner = _fast_runner(opts)
     runner.interleave = False  # the GPU's one-provider-at-a-time path
@@ -312,20 +317,24 @@ def test_cpu_runner_times_a_cases_providers_in_turns():
 def test_device_fault_stops_the_process_and_a_resumed_run_finishes_the_plan():
     def faulting(case, device, opts):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
-    module = types.SimpleNamespace(NAME="layer_norm", PROVIDERS={"lk-cuda": faulting,
-                                                                "torch": layer_norm.PROVIDERS["torch"]})
+    module = types.SimpleNamespace(NAME="layer_norm",
+                                   PROVIDERS={"lk-cuda": faulting,
+                                              "torch": layer_norm.PROVIDERS["torch"]})
     opts, plan = _tiny_plan()
     plan = [PlanItem(module, item.case, ["torch", "lk-cuda"]) for item in plan]
     first = _fast_runner(opts)
     with pytest.raises(DeviceFault):
         first.run(plan)
     saved = json.loads(json.dumps(first.results.as_dict()))
-    assert [r["mode"] for r in saved["rows"]] == ["fwd"] and saved["excluded"] == [["layer_norm", "lk-cuda"]]
+    assert ([r["mode"] for r in saved["rows"]] == ["fwd"]
+            and saved["excluded"] == [["layer_norm", "lk-cuda"]])
     assert saved["skipped"][0]["kind"] == "fault"
     second = Runner(CPU, opts, first.timer, echo=lambda s: None, resume=saved)
     results = second.run(plan)
-    assert [(r["mode"], r["provider"]) for r in results.rows] == [("fwd", "torch"), ("fwd+bwd", "torch")]
-    assert [(s["mode"], s["kind"]) for s in results.skipped] == [("fwd", "fault"), ("fwd+bwd", "excluded")]
+    assert ([(r["mode"], r["provider"]) for r in results.rows]
+            == [("fwd", "torch"), ("fwd+bwd", "torch")])
+    assert ([(s["mode"], s["kind"]) for s in results.skipped]
+            == [("fwd", "fault"), ("fwd+bwd", "excluded")])
 
 
 def test_time_budget_skips_what_is_left():
@@ -606,7 +615,8 @@ def test_summary_keeps_the_profile_tables_and_autotune_choices(tmp_path):
     """The profile step's tables reach the markdown (the profiler's own log lines do not), and so
     do the autotuners' choices from bench.json."""
     ms = round(random.uniform(1, 9), 3)
-    table = ["== lk-triton: 61.20 ms/step under the profiler (133856 tokens/s), kernels 58.1 ms/step",
+    table = [("== lk-triton: 61.20 ms/step under the profiler (133856 tokens/s), "
+              "kernels 58.1 ms/step"),
              f"{'kernel':<78} {'calls':>6} {'ms/step':>8} {'share':>6}",
              f"{'_attn_bwd_dkdv_kernel':<78} {24:>6} {ms:>8.3f} {31.5:>5.1f}%",
              f"{'host op (time including children; share of the profiled step)':<78} "
@@ -762,18 +772,24 @@ def test_gpu_check_script_parses():
 
 # Stands in for python in a dry run of gpu_check.sh: the heavy steps answer at once with the
 # lines and files the real ones produce; everything else (import probes, summarize.py) runs on
-# the real interpreter.
-STUB_PYTHON = r"""#!/usr/bin/env bash
+# the real interpreter. (Not a raw string: Python drops each backslash-newline, so a wrapped line
+# below is one line of the script.)
+STUB_PYTHON = """#!/usr/bin/env bash
 case "$1 $2" in
   "-m pip") echo "Successfully installed llm-kernels"; exit 0 ;;
   "-m pytest")
-    case " $* " in *" --co "*) echo "tests/test_a.py::test_one"; echo "tests/test_a.py::test_two[x]"; exit 0 ;; esac
-    echo "failure log: $LLM_KERNELS_FAILURE_LOG"; echo "....s"; echo "4 passed, 1 skipped in 0.12s"; exit 0 ;;
+    case " $* " in *" --co "*) echo "tests/test_a.py::test_one"; \
+echo "tests/test_a.py::test_two[x]"; exit 0 ;; esac
+    echo "failure log: $LLM_KERNELS_FAILURE_LOG"; echo "....s"; \
+echo "4 passed, 1 skipped in 0.12s"; exit 0 ;;
   "-m llm_kernels")
-    while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' '{"meta": {}, "rows": [{"op": "attention", "passed": true, "note": ""}]}' > "$2"; shift; done
+    while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' \
+'{"meta": {}, "rows": [{"op": "attention", "passed": true, "note": ""}]}' > "$2"; shift; done
     echo "verify: 1 passed"; exit 0 ;;
   "-m llm_kernels.bench")
-    while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' '{"environment": {}, "rows": [], "skipped": [], "checks": [], "excluded": [], "autotune": {}}' > "$2"; shift; done
+    while [ $# -gt 0 ]; do [ "$1" = --json ] && printf '%s' \
+'{"environment": {}, "rows": [], "skipped": [], "checks": [], \
+"excluded": [], "autotune": {}}' > "$2"; shift; done
     echo "0 rows measured"; exit 0 ;;
   "-X faulthandler")
     if [ -n "${STUB_NATIVE_CRASH:-}" ]; then echo "PASS attention/ok"; kill -SEGV $$; fi
@@ -785,7 +801,8 @@ case "$1 $2" in
   "-c import torch"*) echo "torch: (stub)"; exit 0 ;;
   "-m llm_kernels.bench.sweep")
     case " $* " in *" --sweeps attention_ws "*)
-      echo "== attention, no mask (stub)"; echo "D mode causal kernels ms"; echo "128 fwd False ws 1.0"; exit 0 ;; esac
+      echo "== attention, no mask (stub)"; echo "D mode causal kernels ms"; \
+echo "128 fwd False ws 1.0"; exit 0 ;; esac
     echo "== decode (stub): programs per SM"; echo "Lk per_sm ms"; echo "16384 4* 0.201"; exit 0 ;;
   "-m llm_kernels.bench.host_overhead")
     echo "op                             mode          torch   lk-triton"
@@ -793,8 +810,10 @@ case "$1 $2" in
     exit 0 ;;
   "-m llm_kernels.bench.profile_step")
     echo "== lk-triton: 61.20 ms/step under the profiler (133856 tokens/s), kernels 58.10 ms/step"
-    echo "kernel                                                                          calls  ms/step  share"
-    echo "_attn_bwd_dkdv_kernel                                                              24   18.300  31.5%"
+    echo "kernel\
+                                                                          calls  ms/step  share"
+    echo "_attn_bwd_dkdv_kernel\
+                                                              24   18.300  31.5%"
     exit 0 ;;
 esac
 [ "$1" = setup.py ] && exit 0
@@ -818,9 +837,11 @@ def _dry_run(tmp_path, *args, **env_vars):
     return result.stdout, log, steps
 
 
-# Stands in for compute-sanitizer: drops its options and runs the command after them.
-STUB_SANITIZER = r"""#!/usr/bin/env bash
-while [ "${1#-}" != "$1" ]; do case "$1" in --tool|--error-exitcode|--print-limit|--target-processes) shift 2 ;; *) shift ;; esac; done
+# Stands in for compute-sanitizer: drops its options and runs the command after them. (Not a raw
+# string: Python drops the backslash-newline, so the wrapped line is one line of the script.)
+STUB_SANITIZER = """#!/usr/bin/env bash
+while [ "${1#-}" != "$1" ]; do case "$1" in \
+--tool|--error-exitcode|--print-limit|--target-processes) shift 2 ;; *) shift ;; esac; done
 "$@"; rc=$?; echo "========= ERROR SUMMARY: 0 errors"; exit $rc
 """
 

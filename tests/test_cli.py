@@ -102,7 +102,8 @@ def test_verify_interrupted_writes_the_finished_rows_and_exits_130(monkeypatch, 
         return real(case, backend, dtype)
     monkeypatch.setattr(verify, "run_case", interrupted_third)
     path = tmp_path / "verify.json"
-    assert cli.main(["verify", "--ops", "softmax", "--backends", "torch", "--json", str(path)]) == 130
+    assert cli.main(["verify", "--ops", "softmax", "--backends", "torch", "--json",
+                     str(path)]) == 130
     data = json.loads(path.read_text())
     assert data["meta"]["interrupted"] is True
     assert {r["shape"] for r in data["rows"]} == set(calls[:2]) and data["rows"]

@@ -122,20 +122,20 @@ HEADS = 2
 
 def block(x, w_qkv, weight, bias, w1, b1, w2, b2, backend):
     """Pre-norm transformer block: attention then a GELU feed-forward, x (B, L, C)."""
-    b, l, c = x.shape
-    qkv = (x @ w_qkv.t()).view(b, l, 3, HEADS, c // HEADS)
+    b, seq_len, c = x.shape
+    qkv = (x @ w_qkv.t()).view(b, seq_len, 3, HEADS, c // HEADS)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) strided views
     a = lk.attention(q, k, v, causal=True, backend=backend)
-    h = a.transpose(1, 2).reshape(b, l, c) + x
+    h = a.transpose(1, 2).reshape(b, seq_len, c) + x
     n = lk.layer_norm(h, weight, bias, backend=backend)
     return lk.feed_forward(n, w1, b1, w2, b2, activation="gelu", backend=backend) + h
 
 
-def block_inputs(device, b, l, c, d_ff):
+def block_inputs(device, b, seq_len, c, d_ff):
     """x ~ N(0, 1); the matrices scaled like nn.Linear's init (std 1/sqrt(fan_in)), so the
     attention logits are O(1) as in a real model rather than a saturated softmax; the vectors
     ~ N(0, 1/4)."""
-    x = torch.randn(b, l, c, device=device)
+    x = torch.randn(b, seq_len, c, device=device)
     mats = [torch.randn(shape, device=device) / shape[1] ** 0.5
             for shape in ((3 * c, c), (d_ff, c), (c, d_ff))]
     vecs = [torch.randn(n, device=device) / 2 for n in (c, c, d_ff, c)]

@@ -211,12 +211,14 @@ def test_cpu_op_preconditions():
     q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
     with pytest.raises(RuntimeError, match="share one dtype"):
         ops.attention_forward(q, k.half(), v, None, False, 0, 0.25)
-    with pytest.raises(RuntimeError, match="the query heads H=4 must be a multiple of the key/value heads Hkv=3"):
+    with pytest.raises(RuntimeError, match="the query heads H=4 must be a multiple of the "
+                                           "key/value heads Hkv=3"):
         ops.attention_forward(q, k[:, :3], v[:, :3], None, False, 0, 0.25)
     with pytest.raises(RuntimeError, match="contiguous last dim"):
         ops.attention_forward(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, None, False,
                               0, 0.25)
-    with pytest.raises(RuntimeError, match=r"mask must have shape \(B, H, Lq, Lk\) = \(1, 4, 8, 8\).*got \[1, 4, 8, 7\]"):
+    with pytest.raises(RuntimeError, match=r"mask must have shape \(B, H, Lq, Lk\) = "
+                                           r"\(1, 4, 8, 8\).*got \[1, 4, 8, 7\]"):
         ops.attention_forward(q, k, v, torch.zeros(1, 4, 8, 7), False, 0, 0.25)
     with pytest.raises(RuntimeError, match="head dim D must be in"):
         big = torch.randn(1, 1, 2, 257)

@@ -482,7 +482,7 @@ def test_preconditions_raise_clear_errors(ext, op, args, message):
         getattr(ext, op)(*args())
 
 
-# ---- ptxas register spills of the sm_90 fast paths ------------------------------------------------
+# ---- ptxas register spills of the sm_90 fast paths --------------------------------------------
 
 def _spill_checker():
     spec = importlib.util.spec_from_file_location(

@@ -101,7 +101,8 @@ def functional_gpt(params: dict, config: GPTConfig, idx, targets=None, dtype=tor
         x = x + F.linear(y, p[pre + "attn.proj.weight"], p[pre + "attn.proj.bias"])
         z = norm(x, pre + "norm2")
         if config.mlp == "gelu":
-            z = F.linear(F.gelu(F.linear(z, p[pre + "mlp.fc_in.weight"], p[pre + "mlp.fc_in.bias"])),
+            z = F.linear(F.gelu(F.linear(z, p[pre + "mlp.fc_in.weight"],
+                                         p[pre + "mlp.fc_in.bias"])),
                          p[pre + "mlp.fc_out.weight"], p[pre + "mlp.fc_out.bias"])
         else:
             z = F.linear(F.silu(F.linear(z, p[pre + "mlp.gate.weight"])) *
@@ -285,7 +286,8 @@ def test_sample_next_top_k_and_temperature():
     top5 = logits.topk(5, dim=-1).indices  # (4, 5)
     assert all(set(draws[r].tolist()) <= set(top5[r].tolist()) for r in range(4))
     assert all(len(set(draws[r].tolist())) > 1 for r in range(4))
-    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=gen), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_next(logits, 1.0, top_k=1, generator=gen),
+                       logits.argmax(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45])
@@ -313,7 +315,7 @@ def test_generate_samples_reproducibly_with_a_generator():
     assert torch.equal(a, b) and torch.equal(a[:, :3], prompt)
 
 
-# ----------------------------------------------------------------------------- autocast, dropout, init
+# -------------------------------------------------------------------------- autocast, dropout, init
 
 def test_cpu_bf16_autocast_matches_bf16_functional_model():
     """Under autocast the lk ops get bf16 activations and weights (they are not autocast-

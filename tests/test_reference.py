@@ -45,7 +45,8 @@ def test_attention_ref_fully_masked_row_is_zero_with_zero_grads():
     out = ref.attention_ref(q, k, v, attn_mask=mask, upcast=True)
     assert torch.equal(out[0, 0, 2], torch.zeros(8, dtype=torch.float64))
     out.sum().backward()
-    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[0, 0, 2], torch.zeros(8, dtype=torch.float64))
+    assert (torch.isfinite(q.grad).all()
+            and torch.equal(q.grad[0, 0, 2], torch.zeros(8, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("lq,lk", [(7, 7), (4, 9), (9, 4)])

@@ -24,8 +24,8 @@ def on_device(device):
 
 
 def _ffn_args(n=5, d=24, d_ff=40):
-    return (torch.randn(n, d), torch.randn(d_ff, d) / 5, torch.randn(d_ff), torch.randn(d, d_ff) / 6,
-            torch.randn(d))
+    return (torch.randn(n, d), torch.randn(d_ff, d) / 5, torch.randn(d_ff),
+            torch.randn(d, d_ff) / 6, torch.randn(d))
 
 
 # ---- autocast ----------------------------------------------------------------------------------

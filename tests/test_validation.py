@@ -31,8 +31,10 @@ def test_attention_bad_inputs(backend):
         (TypeError, "causal must be a bool", lambda: lk.attention(q, k, v, causal="no")),
         (TypeError, "is_causal must be a bool",
          lambda: lk.scaled_dot_product_attention(q, k, v, is_causal=1, enable_gqa=True)),
-        (ValueError, "not broadcastable", lambda: lk.attention(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool))),
-        (TypeError, "attn_mask must be bool", lambda: lk.attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.int32))),
+        (ValueError, "not broadcastable",
+         lambda: lk.attention(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool))),
+        (TypeError, "attn_mask must be bool",
+         lambda: lk.attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.int32))),
     ]
     for exc, message, call in cases:
         with pytest.raises(exc, match=message):
@@ -73,12 +75,14 @@ def test_softmax_bad_inputs():
 
 
 def test_feed_forward_bad_inputs():
-    x, w1, b1, w2, b2 = torch.randn(5, 8), torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)
+    x, w1, b1, w2, b2 = (torch.randn(5, 8), torch.randn(16, 8), torch.randn(16), torch.randn(8, 16),
+                         torch.randn(8))
     cases = [
         (ValueError, "w1 must have shape", lambda: lk.feed_forward(x, w1.t(), b1, w2, b2)),
         (ValueError, "b1 must have shape", lambda: lk.feed_forward(x, w1, b2, w2, b2)),
         (ValueError, "w2 must have shape", lambda: lk.feed_forward(x, w1, b1, w1, b2)),
-        (ValueError, "activation must be one of", lambda: lk.feed_forward(x, w1, b1, w2, b2, activation="tanh")),
+        (ValueError, "activation must be one of",
+         lambda: lk.feed_forward(x, w1, b1, w2, b2, activation="tanh")),
         (TypeError, "w2 has dtype", lambda: lk.feed_forward(x, w1, b1, w2.half(), b2)),
         (ValueError, "w_up must have w_gate's shape", lambda: lk.swiglu(x, w1, w1[:8], w2)),
         (ValueError, "w_down must have shape", lambda: lk.swiglu(x, w1, w1, w1)),
@@ -93,9 +97,12 @@ def test_cross_entropy_bad_inputs():
     cases = [
         (ValueError, "logits must have 2 dims", lambda: lk.cross_entropy(logits[0], target)),
         (TypeError, "target must be an int64", lambda: lk.cross_entropy(logits, target.int())),
-        (ValueError, r"target must have shape \(N,\)", lambda: lk.cross_entropy(logits, target[:3])),
-        (ValueError, "reduction must be one of", lambda: lk.cross_entropy(logits, target, reduction="avg")),
-        (ValueError, r"target values must be in \[0, 11\)", lambda: lk.cross_entropy(logits, target + 11)),
+        (ValueError, r"target must have shape \(N,\)",
+         lambda: lk.cross_entropy(logits, target[:3])),
+        (ValueError, "reduction must be one of",
+         lambda: lk.cross_entropy(logits, target, reduction="avg")),
+        (ValueError, r"target values must be in \[0, 11\)",
+         lambda: lk.cross_entropy(logits, target + 11)),
     ]
     for exc, message, call in cases:
         with pytest.raises(exc, match=message):
