@@ -27,7 +27,8 @@ prints one table per sweep; the row marked ``*`` is what the library picks today
   dO by pointer (the default) and through TMA descriptors: TFLOP/s.
 - ``matmul_tma``: the Triton feed-forward block (tokens 8192, d 4096, d_ff 16384, bf16, gelu),
   forward and forward+backward, its matmuls reading A and B by pointer (the default) and
-  through TMA descriptors (``$LLM_KERNELS_MATMUL_TMA=1``): TFLOP/s.
+  through TMA descriptors (``$LLM_KERNELS_MATMUL_TMA=1``) and those in a warp-specialized
+  K loop (``$LLM_KERNELS_MATMUL_WS=1``): TFLOP/s.
 
 On a CPU (the interpreter) the sweeps run tiny sizes: a smoke run, not a measurement.
 """
@@ -270,13 +271,13 @@ def matmul_tma(device: torch.device, timer, quick: bool) -> list[str]:
     rows = []
     for mode in (("fwd",) if quick else ("fwd", "fwd+bwd")):
         flops = 4 * n * d * d_ff * (3 if mode == "fwd+bwd" else 1)
-        for reads, switch in (("pointer*", "0"), ("tma", "1")):
-            with env_var(ff.TMA_ENV, switch):
+        for reads, tma, ws in (("pointer*", "0", "0"), ("tma", "1", "0"), ("tma+ws", "0", "1")):
+            with env_var(ff.TMA_ENV, tma), env_var(ff.WS_ENV, ws):
                 t = _timed(timed_step(block, inputs, mode), device, timer)
             rows.append([mode, reads, f"{t.ms:.3f}", f"{harness.tflops(flops, t.ms):.0f}"])
     return _table(f"feed-forward (tokens {n}, d {d}, d_ff {d_ff}, bf16, gelu), lk-triton: the "
-                  "matmuls' operand reads (* = the default)", ["mode", "reads", "ms", "TFLOP/s"],
-                  rows)
+                  "matmuls' operand reads (* = the default; ws: the warp-specialized K loop)",
+                  ["mode", "reads", "ms", "TFLOP/s"], rows)
 
 
 def attention_bwd(device: torch.device, timer, quick: bool) -> list[str]:

@@ -1,11 +1,14 @@
-"""Host code shared by the launchers: integer arithmetic (grids, block sizes, split plans) and
-the replay of autotuned configs.
+"""Host code shared by the launchers: integer arithmetic (grids, block sizes, split plans), the
+replay of autotuned configs and the scratch memory of device-side TMA descriptors.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: each call goes through
 their wrapper (about 2 us), and a launch takes several of them. These are the same values by
 plain integer arithmetic.
 """
+import contextlib
+
 import torch
+from triton.runtime import _allocation
 
 
 def cdiv(a: int, b: int) -> int:
@@ -46,3 +49,20 @@ def dtypes(args: tuple) -> tuple:
     """The dtypes of the tensors among ``args``, in order: the part of a triton autotuner's key
     that comes from the arguments' dtypes."""
     return tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+
+
+@contextlib.contextmanager
+def descriptor_scratch(device: torch.device):
+    """Device-side TMA descriptors live in global scratch memory that triton asks its allocator
+    for at launch: torch's (stream-ordered) for the launches in this block, unless the caller
+    has set one (triton.set_allocator). Nothing to allocate under the interpreter."""
+    current = _allocation._allocator.get()
+    if device.type != "cuda" or not isinstance(current, _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(
+        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)

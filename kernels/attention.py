@@ -35,7 +35,6 @@ the key tail; the dk/dv kernel masks every tile (one loop body keeps its registe
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -44,11 +43,10 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import _allocation
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from llm_kernels.backends import interpreting
-from ._host import cdiv, dtypes, launch_tuned, next_power_of_2
+from ._host import cdiv, descriptor_scratch, dtypes, launch_tuned, next_power_of_2
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -921,7 +919,8 @@ def _launch(kernel, grid: Callable[[dict], tuple], candidates: list[Launch], arg
     for the launch's blocks."""
     tma = descriptors is not None
     if _autotune_enabled() and len(candidates) > 1:
-        key = tuple(constexprs[k] for k in _TUNE_KEYS) + dtypes(args)
+        key = tuple(constexprs.get(k) for k in _TUNE_KEYS) + dtypes(args)  # as the tuner: a
+        # key the kernel lacks (HAS_MASK of the warp-specialized ones) is left out
         if not tune_block_m:
             key += (constexprs["BLOCK_M"],)
         launch_tuned(_tuned(kernel, tuple(candidates), tune_block_m, tma), grid, args,
@@ -1081,7 +1080,7 @@ def _forward_ws(q, k, v, out, lse, causal: bool, causal_offset: int, qk_scale: f
             *_strides3(k), *_strides3(v))
     constexprs = {"D": d, "CAUSAL": bool(causal),
                   "UPCAST": interpreting() and q.dtype == torch.bfloat16}
-    with _descriptor_scratch(q.device):
+    with descriptor_scratch(q.device):
         _launch(_attn_fwd_ws_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
                 launches("fwd_ws", d, q.dtype), args, constexprs)
 
@@ -1129,7 +1128,7 @@ def _dq_ws(q, k, v, grad_out, lse, delta, dq, causal: bool, causal_offset: int,
             float(scale))
     constexprs = {"D": d, "CAUSAL": bool(causal),
                   "UPCAST": interpreting() and q.dtype == torch.bfloat16}
-    with _descriptor_scratch(q.device):
+    with descriptor_scratch(q.device):
         _launch(_attn_bwd_dq_ws_kernel, lambda meta: (cdiv(lq, meta["BLOCK_M"]), b * h),
                 launches("dq_ws", d, q.dtype), args, constexprs)
 
@@ -1144,26 +1143,9 @@ def _dkdv_ws(q, k, v, grad_out, lse, delta, dk, dv, causal: bool, causal_offset:
             causal_offset, float(scale) * LOG2E, float(scale))
     constexprs = {"D": d, "CAUSAL": bool(causal),
                   "UPCAST": interpreting() and q.dtype == torch.bfloat16}
-    with _descriptor_scratch(q.device):
+    with descriptor_scratch(q.device):
         _launch(_attn_bwd_dkdv_ws_kernel, lambda meta: (cdiv(lk, meta["BLOCK_N"]), b * hkv),
                 launches("dkdv_ws", d, q.dtype), args, constexprs)
-
-
-@contextlib.contextmanager
-def _descriptor_scratch(device: torch.device):
-    """Device-side TMA descriptors live in global scratch memory that triton asks its allocator
-    for at launch: torch's (stream-ordered) for the launches in this block, unless the caller
-    has set one (triton.set_allocator). Nothing to allocate under the interpreter."""
-    current = _allocation._allocator.get()
-    if device.type != "cuda" or not isinstance(current, _allocation.NullAllocator):
-        yield
-        return
-    token = _allocation._allocator.set(
-        lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-    try:
-        yield
-    finally:
-        _allocation._allocator.reset(token)
 
 
 def use_tma(*tensors: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from llm_kernels.backends import interpreting
 
 from ._rounding import to_dtype
-from ._host import cdiv, dtypes, launch_tuned
+from ._host import cdiv, descriptor_scratch, dtypes, launch_tuned
 
 # Activation codes: a run-time kernel argument (one compiled kernel serves every activation;
 # the branch is uniform across the program).
@@ -42,6 +42,10 @@ ACT_SILU = tl.constexpr(4)
 ACTIVATION_CODES = {"gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4}
 # "1": the 16-bit matmuls on Hopper and newer read A and B through TMA descriptors.
 TMA_ENV = "LLM_KERNELS_MATMUL_TMA"
+# "1": those TMA reads in a warp-specialized K loop (a producer warp group issuing the loads,
+# two consumer warp groups of BLOCK_M / 2 rows each running the wgmma) for the products with
+# the plain and activation epilogues; implies TMA_ENV.
+WS_ENV = "LLM_KERNELS_MATMUL_WS"
 
 # Epilogue applied to the fp32 accumulator c (+ bias); E1, E2 are inputs read by it, AUX and
 # AUX2 extra outputs, all (M, N).
@@ -145,11 +149,12 @@ def _accumulate(acc, a_ptr, b_ptr, row0, col0, M, N, K,
 
 @triton.jit
 def _accumulate_tma(acc, a_desc, b_desc, row0, col0, K, A_T: tl.constexpr,
-                    B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr):
+                    B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr, BLOCK_K: tl.constexpr,
+                    WS: tl.constexpr):
     """_accumulate with the tiles read by TMA (rows and columns past the ends read as zeros).
     a_desc describes A (M, K), or with A_T its transpose (K, M) (A a transposed view); b_desc
-    B (K, N), or with B_T its transpose (N, K)."""
-    for k0 in range(0, K, BLOCK_K):
+    B (K, N), or with B_T its transpose (N, K). WS: the loop warp-specialized."""
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
         if A_T:
             a = tl.trans(a_desc.load([k0, row0]))                           # (BM, BK)
         else:
@@ -269,7 +274,10 @@ MAX_ACC_PER_THREAD = {0: 128, 1: 128, 2: 64, 3: 64}
 
 
 def _acc_per_thread(config) -> int:
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+    """Accumulator elements a thread holds: a warp-specialized config's two consumer warp
+    groups of num_warps each share the tile."""
+    holders = 32 * config.num_warps * (2 if config.kwargs.get("WS") else 1)
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // holders
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -333,6 +341,16 @@ def _set_tma_blocks(nargs):
 TMA_CONFIGS = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
                              pre_hook=_set_tma_blocks)
                for c in tile_configs(tensor_core=MATMUL_TILES, fp32=[])]
+# The warp-specialized matmul's candidates: num_warps is each warp group's (triton 3.6
+# specializes 4-warp kernels on Hopper), so 128 x 256 holds 128 accumulators a thread. With the
+# activation epilogue the two large tiles spill 168-272 bytes a thread after the K loop (sm_90,
+# triton 3.6 and 3.8); the gradient epilogues spill at every tile, so they stay unspecialized.
+WS_TILES = [(128, 256, 64, 3, 4), (256, 128, 64, 3, 4), (128, 256, 64, 4, 4),
+            (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+WS_EPILOGUES = (0, 1)
+WS_CONFIGS = [triton.Config({**c.kwargs, "WS": True}, num_warps=c.num_warps,
+                            num_stages=c.num_stages)
+              for c in tile_configs(tensor_core=WS_TILES, fp32=[])]
 
 
 @triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K", "A_T", "B_T", "EPILOGUE"],
@@ -349,9 +367,45 @@ def _matmul_tma_kernel(a_desc, b_desc, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_pt
     row0, col0, e1, e2, acc = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
                                           EPILOGUE, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _accumulate_tma(acc, a_desc, b_desc, row0, col0, K, A_T, B_T,
-                          BF16_INTERPRETED, BLOCK_K)
+                          BF16_INTERPRETED, BLOCK_K, False)
     _finish_tile(acc, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, row0, col0, M, N,
                  stride_cm, stride_cn, stride_em, stride_en, act, EPILOGUE, HAS_BIAS,
+                 BF16_INTERPRETED, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=WS_CONFIGS, key=["M", "N", "K", "A_T", "B_T", "EPILOGUE"],
+                 prune_configs_by={"early_config_prune": prune_configs})
+@triton.jit
+def _matmul_ws_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, aux_ptr, aux2_ptr, e1_ptr, e2_ptr,
+                      M, N, K, lda, ldb, stride_cm, stride_cn, stride_em, stride_en,
+                      ACT: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      A_T: tl.constexpr, B_T: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, WS: tl.constexpr):
+    """_matmul_tma_kernel with its K loop warp-specialized (WS, set by every config; the
+    activation a constexpr: a run-time branch after the loop stops the specialization): a
+    producer warp group issues the TMA loads while two consumer warp groups each run the wgmma
+    of half the tile's rows. A and B are the row-major matrices behind the operands (A (M, K),
+    or with A_T its transpose (K, M); B (K, N), or with B_T (N, K)), row strides lda and ldb,
+    read through device-side descriptors (triton 3.8 rejects host descriptors' tiles in a
+    warp-specialized loop). The epilogue's input tiles are loaded after the loop: pointer
+    loads beside it are what triton 3.6's token lowering rejects."""
+    row0, col0, e1, e2, acc = _tile_start(e1_ptr, e2_ptr, M, N, stride_em, stride_en,
+                                          EPI_NONE, BLOCK_M, BLOCK_N, GROUP_M)
+    if A_T:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [K, M], [lda, 1], [BLOCK_K, BLOCK_M])
+    else:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [lda, 1], [BLOCK_M, BLOCK_K])
+    if B_T:
+        b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [ldb, 1], [BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [ldb, 1], [BLOCK_K, BLOCK_N])
+    acc = _accumulate_tma(acc, a_desc, b_desc, row0, col0, K, A_T, B_T,
+                          BF16_INTERPRETED, BLOCK_K, WS)
+    e1, e2 = _epilogue_inputs(e1_ptr, e2_ptr, row0, col0, M, N, stride_em, stride_en,
+                              EPILOGUE, BLOCK_M, BLOCK_N)
+    _finish_tile(acc, e1, e2, bias_ptr, c_ptr, aux_ptr, aux2_ptr, row0, col0, M, N,
+                 stride_cm, stride_cn, stride_em, stride_en, ACT, EPILOGUE, HAS_BIAS,
                  BF16_INTERPRETED, BLOCK_M, BLOCK_N)
 
 
@@ -386,15 +440,21 @@ def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, au
 
     act = 0 if activation is None else ACTIVATION_CODES[activation]
     if a2 is None and use_tma(a, b):
-        a_desc, a_t = _descriptor(a)
-        b_desc, b_t = _descriptor(b)
-        args = (a_desc, b_desc, or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1),
-                or_out(e2), m, n, k, out.stride(0), out.stride(1), extra.stride(0),
-                extra.stride(1), act)
+        (a_matrix, a_t), (b_matrix, b_t) = _tma_layout(a), _tma_layout(b)
         constexprs = dict(EPILOGUE=epilogue, HAS_BIAS=bias is not None, A_T=a_t, B_T=b_t,
                           BF16_INTERPRETED=bf16_interpreted(a.dtype))
+        tail = (or_out(bias), out, or_out(aux), or_out(aux2), or_out(e1), or_out(e2), m, n, k)
+        strides = (out.stride(0), out.stride(1), extra.stride(0), extra.stride(1))
+        if _switched_on(WS_ENV) and epilogue in WS_EPILOGUES:
+            args = (a_matrix, b_matrix) + tail + (a_matrix.stride(0), b_matrix.stride(0))
+            key = (m, n, k, a_t, b_t, epilogue, act) + dtypes(args)
+            with descriptor_scratch(a.device):
+                launch_tuned(_matmul_ws_kernel, grid, args + strides, {**constexprs, "ACT": act},
+                             key)
+            return out
+        args = (_descriptor(a_matrix), _descriptor(b_matrix)) + tail
         key = (m, n, k, a_t, b_t, epilogue, a.dtype) + dtypes(args)
-        launch_tuned(_matmul_tma_kernel, grid, args, constexprs, key)
+        launch_tuned(_matmul_tma_kernel, grid, args + strides + (act,), constexprs, key)
         return out
     args = (a, b, or_out(a2), or_out(b2), or_out(bias), out, or_out(aux), or_out(aux2),
             or_out(e1), or_out(e2), m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -406,12 +466,18 @@ def matmul(a, b, out, *, bias=None, activation=None, epilogue=EPI_NONE.value, au
     return out
 
 
+def _switched_on(env: str) -> bool:
+    return os.environ.get(env, "0") == "1"
+
+
 def use_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the product a @ b reads its operands through TMA descriptors: only when
-    $LLM_KERNELS_MATMUL_TMA is 1 (off by default until timed against the pointer loads), for
-    16-bit operands on a Hopper or newer GPU (or the interpreter), each a row-major matrix or a
-    transposed one whose rows start on 16-byte boundaries, as TMA requires."""
-    if os.environ.get(TMA_ENV, "0") != "1" or a.dtype not in (torch.float16, torch.bfloat16):
+    $LLM_KERNELS_MATMUL_TMA or $LLM_KERNELS_MATMUL_WS is 1 (off by default until timed against
+    the pointer loads), for 16-bit operands on a Hopper or newer GPU (or the interpreter), each
+    a row-major matrix or a transposed one whose rows start on 16-byte boundaries, as TMA
+    requires."""
+    switched_on = _switched_on(TMA_ENV) or _switched_on(WS_ENV)
+    if not switched_on or a.dtype not in (torch.float16, torch.bfloat16):
         return False
     return tma_device(a) and all(_tma_layout(t) is not None for t in (a, b))
 
@@ -436,11 +502,10 @@ def _tma_layout(t: torch.Tensor):
     return matrix, transposed
 
 
-def _descriptor(t: torch.Tensor):
-    """(descriptor, transposed): a TMA descriptor of the row-major matrix behind t; its tile
-    shape is set per config by _set_tma_blocks."""
-    matrix, transposed = _tma_layout(t)
-    return TensorDescriptor.from_tensor(matrix, [16, 16]), transposed
+def _descriptor(matrix: torch.Tensor):
+    """A host TMA descriptor of a row-major matrix; its tile shape is set per config by
+    _set_tma_blocks."""
+    return TensorDescriptor.from_tensor(matrix, [16, 16])
 
 
 @triton.jit

@@ -99,13 +99,15 @@ def dispatch_lines(device: torch.device) -> list[str]:
     return lines
 
 
-def _tma_switches() -> str:
-    """The opt-in TMA reads of the Triton kernels (Hopper and newer), on or off."""
+def _switches(title: str, env_name: str) -> str:
+    """The opt-in Triton paths (Hopper and newer) of attention and the feed-forward matmuls
+    switched by each kernel module's ``env_name`` variable, on or off."""
     from llm_kernels.kernels import attention, feed_forward
-    states = [f"{what} {'on' if os.environ.get(module.TMA_ENV) == '1' else 'off'} "
-              f"(${module.TMA_ENV})"
-              for what, module in (("attention", attention), ("feed-forward", feed_forward))]
-    return "triton TMA reads: " + ", ".join(states)
+    states = []
+    for what, module in (("attention", attention), ("feed-forward", feed_forward)):
+        env = getattr(module, env_name)
+        states.append(f"{what} {'on' if os.environ.get(env) == '1' else 'off'} (${env})")
+    return f"{title}: " + ", ".join(states)
 
 
 def _cuda_attention_switch() -> str:
@@ -126,7 +128,8 @@ def _info(args) -> int:
     try:
         import triton
         lines.append(f"triton {triton.__version__}" + (" (interpreter)" if interpreting() else ""))
-        lines.append(_tma_switches())
+        lines.append(_switches("triton TMA reads", "TMA_ENV"))
+        lines.append(_switches("triton warp-specialized loops", "WS_ENV"))
     except ImportError as exc:
         lines.append(f"triton: not importable ({exc})")
     if torch.cuda.is_available():

@@ -227,6 +227,9 @@ def feed_forward_cases(dtypes, quick: bool):
     def ffn_tma(dtype):  # the matmuls reading A and B through TMA
         as_hopper(feed_forward, lambda: ffn(dtype, True))
 
+    def ws(thunk):  # the warp-specialized TMA matmul
+        as_hopper(feed_forward, thunk, feed_forward.WS_ENV)
+
     cases = []
     for dtype in dtypes:
         for bias in (True, False):
@@ -234,6 +237,9 @@ def feed_forward_cases(dtypes, quick: bool):
                           lambda dtype=dtype, bias=bias: ffn(dtype, bias)))
         if dtype != torch.float32:
             cases.append((f"feed_forward tma {dtype}", lambda dtype=dtype: ffn_tma(dtype)))
+            cases.append((f"feed_forward ws {dtype}",
+                          lambda dtype=dtype: ws(lambda: ffn(dtype, True))))
+            cases.append((f"swiglu ws {dtype}", lambda dtype=dtype: ws(lambda: glu(dtype))))
         cases.append((f"swiglu {dtype}", lambda dtype=dtype: glu(dtype)))
     return cases
 

@@ -27,13 +27,19 @@ def test_info_lists_backends():
         assert word in proc.stdout
 
 
-def test_info_shows_the_tma_switches():
-    env = dict(os.environ, LLM_KERNELS_ATTENTION_TMA="1")
-    env.pop("LLM_KERNELS_MATMUL_TMA", None)
+@pytest.mark.parametrize("on,off,line", [
+    ("LLM_KERNELS_ATTENTION_TMA", "LLM_KERNELS_MATMUL_TMA",
+     "triton TMA reads: attention on ($LLM_KERNELS_ATTENTION_TMA), feed-forward off "
+     "($LLM_KERNELS_MATMUL_TMA)"),
+    ("LLM_KERNELS_MATMUL_WS", "LLM_KERNELS_ATTENTION_WS",
+     "triton warp-specialized loops: attention off ($LLM_KERNELS_ATTENTION_WS), feed-forward on "
+     "($LLM_KERNELS_MATMUL_WS)")])
+def test_info_shows_the_opt_in_switches(on, off, line):
+    env = dict(os.environ, **{on: "1"})
+    env.pop(off, None)
     proc = _run("info", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert ("triton TMA reads: attention on ($LLM_KERNELS_ATTENTION_TMA), feed-forward off "
-            "($LLM_KERNELS_MATMUL_TMA)") in proc.stdout
+    assert line in proc.stdout
 
 
 @pytest.mark.parametrize("value,shown", [("32", "32 query rows per warp"),

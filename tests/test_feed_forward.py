@@ -298,6 +298,105 @@ def test_feed_forward_tma_autotuned_cuda(tma_only):
     _check_ff(_ff_inputs((2048, 1024), 4096, 1024, dtype, "cuda"), "gelu", dtype)
 
 
+# ---- the TMA matmul with a warp-specialized K loop ($LLM_KERNELS_MATMUL_WS=1) ----------------
+
+@pytest.fixture
+def ws_on(monkeypatch):
+    """The warp-specialized matmul switched on (alone: it implies the TMA reads); returns the
+    set of matmul autotuners launched, filled as the test runs."""
+    monkeypatch.delenv(ff_kernels.TMA_ENV, raising=False)
+    monkeypatch.setenv(ff_kernels.WS_ENV, "1")
+    launched = set()
+
+    def spy(tuner, *args):
+        launched.add(tuner)
+        return launch_tuned(tuner, *args)
+    launch_tuned = ff_kernels.launch_tuned
+    monkeypatch.setattr(ff_kernels, "launch_tuned", spy)
+    return launched
+
+
+def _skip_before_hopper(device):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+
+
+def test_ws_configs_split_the_tile_between_two_consumer_groups():
+    """A warp-specialized config's accumulator per thread counts both consumer warp groups:
+    128 x 256 tiles with 4 warps fit the plain and activation epilogues (128 a thread), the
+    only ones the warp-specialized kernel takes."""
+    import triton
+
+    def config(m, n, k, stages, warps, ws=True):
+        kwargs = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}
+        return triton.Config({**kwargs, "WS": True} if ws else kwargs, num_warps=warps,
+                             num_stages=stages)
+    assert ff_kernels._acc_per_thread(config(128, 256, 64, 3, 4)) == 128
+    assert ff_kernels._acc_per_thread(config(128, 256, 64, 3, 4, ws=False)) == 256
+    candidates = [config(*tile) for tile in ff_kernels.WS_TILES]
+    large = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "M": 4096, "N": 4096, "K": 4096}
+    for epilogue in ff_kernels.WS_EPILOGUES:
+        assert ff_kernels.prune_configs(candidates, large, EPILOGUE=epilogue) == candidates
+
+
+def test_ws_switch_implies_tma_reads(monkeypatch, device):
+    a = torch.randn(37, 72, device=device).to(torch.bfloat16)
+    b = torch.randn(72, 104, device=device).to(torch.bfloat16)
+    monkeypatch.delenv(ff_kernels.TMA_ENV, raising=False)
+    assert not ff_kernels.use_tma(a, b)
+    monkeypatch.setenv(ff_kernels.WS_ENV, "1")
+    hopper = device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+    assert ff_kernels.use_tma(a, b) == hopper
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_feed_forward_through_ws_matmul(activation, dtype, device, ws_on):
+    """Forward and backward with the plain and activation products in the warp-specialized
+    kernel (the gradient epilogue's by the TMA one, none by pointer loads), every operand
+    layout, tails in M, N and K, against the fp64 reference."""
+    _skip_before_hopper(device)
+    _check_ff(_ff_inputs((37, 72), 104, 40, dtype, device), activation, dtype)
+    assert ws_on == {ff_kernels._matmul_ws_kernel, ff_kernels._matmul_tma_kernel}
+
+
+def test_swiglu_with_ws_matmul(device, ws_on):
+    """SwiGLU's plain matmuls in the warp-specialized kernel, its gradient epilogue in the TMA
+    one, the two-pair dx product by pointers, forward and backward against the fp64
+    reference."""
+    _skip_before_hopper(device)
+    dtype = torch.bfloat16
+    _check_swiglu(_swiglu_inputs((37, 72), 104, 40, dtype, device), dtype)
+    assert ff_kernels._matmul_ws_kernel in ws_on
+
+
+# A kernel never run on a GPU yet: a hang ends the test (its worker) after 2 minutes, not the
+# GPU check's whole cuda step.
+WS_GPU_TIMEOUT = pytest.mark.timeout(120, method="thread")
+
+
+@pytest.mark.cuda
+@WS_GPU_TIMEOUT
+@pytest.mark.parametrize("index", range(len(ff_kernels.WS_TILES)))
+def test_every_ws_matmul_config_cuda(index, monkeypatch, ws_on):
+    """Each warp-specialized config alone, the feed-forward forward and backward at odd sizes
+    whose rows are 16-byte aligned, against the fp64 reference."""
+    _skip_before_hopper(torch.device("cuda"))
+    _only_config(monkeypatch, ff_kernels._matmul_ws_kernel, ff_kernels.WS_TILES, index)
+    dtype = torch.bfloat16
+    _check_ff(_ff_inputs((1000, 520), 1544, 504, dtype, "cuda"), "gelu", dtype)
+
+
+@pytest.mark.cuda
+@WS_GPU_TIMEOUT
+def test_ws_matmul_autotuned_cuda(ws_on):
+    """Large enough for the warp-specialized matmul to autotune over every candidate, forward
+    and backward against the fp64 reference."""
+    _skip_before_hopper(torch.device("cuda"))
+    dtype = torch.bfloat16
+    _check_ff(_ff_inputs((2048, 1024), 4096, 1024, dtype, "cuda"), "gelu", dtype)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("index", range(len(ff_kernels.MATMUL_TILES)))
 def test_matmul_aligned_transposed_cuda(index, monkeypatch):

@@ -96,3 +96,24 @@ def test_replaced_configs_or_cache_are_obeyed(monkeypatch):
         patch.setattr(tuner, "cache", {})
         assert _launch(tuner, 37, 5).tolist() == [5008] * 37
         assert len(benched) == 6  # benchmarked again
+
+
+def test_attention_launch_keys_kernels_without_a_mask_switch(monkeypatch):
+    """On a GPU (autotuning on) an attention launch builds its replay key from the tuner's key
+    names that the kernel has: the warp-specialized kernels have no HAS_MASK (the key once
+    indexed it and raised KeyError at their first launch)."""
+    from llm_kernels.kernels import attention as attn
+    launched = []
+    monkeypatch.setattr(attn, "_autotune_enabled", lambda: True)
+    monkeypatch.setattr(attn, "launch_tuned", lambda tuner, grid, args, constexprs, key:
+                        launched.append((tuner, key)))
+    candidates = [attn.Launch(128, 64, 4, 2), attn.Launch(128, 128, 4, 2)]
+    out = torch.empty(4)
+    attn._launch(_fill_kernel, lambda meta: (1,), candidates, (out, 4, 1.0),
+                 {"D": 64, "CAUSAL": False})
+    attn._launch(_fill_kernel, lambda meta: (1,), candidates, (out, 4, 1.0),
+                 {"D": 64, "CAUSAL": True, "HAS_MASK": False})
+    (tuner, key), (_, masked_key) = launched
+    assert key == (64, False, None, torch.float32)
+    assert masked_key == (64, True, False, torch.float32)
+    assert tuner.keys == attn._TUNE_KEYS

@@ -41,7 +41,7 @@ def test_every_sweep_prints_its_table():
     assert [row[:2] for row in _table_rows(out.stdout, "attention backward")] == [
         ["False", "pointer*"], ["False", "tma"]]
     assert [row[:2] for row in _table_rows(out.stdout, "feed-forward")] == [
-        ["fwd", "pointer*"], ["fwd", "tma"]]
+        ["fwd", "pointer*"], ["fwd", "tma"], ["fwd", "tma+ws"]]
     assert "failed" not in out.stdout
     rows = _table_rows(out.stdout, "layer_norm")
     assert any(row[1] == "auto" for row in rows) and len(rows) >= 3

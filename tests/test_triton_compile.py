@@ -15,7 +15,8 @@ KERNELS = ("_attn_fwd_kernel", "_attn_fwd_ws_kernel", "_attn_fwd_split_kernel",
            "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_ws_kernel", "_attn_bwd_dq_ws_kernel",
            "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_softmax_fwd_kernel",
            "_softmax_bwd_kernel", "_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel",
-           "_matmul_kernel", "_matmul_tma_kernel", "_column_sum_kernel", "_gate_up_kernel")
+           "_matmul_kernel", "_matmul_tma_kernel", "_matmul_ws_kernel", "_column_sum_kernel",
+           "_gate_up_kernel")
 
 
 @pytest.mark.slow
